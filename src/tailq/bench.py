@@ -59,7 +59,7 @@ def run_codec_bench(numel: int = 1 << 24, repeat: int = 3, json_out: str | None 
     from rich.console import Console
     from rich.table import Table
 
-    con = Console(stderr=json_out == "-")
+    con = Console(stderr=json_out == "-", width=None if sys.stdout.isatty() else 130)
     if only:
         unknown = sorted(set(only) - set(list_compressors()))
         if unknown:

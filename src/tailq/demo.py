@@ -10,6 +10,7 @@ included) and, for the truncated quantizers, the designed α* relative to max|g|
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import numpy as np
@@ -30,9 +31,9 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("tbq empirical", "tbq", {"tail": "empirical"}),
     ("qsgd (bucket 512)", "qsgd", {}),
     ("nuqsgd (bucket 512)", "nuqsgd", {}),
-    ("single-scale [V]", "single-scale", {}),
-    ("multi-scale [V] (block 256)", "multi-scale", {}),
-    ("terngrad (2-bit only)", "terngrad", {"fixed": 2}),
+    ("single-scale", "single-scale", {}),
+    ("multi-scale (block 256)", "multi-scale", {}),
+    ("terngrad (2-bit)", "terngrad", {"fixed": 2}),
     ("efsign (1-bit, biased)", "efsign", {"fixed": 1}),
     ("top-k (ratio b/64, biased)", "topk", {"topk": True}),
 ]
@@ -116,7 +117,7 @@ def run_demo(json_path: str | None = None, n: int = 1 << 18, seed: int = 0) -> i
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = Console(width=None if sys.stdout.isatty() else 130)
     report: dict[str, Any] = {"n": n, "seed": seed, "sources": {}}
     con.print(
         "[bold]tailq demo[/bold]: one round-trip per compressor; NMSE = ‖ĝ−g‖²/‖g‖² (mean of 3 seeds); "
@@ -126,7 +127,7 @@ def run_demo(json_path: str | None = None, n: int = 1 << 18, seed: int = 0) -> i
         rows = evaluate(x, seed)
         report["sources"][label] = {"n": int(x.size), "rows": rows}
         table = Table(title=f"{label} (n = {x.size})")
-        table.add_column("compressor")
+        table.add_column("compressor", no_wrap=True)
         for b in BITS:
             table.add_column(f"{b}b NMSE", justify="right")
             table.add_column(f"{b}b bits", justify="right")

@@ -58,7 +58,7 @@ class Codebook:
 
     @classmethod
     def from_levels(cls, levels: Sequence[float] | np.ndarray | torch.Tensor, uniform: bool = False) -> Codebook:
-        t = torch.as_tensor(np.asarray(levels, dtype=np.float64), dtype=torch.float32).contiguous()
+        t = torch.tensor(np.array(levels, dtype=np.float64), dtype=torch.float32)
         return cls(t, uniform=uniform)
 
     @classmethod

@@ -1,0 +1,125 @@
+"""TernGrad: ternary stochastic gradients with gradient clipping (SPEC §4).
+
+W. Wen, C. Xu, F. Yan, C. Wu, Y. Wang, Y. Chen, H. Li, *TernGrad: Ternary Gradients to Reduce
+Communication in Distributed Deep Learning*, NeurIPS 2017.
+
+Per scale group (the whole tensor, or buckets of ``bucket_size``): clip g at c·σ (σ the standard deviation
+of the group, c = ``clip_sigma``, 2.5 in the paper), then with scale S = max|g_clipped| send
+b_i ∈ {−1, 0, 1} with P(b_i = sign(g_i)) = |g_clipped,i| / S, decode S·b_i. The decode is unbiased for the
+*clipped* tensor, so the compressor is ``truncating`` and ``target(x)`` = clamp(x, −c·σ, c·σ).
+
+Our choices: σ is the population standard deviation (divide by the group size) computed in float64 and the
+threshold rounded to float32; a constant group (σ = 0) is not clipped — clipping at 0 would erase it.
+
+Wire format: codes b + 1 ∈ {0, 1, 2} packed at 2 bits (ceil(2n/8) bytes) plus one float32 S per group:
+bits per coordinate = (8·ceil(n/4) + 32·groups) / n, groups = 1 (``bucket_size=0``) or ceil(n/bucket_size).
+
+Variance per coordinate: S·|g_c| − g_c² ≤ S²/4; per group E‖Q − g_c‖² = S·‖g_c‖₁ − ‖g_c‖².
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from .base import Compressor, Encoded, Option, check_input, register
+from .packing import pack_bits, unpack_bits
+
+__all__ = ["TernGrad"]
+
+
+@register
+class TernGrad(Compressor):
+    """TernGrad (Wen et al., NeurIPS 2017): 2-bit ternary codes, scale max|clip(g, c·σ)|; see module doc."""
+
+    name = "terngrad"
+    summary = "ternary codes {-1, 0, 1} x max|g| after clipping at clip_sigma standard deviations"
+    paper = "Wen et al. 2017, TernGrad (NeurIPS)"
+    unbiased = True  # for the clipped input, see target()
+    truncating = True
+    options: ClassVar[dict[str, Option]] = {
+        "clip_sigma": Option(
+            float, 2.5, "clip at clip_sigma * std before ternarizing; must be in (0, inf], inf = no clipping",
+            0.0, None,
+        ),
+        "bucket_size": Option(
+            int, 0, "coordinates per scale group (own sigma and scale); 0 = one group per tensor", 0, 2**31
+        ),
+    }
+    clip_sigma: float
+    bucket_size: int
+
+    def __init__(self, **kwargs: Any) -> None:
+        cs = kwargs.get("clip_sigma")
+        no_clip = isinstance(cs, int | float) and not isinstance(cs, bool) and cs == math.inf
+        if no_clip:  # Option rejects non-finite floats; inf is meaningful here
+            kwargs = {**kwargs, "clip_sigma": 1.0}
+        super().__init__(**kwargs)
+        if no_clip:
+            self.clip_sigma = math.inf
+        elif not self.clip_sigma > 0:
+            raise ValueError(f"{self.name}: option 'clip_sigma' must be in (0, inf]; got {self.clip_sigma!r}")
+
+    def _layout(self, n: int) -> tuple[int, int]:
+        b = n if self.bucket_size == 0 else min(self.bucket_size, n)
+        return b, -(-n // b)
+
+    def _groups(self, flat: torch.Tensor, fill: float) -> torch.Tensor:
+        """The tensor as a (groups, group_size) matrix, the last group padded with ``fill``."""
+        n = flat.numel()
+        b, nb = self._layout(n)
+        pad = nb * b - n
+        v = torch.nn.functional.pad(flat, (0, pad), value=fill) if pad else flat
+        return v.view(nb, b)
+
+    def thresholds(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per-group float32 clipping threshold c·σ (inf when not clipping or σ = 0)."""
+        _, nb = self._layout(flat.numel())
+        if math.isinf(self.clip_sigma):
+            return torch.full((nb,), math.inf, dtype=torch.float32, device=flat.device)
+        g = self._groups(flat.to(torch.float64), math.nan)
+        mean = torch.nanmean(g, dim=1, keepdim=True)
+        sigma = torch.nanmean((g - mean) ** 2, dim=1).sqrt()
+        thr = (self.clip_sigma * sigma).to(torch.float32)
+        return torch.where(sigma > 0, thr, torch.full_like(thr, math.inf))
+
+    def _clip(self, flat: torch.Tensor) -> torch.Tensor:
+        b, _ = self._layout(flat.numel())
+        te = self.thresholds(flat).repeat_interleave(b)[: flat.numel()]
+        return torch.maximum(torch.minimum(flat, te), -te)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """clamp(x, −c·σ, c·σ) per group: what the decode estimates without bias."""
+        flat = check_input(x)
+        if flat.numel() == 0:
+            return flat.reshape(x.shape)
+        return self._clip(flat).reshape(x.shape)
+
+    def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> Encoded:
+        flat = check_input(x)
+        n = flat.numel()
+        if n == 0:
+            return self._empty(x)
+        b, nb = self._layout(n)
+        g = self._clip(flat)
+        scales = self._groups(g.abs(), 0.0).amax(dim=1)
+        se = scales.repeat_interleave(b)[:n]
+        p = g.abs() / torch.where(se > 0, se, torch.ones_like(se))
+        u = torch.rand(n, generator=self._gen(generator), dtype=torch.float32, device=flat.device)
+        keep = (u < p).to(torch.int64)
+        codes = torch.where(g < 0, -keep, keep) + 1
+        info: dict[str, Any] = {"groups": nb}
+        return Encoded(
+            {"codes": pack_bits(codes, 2, check=False), "scales": scales}, x.shape, x.dtype, info
+        )
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        n = enc.numel
+        if n == 0:
+            return torch.zeros(enc.shape, dtype=torch.float32)
+        b, _ = self._layout(n)
+        t = unpack_bits(enc.tensors["codes"], 2, n).to(torch.float32) - 1.0
+        se = enc.tensors["scales"].to(torch.float32).repeat_interleave(b)[:n]
+        return (t * se).reshape(enc.shape)
