@@ -41,8 +41,11 @@ class TernGrad(Compressor):
     truncating = True
     options: ClassVar[dict[str, Option]] = {
         "clip_sigma": Option(
-            float, 2.5, "clip at clip_sigma * std before ternarizing; must be in (0, inf], inf = no clipping",
-            0.0, None,
+            float,
+            2.5,
+            "clip at clip_sigma * std before ternarizing; must be in (0, inf], inf = no clipping",
+            0.0,
+            None,
         ),
         "bucket_size": Option(
             int, 0, "coordinates per scale group (own sigma and scale); 0 = one group per tensor", 0, 2**31
@@ -111,9 +114,7 @@ class TernGrad(Compressor):
         keep = (u < p).to(torch.int64)
         codes = torch.where(g < 0, -keep, keep) + 1
         info: dict[str, Any] = {"groups": nb}
-        return Encoded(
-            {"codes": pack_bits(codes, 2, check=False), "scales": scales}, x.shape, x.dtype, info
-        )
+        return Encoded({"codes": pack_bits(codes, 2, check=False), "scales": scales}, x.shape, x.dtype, info)
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         n = enc.numel

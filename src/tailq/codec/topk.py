@@ -64,8 +64,9 @@ class TopK(Compressor):
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         n = enc.numel
-        vals = enc.tensors.get("values")
-        out = torch.zeros(n, dtype=torch.float32, device=None if vals is None else vals.device)
-        if n:
-            out[enc.tensors["indices"].to(torch.int64)] = vals.to(torch.float32)
+        if n == 0:
+            return torch.zeros(enc.shape, dtype=torch.float32)
+        vals = enc.tensors["values"]
+        out = torch.zeros(n, dtype=torch.float32, device=vals.device)
+        out[enc.tensors["indices"].to(torch.int64)] = vals.to(torch.float32)
         return out.reshape(enc.shape)
