@@ -1,7 +1,15 @@
-"""tailq: truncated quantization for heavy-tailed gradients in communication-efficient data-parallel training."""
+"""tailq: truncated quantization for heavy-tailed gradients, for communication-efficient training."""
 
 from .codec import Codebook, Compressor, Encoded, ErrorFeedback, compressor, list_compressors
 
 __version__ = "0.1.0"
 
-__all__ = ["Codebook", "Compressor", "Encoded", "ErrorFeedback", "__version__", "compressor", "list_compressors"]
+__all__ = [
+    "Codebook",
+    "Compressor",
+    "Encoded",
+    "ErrorFeedback",
+    "__version__",
+    "compressor",
+    "list_compressors",
+]

@@ -8,6 +8,7 @@ gradients, so the tail fit and the design run on realistic data.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -49,13 +50,16 @@ def _configs(only: list[str] | None) -> list[tuple[str, int | None, dict[str, An
         if name in FIXED:
             out += [(name, b, o) for b, o in FIXED[name]]
             continue
-        lo, hi = cls.options["bits"].low, cls.options["bits"].high
+        opt = cls.options["bits"]
+        lo = 1 if opt.low is None else opt.low
+        hi = 8 if opt.high is None else opt.high
         out += [(name, b, {"bits": b}) for b in BENCH_BITS if lo <= b <= hi]
     return out
 
 
-def run_codec_bench(numel: int = 1 << 24, repeat: int = 3, json_out: str | None = None,
-                    only: list[str] | None = None) -> int:
+def run_codec_bench(
+    numel: int = 1 << 24, repeat: int = 3, json_out: str | None = None, only: list[str] | None = None
+) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -68,14 +72,14 @@ def run_codec_bench(numel: int = 1 << 24, repeat: int = 3, json_out: str | None 
     dst = torch.empty_like(x)
     t_copy = _time(lambda: dst.copy_(x), max(repeat, 5))
     copy_eps = numel / t_copy
-    results = []
+    results: list[dict[str, Any]] = []
     for name, bits, opts in _configs(only):
         comp = compressor(name, **opts)
         g = torch.Generator().manual_seed(1)
         enc = comp.encode(x, generator=g)
-        t_enc = _time(lambda comp=comp, g=g: comp.encode(x, generator=g), repeat)
-        t_dec = _time(lambda comp=comp, enc=enc: comp.decode(enc), repeat)
-        row = {
+        t_enc = _time(functools.partial(comp.encode, x, generator=g), repeat)
+        t_dec = _time(functools.partial(comp.decode, enc), repeat)
+        row: dict[str, Any] = {
             "compressor": name,
             "bits": bits,
             "options": opts,
@@ -97,17 +101,38 @@ def run_codec_bench(numel: int = 1 << 24, repeat: int = 3, json_out: str | None 
         "repeat": repeat,
         "copy_elements_per_s": copy_eps,
         "copy_gb_per_s": 2 * 4 * copy_eps / 1e9,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": sys.version.split()[0],
+        },
         "results": results,
     }
     table = Table(title=f"codec throughput, {numel} float32 elements; copy = {copy_eps:.3e} elements/s")
-    for col in ("compressor", "bits", "path", "encode el/s", "enc/copy", "decode el/s", "dec/copy", "wire bits"):
+    for col in (
+        "compressor",
+        "bits",
+        "path",
+        "encode el/s",
+        "enc/copy",
+        "decode el/s",
+        "dec/copy",
+        "wire bits",
+    ):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(r["compressor"], str(r["bits"]), r["path"], f"{r['encode_elements_per_s']:.3e}",
-                      f"{r['encode_ratio_to_copy']:.3f}", f"{r['decode_elements_per_s']:.3e}",
-                      f"{r['decode_ratio_to_copy']:.3f}", f"{r['wire_bits_per_coord']:.3f}")
+        table.add_row(
+            r["compressor"],
+            str(r["bits"]),
+            r["path"],
+            f"{r['encode_elements_per_s']:.3e}",
+            f"{r['encode_ratio_to_copy']:.3f}",
+            f"{r['decode_elements_per_s']:.3e}",
+            f"{r['decode_ratio_to_copy']:.3f}",
+            f"{r['wire_bits_per_coord']:.3f}",
+        )
     con.print(table)
     if json_out == "-":
         print(json.dumps(report, indent=2))

@@ -46,7 +46,7 @@ def _json_default(o: Any) -> Any:
 def cmd_list(args: argparse.Namespace) -> int:
     from tailq.codec import list_compressors
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, cls in list_compressors().items():
         rows.append(
             {
@@ -80,10 +80,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # loading gradient samples (no pickle)
 def load_samples(path: str) -> np.ndarray:
-    """Gradient values from a ``.npy`` file or a ``.pt`` file of tensors (``weights_only=True``), flattened."""
+    """Flattened gradient values from a ``.npy`` file or a ``.pt`` file of tensors (``weights_only=True``)."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"samples file {path!r} does not exist (expected a .npy or .pt file of gradient values)")
+        raise UsageError(
+            f"samples file {path!r} does not exist (expected a .npy or .pt file of gradient values)"
+        )
     suffix = p.suffix.lower()
     if suffix == ".npy":
         try:
@@ -145,8 +147,8 @@ def _tail_from_args(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, s
             fit = theory.fit_powerlaw(samples)
             if fit.gamma <= 3:
                 note = (
-                    f"fitted power law has gamma={fit.gamma:.3f} <= 3 (infinite variance): the closed forms do "
-                    "not apply; used the empirical design"
+                    f"fitted power law has gamma={fit.gamma:.3f} <= 3 (infinite variance): the closed "
+                    "forms do not apply; used the empirical design"
                 )
                 return theory.EmpiricalTail(theory.LogHistogram.from_samples(samples)), samples, note
             return fit.tail, samples, None
@@ -215,7 +217,9 @@ def cmd_design(args: argparse.Namespace) -> int:
         _print_json(out)
         return 0
     con = _console()
-    con.print(f"[bold]{args.scheme.upper()}[/bold] design, {args.bits} bits, tail {out['model']} ({des.method})")
+    con.print(
+        f"[bold]{args.scheme.upper()}[/bold] design, {args.bits} bits, tail {out['model']} ({des.method})"
+    )
     con.print(f"  alpha*          {out['alpha']:.6g}")
     con.print(f"  predicted MSE   {out['predicted_mse']:.6g}   (design proxy, SPEC §2)")
     con.print(f"  exact MSE       {out['exact_mse']:.6g}   (model integral, real rounding variance)")
@@ -247,7 +251,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "max_abs": float(np.max(np.abs(x))),
         "excess_kurtosis": float(sstats.kurtosis(x)),
         "laplace": {"scale": float(lap.scale)},
-        "powerlaw": {"m": float(pl.m), "gamma": float(pl.gamma), "ks": float(pl.ks), "n_tail": int(pl.n_tail)},
+        "powerlaw": {
+            "m": float(pl.m),
+            "gamma": float(pl.gamma),
+            "ks": float(pl.ks),
+            "n_tail": int(pl.n_tail),
+        },
         "designs": [],
     }
     hist_tail = theory.EmpiricalTail(theory.LogHistogram.from_samples(x))
@@ -275,18 +284,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     con = _console()
-    con.print(f"[bold]{args.file}[/bold]: n={out['n']}, mean|g|={out['mean_abs']:.4g}, std={out['std']:.4g}, "
-              f"max|g|={out['max_abs']:.4g}, excess kurtosis={out['excess_kurtosis']:.3g}")
+    con.print(
+        f"[bold]{args.file}[/bold]: n={out['n']}, mean|g|={out['mean_abs']:.4g}, std={out['std']:.4g}, "
+        f"max|g|={out['max_abs']:.4g}, excess kurtosis={out['excess_kurtosis']:.3g}"
+    )
     con.print(f"  Laplace fit: scale={lap.scale:.4g}")
-    con.print(f"  power-law fit (CSN): m={pl.m:.4g}, gamma={pl.gamma:.4g}, KS={pl.ks:.4g}, tail n={pl.n_tail}")
+    con.print(
+        f"  power-law fit (CSN): m={pl.m:.4g}, gamma={pl.gamma:.4g}, KS={pl.ks:.4g}, tail n={pl.n_tail}"
+    )
     if "note" in out["powerlaw"]:
         con.print(f"  [yellow]note:[/yellow] {out['powerlaw']['note']}")
     table = Table(title=f"designs at {args.bits} bits, MSE measured on these values")
     for col in ("scheme", "tail", "alpha*", "predicted MSE", "measured MSE"):
         table.add_column(col)
     for d in out["designs"]:
-        table.add_row(d["scheme"], d["tail"], f"{d['alpha']:.4g}", f"{d['predicted_mse']:.4g}",
-                      f"{d['measured_mse']:.4g}")
+        table.add_row(
+            d["scheme"],
+            d["tail"],
+            f"{d['alpha']:.4g}",
+            f"{d['predicted_mse']:.4g}",
+            f"{d['measured_mse']:.4g}",
+        )
     con.print(table)
     return 0
 
@@ -366,4 +384,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -48,7 +48,10 @@ def model_gradient(seed: int = 0, steps: int = 30) -> np.ndarray:
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
     net = torch.nn.Sequential(
-        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
         torch.nn.Linear(256, 10),
     )
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
@@ -57,7 +60,7 @@ def model_gradient(seed: int = 0, steps: int = 30) -> np.ndarray:
         idx = torch.randint(0, len(x), (64,), generator=gen)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-        grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+        grad = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None])
         opt.step()
     return grad.double().numpy()
 
@@ -137,7 +140,10 @@ def run_demo(json_path: str | None = None, n: int = 1 << 18, seed: int = 0) -> i
             cells = [row["compressor"]]
             for b in BITS:
                 r = row["results"].get(b)
-                cells += ["" if r is None else f"{r['nmse']:.4f}", "" if r is None else f"{r['bits_per_coord']:.3f}"]
+                cells += [
+                    "" if r is None else f"{r['nmse']:.4f}",
+                    "" if r is None else f"{r['bits_per_coord']:.3f}",
+                ]
                 if r and r.get("fallback"):
                     notes.append(f"{row['compressor']} {b}b: {r['fallback']}")
             a = row["results"].get(3, {}).get("alpha_over_max")

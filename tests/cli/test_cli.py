@@ -23,15 +23,39 @@ def test_list_json_names_every_compressor(capsys: pytest.CaptureFixture[str]) ->
     rc, out, _ = run(capsys, "list", "--json")
     assert rc == 0
     rows = {r["name"]: r for r in json.loads(out)}
-    assert {"tuq", "tnq", "tbq", "qsgd", "nuqsgd", "terngrad", "efsign", "topk", "single-scale", "multi-scale"} <= set(rows)
+    assert {
+        "tuq",
+        "tnq",
+        "tbq",
+        "qsgd",
+        "nuqsgd",
+        "terngrad",
+        "efsign",
+        "topk",
+        "single-scale",
+        "multi-scale",
+    } <= set(rows)
     assert "[1, 8]" in rows["tnq"]["options"]["bits"]
     rc, out, _ = run(capsys, "list")
     assert rc == 0 and "tnq" in out
 
 
 def test_design_laplace_reproduces_spec_worked_values(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = run(capsys, "design", "--scheme", "tnq", "--tail", "laplace", "--bits", "3", "--scale", "1",
-                     "--mc-samples", "200000", "--json")
+    rc, out, _ = run(
+        capsys,
+        "design",
+        "--scheme",
+        "tnq",
+        "--tail",
+        "laplace",
+        "--bits",
+        "3",
+        "--scale",
+        "1",
+        "--mc-samples",
+        "200000",
+        "--json",
+    )
     assert rc == 0
     d = json.loads(out)
     assert {"scheme", "tail", "bits", "alpha", "levels", "predicted_mse", "measured_mse"} <= set(d)
@@ -47,8 +71,23 @@ def test_design_laplace_reproduces_spec_worked_values(capsys: pytest.CaptureFixt
 
 def test_design_powerlaw_spec_check_values(capsys: pytest.CaptureFixture[str]) -> None:
     for s_bits, alpha in ((4, 3.3515), (3, 1.3744)):
-        rc, out, _ = run(capsys, "design", "--scheme", "tnq", "--tail", "powerlaw", "--bits", str(s_bits),
-                         "--gamma", "4.5", "--m", "0.8", "--mc-samples", "100000", "--json")
+        rc, out, _ = run(
+            capsys,
+            "design",
+            "--scheme",
+            "tnq",
+            "--tail",
+            "powerlaw",
+            "--bits",
+            str(s_bits),
+            "--gamma",
+            "4.5",
+            "--m",
+            "0.8",
+            "--mc-samples",
+            "100000",
+            "--json",
+        )
         assert rc == 0
         assert json.loads(out)["alpha"] == pytest.approx(alpha, abs=5e-5)
 
@@ -68,8 +107,9 @@ def test_design_bad_arguments(capsys: pytest.CaptureFixture[str], argv: list[str
 
 
 def test_design_powerlaw_gamma_at_most_3_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, _, err = run(capsys, "design", "--scheme", "tnq", "--tail", "powerlaw", "--bits", "3",
-                     "--gamma", "2.5", "--m", "1")
+    rc, _, err = run(
+        capsys, "design", "--scheme", "tnq", "--tail", "powerlaw", "--bits", "3", "--gamma", "2.5", "--m", "1"
+    )
     assert rc == 2 and "--gamma must be > 3" in err and "empirical" in err
 
 
@@ -77,8 +117,19 @@ def test_design_empirical_from_samples(tmp_path: Path, capsys: pytest.CaptureFix
     rng = np.random.default_rng(0)
     f = tmp_path / "g.npy"
     np.save(f, rng.laplace(0, 1, 200_000).astype(np.float32))
-    rc, out, _ = run(capsys, "design", "--scheme", "tnq", "--tail", "empirical", "--bits", "3", "--samples",
-                     str(f), "--json")
+    rc, out, _ = run(
+        capsys,
+        "design",
+        "--scheme",
+        "tnq",
+        "--tail",
+        "empirical",
+        "--bits",
+        "3",
+        "--samples",
+        str(f),
+        "--json",
+    )
     assert rc == 0
     d = json.loads(out)
     # the empirical design of Laplace samples lands near the Laplace closed form (alpha* = 3.200)
@@ -90,7 +141,9 @@ def test_fit_npy_and_pt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     rng = np.random.default_rng(1)
     x = rng.laplace(0, 0.5, 100_000)
     np.save(tmp_path / "g.npy", x)
-    torch.save({"layer1": torch.from_numpy(x[:50_000]), "layer2": torch.from_numpy(x[50_000:])}, tmp_path / "g.pt")
+    torch.save(
+        {"layer1": torch.from_numpy(x[:50_000]), "layer2": torch.from_numpy(x[50_000:])}, tmp_path / "g.pt"
+    )
     for name in ("g.npy", "g.pt"):
         rc, out, _ = run(capsys, "fit", str(tmp_path / name), "--json")
         assert rc == 0
@@ -129,17 +182,38 @@ def test_fit_refuses_pickles_and_bad_files(tmp_path: Path, capsys: pytest.Captur
 
 def test_bench_codec_json_shape(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    rc, _, _ = run(capsys, "bench", "codec", "--numel", "4096", "--repeat", "1", "--compressors", "tnq", "efsign",
-                   "--json", str(out))
+    rc, _, _ = run(
+        capsys,
+        "bench",
+        "codec",
+        "--numel",
+        "4096",
+        "--repeat",
+        "1",
+        "--compressors",
+        "tnq",
+        "efsign",
+        "--json",
+        str(out),
+    )
     assert rc == 0
     d = json.loads(out.read_text())
     assert d["copy_elements_per_s"] > 0
     rows = d["results"]
-    assert {(r["compressor"], r["bits"]) for r in rows} == {("tnq", 2), ("tnq", 3), ("tnq", 4), ("tnq", 8),
-                                                            ("efsign", 1)}
+    assert {(r["compressor"], r["bits"]) for r in rows} == {
+        ("tnq", 2),
+        ("tnq", 3),
+        ("tnq", 4),
+        ("tnq", 8),
+        ("efsign", 1),
+    }
     for r in rows:
-        assert r["encode_ratio_to_copy"] == pytest.approx(r["encode_elements_per_s"] / d["copy_elements_per_s"])
-        assert r["decode_ratio_to_copy"] == pytest.approx(r["decode_elements_per_s"] / d["copy_elements_per_s"])
+        assert r["encode_ratio_to_copy"] == pytest.approx(
+            r["encode_elements_per_s"] / d["copy_elements_per_s"]
+        )
+        assert r["decode_ratio_to_copy"] == pytest.approx(
+            r["decode_elements_per_s"] / d["copy_elements_per_s"]
+        )
 
 
 def test_console_script_help() -> None:

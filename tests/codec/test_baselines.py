@@ -495,7 +495,7 @@ def test_non_finite_input_raises(name: str, bad: float) -> None:
         (lambda: TernGrad(clip_sigma=0.0), r"'clip_sigma' must be in \(0, inf\]"),
         (lambda: TernGrad(clip_sigma=-1.0), r"'clip_sigma' must be in"),
         (lambda: TopK(ratio=0.0), r"'ratio' must be in \(0, 1\]"),
-        (lambda: TopK(ratio=1.5), r"'ratio' must be in \[0, 1\]"),
+        (lambda: TopK(ratio=1.5), r"'ratio' must be in \(0, 1\]"),
     ],
 )
 def test_bad_options_raise(factory: Callable[[], Compressor], match: str) -> None:

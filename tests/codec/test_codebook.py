@@ -90,7 +90,11 @@ def test_snap_to_fine_grid_is_unbiased_and_sums() -> None:
 def test_snap_merges_colliding_levels() -> None:
     cb = Codebook.from_levels([-1.0, -0.001, 0.0, 0.001, 1.0])
     sn = cb.snap(7)
-    assert sn.fine_index.tolist() == [0, 3, 4, 7] or sn.fine_index.tolist() == [0, 3, 7] or len(sn.fine_index) < 5
+    assert (
+        sn.fine_index.tolist() == [0, 3, 4, 7]
+        or sn.fine_index.tolist() == [0, 3, 7]
+        or len(sn.fine_index) < 5
+    )
     assert bool((sn.fine_index[1:] > sn.fine_index[:-1]).all())
     with pytest.raises(ValueError, match="grid"):
         cb.snap(3)

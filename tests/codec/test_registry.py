@@ -10,7 +10,18 @@ import tailq
 from tailq.codec import list_compressors
 
 NAMES = sorted(list_compressors())
-EXPECTED = {"tuq", "tnq", "tbq", "qsgd", "nuqsgd", "terngrad", "efsign", "topk", "single-scale", "multi-scale"}
+EXPECTED = {
+    "tuq",
+    "tnq",
+    "tbq",
+    "qsgd",
+    "nuqsgd",
+    "terngrad",
+    "efsign",
+    "topk",
+    "single-scale",
+    "multi-scale",
+}
 
 
 def make(name: str, bits: int | None = 3) -> tailq.Compressor:
@@ -38,7 +49,9 @@ def test_unbiased_for_target_within_4_standard_errors(name: str) -> None:
     x = heavy(64, seed=1)
     target = comp.target(x).double()
     reps = 3000
-    outs = torch.stack([comp.roundtrip(x, generator=torch.Generator().manual_seed(r)) for r in range(reps)]).double()
+    outs = torch.stack(
+        [comp.roundtrip(x, generator=torch.Generator().manual_seed(r)) for r in range(reps)]
+    ).double()
     mean, sd = outs.mean(0), outs.std(0)
     tol = 4 * sd / math.sqrt(reps) + 1e-5 * (1 + target.abs())
     assert bool(((mean - target).abs() <= tol).all()), (mean - target).abs().max()

@@ -71,22 +71,27 @@ class Option:
     default: Any
     help: str
     low: float | None = None
-    high: float | None = None
+    high: float | None = None  # math.inf admits inf itself (e.g. "no clipping")
     choices: tuple[Any, ...] | None = None
+    low_open: bool = False  # the range is (low, high] instead of [low, high]
+
+    def range_text(self) -> str:
+        if self.choices is not None:
+            return " | ".join(map(str, self.choices))
+        if self.low is None and self.high is None:
+            return self.type.__name__
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open else '['}{lo}, {hi}]"
 
     def describe(self) -> str:
-        if self.choices is not None:
-            rng = " | ".join(map(str, self.choices))
-        elif self.low is not None or self.high is not None:
-            lo = "-inf" if self.low is None else f"{self.low:g}"
-            hi = "inf" if self.high is None else f"{self.high:g}"
-            rng = f"[{lo}, {hi}]"
-        else:
-            rng = self.type.__name__
-        return f"{rng} (default {self.default!r}): {self.help}"
+        default = "auto" if self.default is None else repr(self.default)
+        return f"{self.range_text()} (default {default}): {self.help}"
 
     def validate(self, owner: str, name: str, value: Any) -> Any:
         where = f"{owner}: option {name!r}"
+        if value is None and self.default is None:
+            return None  # "auto": the compressor fills it in
         if self.type is bool:
             if not isinstance(value, bool):
                 raise TypeError(f"{where} must be a bool, got {value!r}")
@@ -99,16 +104,15 @@ class Option:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"{where} must be a number, got {value!r}")
             value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"{where} must be finite, got {value!r}")
+            if math.isnan(value) or (math.isinf(value) and not (value > 0 and self.high == math.inf)):
+                raise ValueError(f"{where} must be in {self.range_text()}; got {value!r}")
         elif self.type is str and not isinstance(value, str):
             raise TypeError(f"{where} must be a string, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"{where} must be one of {', '.join(map(str, self.choices))}; got {value!r}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            lo = "-inf" if self.low is None else f"{self.low:g}"
-            hi = "inf" if self.high is None else f"{self.high:g}"
-            raise ValueError(f"{where} must be in [{lo}, {hi}]; got {value!r}")
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        if below or (self.high is not None and value > self.high):
+            raise ValueError(f"{where} must be in {self.range_text()}; got {value!r}")
         return value
 
 
@@ -221,9 +225,7 @@ def get_compressor_class(name: str) -> type[Compressor]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown compressor {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise ValueError(f"unknown compressor {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def compressor(name: str, **options: Any) -> Compressor:

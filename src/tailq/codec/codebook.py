@@ -27,7 +27,9 @@ def stochastic_round_uniform(
     return (j + (u < (t - j)).to(t.dtype)).to(torch.int64)
 
 
-def stochastic_round_levels(x: torch.Tensor, levels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def stochastic_round_levels(
+    x: torch.Tensor, levels: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Codes k ∈ {0..s} for arbitrary increasing levels; x is clipped to [levels[0], levels[-1]] first."""
     s = levels.numel() - 1
     xt = x.clamp(float(levels[0]), float(levels[-1]))
@@ -52,12 +54,16 @@ class Codebook:
     def __post_init__(self) -> None:
         lv = self.levels
         if lv.ndim != 1 or lv.numel() < 2:
-            raise ValueError(f"levels must be a 1-D tensor with at least 2 entries; got shape {tuple(lv.shape)}")
+            raise ValueError(
+                f"levels must be a 1-D tensor with at least 2 entries; got shape {tuple(lv.shape)}"
+            )
         if not bool(torch.isfinite(lv).all()) or not bool((lv[1:] > lv[:-1]).all()):
             raise ValueError(f"levels must be finite and strictly increasing; got {lv.tolist()}")
 
     @classmethod
-    def from_levels(cls, levels: Sequence[float] | np.ndarray | torch.Tensor, uniform: bool = False) -> Codebook:
+    def from_levels(
+        cls, levels: Sequence[float] | np.ndarray | torch.Tensor, uniform: bool = False
+    ) -> Codebook:
         t = torch.tensor(np.array(levels, dtype=np.float64), dtype=torch.float32)
         return cls(t, uniform=uniform)
 

@@ -25,7 +25,9 @@ class ErrorFeedback:
         if feedback not in _MODES:
             raise ValueError(f"feedback must be one of {', '.join(_MODES)}; got {feedback!r}")
         if feedback == "truncation" and not comp.truncating:
-            raise ValueError(f"feedback='truncation' needs a truncating compressor; {comp.name} does not truncate")
+            raise ValueError(
+                f"feedback='truncation' needs a truncating compressor; {comp.name} does not truncate"
+            )
         self.comp = comp
         self.feedback = feedback
         self.truncation: dict[str, torch.Tensor] = {}
@@ -39,7 +41,8 @@ class ErrorFeedback:
             if r is not None:
                 if r.numel() != out.numel():
                     raise ValueError(
-                        f"error-feedback residual for {key!r} has {r.numel()} elements, gradient has {out.numel()}"
+                        f"error-feedback residual for {key!r} has {r.numel()} elements, "
+                        f"gradient has {out.numel()}"
                     )
                 out = out + r.to(out.device)
         return out.reshape(g.shape)
@@ -56,7 +59,9 @@ class ErrorFeedback:
         else:
             self.rounding[key] = c - d
 
-    def step(self, key: str, g: torch.Tensor, *, generator: torch.Generator | None = None) -> tuple[Encoded, torch.Tensor]:
+    def step(
+        self, key: str, g: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Encoded, torch.Tensor]:
         """Compensate, encode, decode locally, update the residual; returns (encoded, local decode)."""
         corrected = self.compensate(key, g)
         enc = self.comp.encode(corrected, generator=generator)
@@ -73,6 +78,8 @@ class ErrorFeedback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("feedback") != self.feedback:
-            raise ValueError(f"state was saved with feedback={state.get('feedback')!r}, this has {self.feedback!r}")
+            raise ValueError(
+                f"state was saved with feedback={state.get('feedback')!r}, this has {self.feedback!r}"
+            )
         self.truncation = {k: v.clone() for k, v in state["truncation"].items()}
         self.rounding = {k: v.clone() for k, v in state["rounding"].items()}

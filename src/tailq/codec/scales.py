@@ -179,7 +179,7 @@ class MultiScale(Compressor):
         "bits": Option(int, 4, "bits per coordinate of the code (s = 2^bits - 1 intervals per scale)", 1, 8),
         "n_scales": Option(int, 4, "number of scales M_j = M / scale_ratio^j, j = 0..n_scales-1", 2, 16),
         "scale_ratio": Option(
-            float, 16.0, "ratio between consecutive scales; default 2**bits (16 for bits=4)", 1.5, 1024
+            float, None, "ratio between consecutive scales; auto = 2**bits", 1.5, 1024
         ),
         "granularity": Option(
             str, "block", "one scale index per element or per block", choices=("element", "block")
@@ -193,10 +193,8 @@ class MultiScale(Compressor):
     block_size: int
 
     def __init__(self, **kwargs: Any) -> None:
-        auto_ratio = kwargs.get("scale_ratio") is None
-        kwargs = {k: v for k, v in kwargs.items() if not (k == "scale_ratio" and v is None)}
         super().__init__(**kwargs)
-        if auto_ratio:
+        if self.scale_ratio is None:
             self.scale_ratio = float(2**self.bits)
 
     @property

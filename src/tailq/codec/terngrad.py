@@ -43,9 +43,10 @@ class TernGrad(Compressor):
         "clip_sigma": Option(
             float,
             2.5,
-            "clip at clip_sigma * std before ternarizing; must be in (0, inf], inf = no clipping",
+            "clip at clip_sigma * std before ternarizing; inf = no clipping",
             0.0,
-            None,
+            math.inf,
+            low_open=True,
         ),
         "bucket_size": Option(
             int, 0, "coordinates per scale group (own sigma and scale); 0 = one group per tensor", 0, 2**31
@@ -53,17 +54,6 @@ class TernGrad(Compressor):
     }
     clip_sigma: float
     bucket_size: int
-
-    def __init__(self, **kwargs: Any) -> None:
-        cs = kwargs.get("clip_sigma")
-        no_clip = isinstance(cs, int | float) and not isinstance(cs, bool) and cs == math.inf
-        if no_clip:  # Option rejects non-finite floats; inf is meaningful here
-            kwargs = {**kwargs, "clip_sigma": 1.0}
-        super().__init__(**kwargs)
-        if no_clip:
-            self.clip_sigma = math.inf
-        elif not self.clip_sigma > 0:
-            raise ValueError(f"{self.name}: option 'clip_sigma' must be in (0, inf]; got {self.clip_sigma!r}")
 
     def _layout(self, n: int) -> tuple[int, int]:
         b = n if self.bucket_size == 0 else min(self.bucket_size, n)

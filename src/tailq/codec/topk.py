@@ -16,7 +16,7 @@ Error: ‖C(v) − v‖² = Σ of the d − k smallest v_i² ≤ (1 − k/d)·�
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -37,15 +37,10 @@ class TopK(Compressor):
     memory = True
     options: ClassVar[dict[str, Option]] = {
         "ratio": Option(
-            float, 0.01, "fraction of coordinates kept, in (0, 1]; k = max(1, round(ratio*d))", 0.0, 1.0
+            float, 0.01, "fraction of coordinates kept; k = max(1, round(ratio*d))", 0.0, 1.0, low_open=True
         ),
     }
     ratio: float
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not self.ratio > 0:
-            raise ValueError(f"{self.name}: option 'ratio' must be in (0, 1]; got {self.ratio!r}")
 
     def k(self, d: int) -> int:
         """Number of kept coordinates for a d-element tensor."""
