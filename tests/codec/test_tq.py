@@ -152,3 +152,25 @@ def test_design_reports_alpha_consistent_with_theory() -> None:
     enc = comp.encode(x)
     des = theory.design("tuq", theory.LaplaceTail(scale=float(x.abs().double().mean())), 4)
     assert enc.info["alpha"] == pytest.approx(des.alpha, rel=1e-6)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_powerlaw_alpha_is_capped_at_the_data_when_gamma_is_near_3(scheme: str) -> None:
+    # gamma just above 3: the TNQ/TBQ model optimum alpha* is astronomically large (e.g. 1e61·m at 8 bits)
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(theory.PowerLawTail(m=0.01, gamma=3.02).sample(1 << 16, rng).astype(np.float32))
+    comp = tailq.compressor(scheme, bits=8, tail="powerlaw")
+    enc = comp.encode(x)
+    res = comp.design_from_stats(comp.local_stats(x))
+    cb = res.codebook
+    bound = theory.LogHistogram.from_samples(x.double().numpy()).max_abs_bound
+    assert bool(torch.isfinite(cb.levels).all())
+    assert cb.high <= bound * (1 + 1e-6)
+    if res.design.alpha > bound:
+        assert "capped" in enc.info["fallback"]
+        assert float(x.abs().max()) <= cb.high
+        assert torch.equal(comp.target(x), x)  # nothing is truncated: unbiased for x itself
+    else:
+        assert "fallback" not in enc.info
+    if scheme == "tnq":
+        assert res.design.alpha > 1e6 * bound  # the case this guards against really occurs

@@ -22,11 +22,14 @@ from tailq.theory import (
 )
 
 
-# --- independent reference: quadrature of the density only --------------------------------------------------
+# --- independent reference: quadrature of the density only ----------------------------------------
 def _quad(f, a, b, points):
     cuts = sorted(p for p in points if a < p < b)
     edges = [a, *cuts, b]
-    return sum(integrate.quad(f, lo, hi, epsabs=0.0, epsrel=1e-13, limit=500)[0] for lo, hi in zip(edges[:-1], edges[1:]))
+    return sum(
+        integrate.quad(f, lo, hi, epsabs=0.0, epsrel=1e-13, limit=500)[0]
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+    )
 
 
 def _bps(tail):
@@ -34,13 +37,23 @@ def _bps(tail):
 
 
 def quad_b(tail, a):
-    """B(α) = 2∫_α^∞ (x − α)² p(x) dx by quadrature."""
-    return 2 * _quad(lambda x: (x - a) ** 2 * tail.pdf(x), a, np.inf, _bps(tail))
+    """B(α) = 2∫_α^∞ (x − α)² p(x) dx by quadrature. For the power law the range is cut into decades up to
+    α·10^D with D chosen so that the dropped remainder is below 1e-16 relative (it decays like x^{3−γ})."""
+    f = lambda x: (x - a) ** 2 * tail.pdf(x)  # noqa: E731
+    if not isinstance(tail, PowerLawTail):
+        return 2 * _quad(f, a, np.inf, ())
+    decades = math.ceil(16 / (tail.gamma - 3)) + 1
+    start = max(a, tail.m)
+    pts = (tail.m,) + tuple(start * 10.0**j for j in range(1, decades))
+    return 2 * _quad(f, a, start * 10.0**decades, pts)
 
 
 def quad_cbrt(tail, a):
-    """∫_{−α}^{α} p^{1/3} by quadrature."""
-    return 2 * _quad(lambda x: tail.pdf(x) ** (1 / 3), 0.0, a, _bps(tail))
+    """∫_{−α}^{α} p^{1/3} by quadrature (decade break points beyond m for the power law)."""
+    pts = _bps(tail)
+    if isinstance(tail, PowerLawTail):
+        pts = pts + tuple(tail.m * 10.0**j for j in range(1, 40))
+    return 2 * _quad(lambda x: tail.pdf(x) ** (1 / 3), 0.0, a, pts)
 
 
 def tnq_proxy(tail, s, a):
@@ -53,14 +66,20 @@ def tuq_proxy(tail, s, a):
 
 def numeric_min(f, scale):
     """Minimise f(α) over α in [1e-3, 1e5]·scale (bounded Brent on ln α), polished on a tight bracket."""
-    r = optimize.minimize_scalar(lambda u: f(math.exp(u)), bounds=(math.log(1e-3 * scale), math.log(1e5 * scale)),
-                                 method="bounded", options={"xatol": 1e-9})
+    r = optimize.minimize_scalar(
+        lambda u: f(math.exp(u)),
+        bounds=(math.log(1e-3 * scale), math.log(1e5 * scale)),
+        method="bounded",
+        options={"xatol": 1e-9},
+    )
     a0 = math.exp(r.x)
-    r2 = optimize.minimize_scalar(f, bounds=(a0 * 0.98, a0 * 1.02), method="bounded", options={"xatol": 1e-12 * a0})
+    r2 = optimize.minimize_scalar(
+        f, bounds=(a0 * 0.98, a0 * 1.02), method="bounded", options={"xatol": 1e-12 * a0}
+    )
     return float(r2.x), float(r2.fun)
 
 
-# --- Laplace -----------------------------------------------------------------------------------------------------
+# --- Laplace --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_laplace_tnq_closed_form_is_the_numerical_optimum(bits):
     tail = LaplaceTail(1.3)
@@ -84,15 +103,29 @@ def test_laplace_tuq_lambert_w_is_the_numerical_optimum(bits):
     assert d.predicted_mse == pytest.approx(f_num, rel=1e-9)
 
 
-SPEC_LAPLACE = {1: (0.722, 1.236), 2: (1.791, 0.606), 3: (3.200, 0.237), 4: (4.877, 0.0774), 8: (12.763, 0.00040)}
+# SPEC §3.1 prints alpha* = 3.200 for b = 3; the exact value is 3·ln(1 + 7/c) = 3.199464 (3.1995 to 4
+# places, as in SPEC's own level table), i.e. 3.199 to the 3 places printed — SPEC's 3.200 is a double
+# rounding.
+SPEC_LAPLACE = {
+    1: ("0.722", "1.236"),
+    2: ("1.791", "0.606"),
+    3: ("3.199", "0.237"),
+    4: ("4.877", "0.0774"),
+    8: ("12.763", "0.00040"),
+}
+
+
+def _agrees_to_printed_digits(value, printed):
+    decimals = len(printed.split(".")[1])
+    return abs(value - float(printed)) <= 0.5 * 10.0**-decimals
 
 
 @pytest.mark.parametrize(("bits", "expected"), SPEC_LAPLACE.items())
 def test_spec_worked_values_laplace(bits, expected):
     d = design("tnq", LaplaceTail(1.0), bits)
     alpha, mse = expected
-    assert round(d.alpha, 3) == alpha
-    assert float(f"{d.predicted_mse:.3g}") == pytest.approx(mse, rel=1e-12) or round(d.predicted_mse, 5) == mse
+    assert _agrees_to_printed_digits(d.alpha, alpha)
+    assert _agrees_to_printed_digits(d.predicted_mse, mse)
 
 
 def test_spec_worked_levels_b3():
@@ -104,16 +137,19 @@ def test_spec_worked_levels_b3():
 def test_etq_bound_matches_y2():
     g, dim, n = 0.02, 1_000_000, 8
     d = design("tnq", LaplaceTail(g), 4)
-    assert etq_bound(d, dim, n) == pytest.approx(27 * dim * g * g / (n * (15 + 1.5 * math.sqrt(6)) ** 2), rel=1e-14)
+    assert etq_bound(d, dim, n) == pytest.approx(
+        27 * dim * g * g / (n * (15 + 1.5 * math.sqrt(6)) ** 2), rel=1e-14
+    )
     with pytest.raises(ValueError):
         etq_bound(d, 0, 8)
 
 
-# --- power law ---------------------------------------------------------------------------------------------------
+# --- power law ------------------------------------------------------------------------------------
 POWER_GAMMAS = [3.5, 4.0, 5.0, 8.0]
 POWER_S = {3: 2, 7: 3, 15: 4, 63: 6}  # s -> bits
 
 
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
 @pytest.mark.parametrize("gamma", POWER_GAMMAS)
 @pytest.mark.parametrize("s", POWER_S)
 def test_powerlaw_tnq_closed_form_is_the_numerical_optimum(gamma, s):
@@ -133,6 +169,7 @@ def test_powerlaw_tnq_closed_form_is_the_numerical_optimum(gamma, s):
         assert tnq_proxy(tail, s, d.alpha) < tnq_proxy(tail, s, tail.m)
 
 
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
 @pytest.mark.parametrize("gamma", POWER_GAMMAS)
 @pytest.mark.parametrize("s", POWER_S)
 def test_powerlaw_tuq_closed_form_is_the_numerical_optimum(gamma, s):
@@ -148,10 +185,10 @@ def test_powerlaw_tuq_closed_form_is_the_numerical_optimum(gamma, s):
 
 @pytest.mark.parametrize(("bits", "alpha"), [(4, 3.3515), (3, 1.3744)])
 def test_spec_worked_values_powerlaw(bits, alpha):
-    assert round(design("tnq", PowerLawTail(m=0.8, gamma=4.5), bits).alpha, 4) == alpha
+    assert abs(design("tnq", PowerLawTail(m=0.8, gamma=4.5), bits).alpha - alpha) <= 0.5e-4
 
 
-# --- level placement -----------------------------------------------------------------------------------------------
+# --- level placement ------------------------------------------------------------------------------
 def _placement_check(tail, d, points=()):
     """∫_{−α}^{l_k} λ* = k with λ* = s p^{1/3} / ∫_{−α}^{α} p^{1/3}, by quadrature."""
     a = d.alpha
@@ -177,7 +214,7 @@ def test_empirical_tnq_levels_invert_the_cumulative_density():
     _placement_check(tail, d, tuple(edges) + tuple(-edges))
 
 
-# --- structure of every design -------------------------------------------------------------------------------------
+# --- structure of every design --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def all_tails():
     rng = np.random.default_rng(11)
@@ -206,7 +243,7 @@ def test_design_structure(all_tails, scheme):
                 s1, s2, beta = d.s1, d.s2, d.beta
                 assert s1 % 2 == 1 and s1 + 2 * s2 == s and 0 < beta <= d.alpha
                 steps = np.diff(lv)
-                inner = steps[s2:s2 + s1]
+                inner = steps[s2 : s2 + s1]
                 np.testing.assert_allclose(inner, 2 * beta / s1, rtol=1e-9)
                 if s2:
                     np.testing.assert_allclose(steps[:s2], (d.alpha - beta) / s2, rtol=1e-9)
@@ -230,22 +267,21 @@ def test_tbq_is_optimal_against_brute_force(all_tails, bits):
         assert _tbq_objective(tail, d.s1, d.s2, d.alpha, d.beta) == pytest.approx(d.predicted_mse, rel=1e-12)
         ref = design("tnq", tail, bits).alpha
         grid = np.geomspace(ref / 30, ref * 10, 700)
-        best = np.inf
-        for s1 in range(1, s + 1, 2):
+        pg, bg = tail.mass_within(grid), tail.truncation_error(grid)
+        best = float(np.min((grid / s) ** 2 * pg + bg))  # s1 = s, s2 = 0 (alpha = beta)
+        al, be = np.meshgrid(grid, grid, indexing="ij")
+        pa, pb, ba = pg[:, None], pg[None, :], bg[:, None]
+        for s1 in range(1, s, 2):
             s2 = (s - s1) // 2
-            if s2 == 0:
-                best = min(best, float(np.min(_tbq_objective(tail, s1, 0, grid, grid))))
-                continue
-            al, be = np.meshgrid(grid, grid, indexing="ij")
-            v = np.where(be < al, _tbq_objective(tail, s1, s2, al, be), np.inf)
-            best = min(best, float(v.min()))
+            v = (be / s1) ** 2 * pb + ((al - be) / (2 * s2)) ** 2 * (pa - pb) + ba
+            best = min(best, float(np.where(be < al, v, np.inf).min()))
         assert d.predicted_mse <= best * (1 + 1e-12)
         assert d.predicted_mse >= best * (1 - 2e-3)
         # TBQ includes the uniform grid (s1 = s) with the P(|g| <= alpha) factor, so it never loses to TUQ
         assert d.predicted_mse <= design("tuq", tail, bits).predicted_mse
 
 
-# --- performance (generous bounds; the closed forms take ~30 µs) ------------------------------------------------
+# --- performance (generous bounds; the closed forms take ~30 µs) ----------------------------------
 def test_closed_forms_are_fast():
     tails = [LaplaceTail(1.0), PowerLawTail(0.8, 4.5)]
     t0 = time.perf_counter()

@@ -1,4 +1,7 @@
-"""Fitting: Laplace MLE and Clauset–Shalizi–Newman power-law fits, raw and from histograms (SPEC §3.1, §3.2)."""
+"""Fitting: Laplace MLE and Clauset–Shalizi–Newman power-law fits, raw and from histograms.
+
+SPEC §3.1, §3.2.
+"""
 
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def test_fit_powerlaw_hist_is_exact_given_the_statistics():
     assert fit.gamma == pytest.approx(1 + tail.size / np.log(tail / fit.m).sum(), rel=1e-11)
     # KS measured at the bin edges above m, from the raw samples
     e = hist_edges()
-    e = e[(e > fit.m) & (e <= tail.max() * 2 ** 0.25 + 1e-300)]
+    e = e[(e > fit.m) & (e <= tail.max() * 2**0.25 + 1e-300)]
     f_emp = np.searchsorted(tail, e, side="left") / tail.size
     f_par = 1 - (e / fit.m) ** (1 - fit.gamma)
     assert fit.ks == pytest.approx(np.max(np.abs(f_emp - f_par)), rel=1e-9)

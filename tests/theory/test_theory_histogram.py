@@ -74,7 +74,11 @@ def test_from_samples_statistics():
 def test_merge_equals_histogram_of_concatenation():
     rng = np.random.default_rng(1)
     x, y = rng.laplace(0, 0.01, 20_000), rng.standard_t(3, 7_000)
-    hx, hy, hxy = LogHistogram.from_samples(x), LogHistogram.from_samples(y), LogHistogram.from_samples(np.r_[x, y])
+    hx, hy, hxy = (
+        LogHistogram.from_samples(x),
+        LogHistogram.from_samples(y),
+        LogHistogram.from_samples(np.r_[x, y]),
+    )
     m = hx + hy
     np.testing.assert_array_equal(m.counts, hxy.counts)
     np.testing.assert_allclose(m.sum_abs, hxy.sum_abs, rtol=1e-13)

@@ -15,7 +15,10 @@ def quad(f, a, b, points=()):
     """∫_a^b f with the interval split at the given break points (a, b may be inf)."""
     cuts = sorted(p for p in points if a < p < b)
     edges = [a, *cuts, b]
-    return sum(integrate.quad(f, lo, hi, epsabs=0.0, epsrel=1e-12, limit=400)[0] for lo, hi in zip(edges[:-1], edges[1:]))
+    return sum(
+        integrate.quad(f, lo, hi, epsabs=0.0, epsrel=1e-12, limit=400)[0]
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+    )
 
 
 LAPLACE = [LaplaceTail(1.0), LaplaceTail(0.37), LaplaceTail(12.5)]
@@ -52,7 +55,9 @@ def test_closed_forms_match_quadrature(tail, r):
     # E[(|g| − a)_+]
     assert tail._excess1(a) == pytest.approx(2 * quad(lambda x: (x - a) * p(x), a, np.inf, bps), rel=1e-9)
     # ∫_{−a}^{a} p^{1/3}
-    assert tail._cbrt_integral(a) == pytest.approx(2 * quad(lambda x: p(x) ** (1 / 3), 0, a, bps), rel=1e-9, abs=1e-15)
+    assert tail._cbrt_integral(a) == pytest.approx(
+        2 * quad(lambda x: p(x) ** (1 / 3), 0, a, bps), rel=1e-9, abs=1e-15
+    )
     # upper moments U_k(a) = ∫_a^∞ x^k p
     u = tail._upper_moments(a)
     for k in range(3):
@@ -103,7 +108,7 @@ def test_sample_follows_model(tail):
     assert abs(np.mean(x > 0) - 0.5) < 4 * 0.5 / math.sqrt(x.size)
 
 
-# --- empirical ----------------------------------------------------------------------------------------------
+# --- empirical ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_hist():
     rng = np.random.default_rng(7)
@@ -121,8 +126,10 @@ def test_empirical_integrals_are_exact(small_hist, density):
     assert 2 * quad(p, 0, top, pts) + t.mass[0] * (t.lo[0] == 0) == pytest.approx(1.0, rel=1e-9)
     for a in (0.05, 0.31, 1.7, 9.0):
         assert t.mass_within(a) == pytest.approx(2 * quad(p, 0, a, pts) + t.mass[0], rel=1e-9)
-        assert t.truncation_error(a) == pytest.approx(2 * quad(lambda x: (x - a) ** 2 * p(x), a, top, pts), rel=1e-9)
-        assert t._excess1(a) == pytest.approx(2 * quad(lambda x: (x - a) * p(x), a, top, pts), rel=1e-9)
+        assert t.truncation_error(a) == pytest.approx(
+            2 * quad(lambda x, a=a: (x - a) ** 2 * p(x), a, top, pts), rel=1e-9
+        )
+        assert t._excess1(a) == pytest.approx(2 * quad(lambda x, a=a: (x - a) * p(x), a, top, pts), rel=1e-9)
         u = t._upper_moments(a)
         for k in range(3):
             assert float(u[k]) == pytest.approx(quad(lambda x, k=k: x**k * p(x), a, top, pts), rel=1e-9)
@@ -160,18 +167,28 @@ def test_empirical_truncation_error_tracks_laplace_tail():
     lin, uni = EmpiricalTail(h, "linear"), EmpiricalTail(h, "uniform")
     for a in (1.0, 2.0, 4.0, 6.0):
         assert lin.truncation_error(a) / lap.truncation_error(a) == pytest.approx(1.0, abs=0.05)
-    assert uni.truncation_error(6.0) / lap.truncation_error(6.0) > 1.15  # documented bias of the uniform model
+    assert (
+        uni.truncation_error(6.0) / lap.truncation_error(6.0) > 1.15
+    )  # documented bias of the uniform model
 
 
-# --- validation ----------------------------------------------------------------------------------------------
+# --- validation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_laplace_scale_validation(bad):
     with pytest.raises(ValueError, match="scale"):
         LaplaceTail(bad)
 
 
-@pytest.mark.parametrize(("m", "gamma", "name"), [(0.0, 4.0, "`m`"), (-1, 4.0, "`m`"), (1.0, 1.0, "`gamma`"),
-                                                  (1.0, 0.5, "`gamma`"), (1.0, float("nan"), "`gamma`")])
+@pytest.mark.parametrize(
+    ("m", "gamma", "name"),
+    [
+        (0.0, 4.0, "`m`"),
+        (-1, 4.0, "`m`"),
+        (1.0, 1.0, "`gamma`"),
+        (1.0, 0.5, "`gamma`"),
+        (1.0, float("nan"), "`gamma`"),
+    ],
+)
 def test_powerlaw_validation(m, gamma, name):
     with pytest.raises(ValueError, match=name):
         PowerLawTail(m=m, gamma=gamma)

@@ -90,19 +90,39 @@ def _design_cached(scheme: str, tail_kind: str, bits: int, refine: bool, stats_b
             fit = theory.fit_powerlaw_hist(hist)
             tail = fit.tail
             des = theory.design(scheme, tail, bits)
-            return DesignResult(Codebook.from_levels(des.levels, uniform=uniform), des, tail)
+            levels, note = _cap_to_data(des, tail, hist)
+            return DesignResult(Codebook.from_levels(levels, uniform=uniform), des, tail, fallback=note)
         except (theory.HeavyTailError, ValueError) as err:
             fallback = f"power-law design not applicable ({err}); used the empirical design"
     try:
         tail = theory.EmpiricalTail(hist)
         des = theory.design(scheme, tail, bits, refine=refine)
-        return DesignResult(Codebook.from_levels(des.levels, uniform=uniform), des, tail, fallback=fallback)
+        levels, note = _cap_to_data(des, tail, hist)
+        notes = "; ".join(n for n in (fallback, note) if n) or None
+        return DesignResult(Codebook.from_levels(levels, uniform=uniform), des, tail, fallback=notes)
     except ValueError as err:
         # Every |g| is below the histogram's zero bin (< 2^-40): a uniform grid on the bound is exact enough
         # (error < 2^-80 per coordinate) and keeps zero in -> zero out for true zeros.
         bound = float(hist.max_abs_bound)
         note = f"empirical design degenerate ({err}); used a uniform grid on [-{bound:.3g}, {bound:.3g}]"
         return DesignResult(Codebook.uniform_grid(bound, 2**bits - 1), None, None, fallback=note)
+
+
+def _cap_to_data(des: Any, tail: Any, hist: Any) -> tuple[np.ndarray, str | None]:
+    """Levels of ``des``, with α capped at the data's max|g| bound when the model puts α* beyond it.
+
+    A fitted power law with γ̂ just above 3 has an astronomically large α* (the model's tail never ends);
+    levels past the largest gradient are never used and, in float32, may overflow. TNQ levels are re-placed
+    at the capped α (same density); uniform and bi-scaled grids are scaled down.
+    """
+    bound = float(hist.max_abs_bound)
+    if not des.alpha > bound:
+        return np.asarray(des.levels), None
+    if des.scheme == "tnq":
+        levels = theory.tnq_levels(tail, des.bits, bound)
+    else:
+        levels = np.asarray(des.levels) * (bound / des.alpha)
+    return levels, f"alpha*={des.alpha:.4g} exceeds the data's max|g| bound {bound:.4g}; capped there"
 
 
 class TruncatedQuantizer(Compressor):

@@ -3,7 +3,7 @@
 Only numpy and scipy are used here; the codec layer builds on these functions.
 """
 
-from .design import LAPLACE_C, SCHEMES, Design, HeavyTailError, design, etq_bound, exact_mse
+from .design import LAPLACE_C, SCHEMES, Design, HeavyTailError, design, etq_bound, exact_mse, tnq_levels
 from .fit import PowerLawFit, fit_laplace, fit_powerlaw, fit_powerlaw_hist, laplace_from_hist
 from .histogram import (
     HIST_BINS_PER_OCTAVE,
@@ -44,4 +44,5 @@ __all__ = [
     "design",
     "exact_mse",
     "etq_bound",
+    "tnq_levels",
 ]

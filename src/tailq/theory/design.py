@@ -30,7 +30,16 @@ from scipy import optimize, special
 
 from .tails import EmpiricalTail, LaplaceTail, PowerLawTail, Tail
 
-__all__ = ["SCHEMES", "HeavyTailError", "Design", "design", "exact_mse", "etq_bound", "LAPLACE_C"]
+__all__ = [
+    "SCHEMES",
+    "HeavyTailError",
+    "Design",
+    "design",
+    "exact_mse",
+    "etq_bound",
+    "tnq_levels",
+    "LAPLACE_C",
+]
 
 SCHEMES: tuple[str, ...] = ("tuq", "tnq", "tbq")
 LAPLACE_C: float = 1.5 * math.sqrt(6.0)  # c = 3√6/2 ≈ 3.6742 (SPEC §3.1)
@@ -72,8 +81,10 @@ class Design:
 
     def __repr__(self) -> str:
         extra = f", beta={self.beta:.6g}, s1={self.s1}, s2={self.s2}" if self.scheme == "tbq" else ""
-        return (f"Design(scheme={self.scheme!r}, bits={self.bits}, s={self.s}, alpha={self.alpha:.6g}"
-                f"{extra}, predicted_mse={self.predicted_mse:.6g}, method={self.method!r}, tail={self.tail!r})")
+        return (
+            f"Design(scheme={self.scheme!r}, bits={self.bits}, s={self.s}, alpha={self.alpha:.6g}"
+            f"{extra}, predicted_mse={self.predicted_mse:.6g}, method={self.method!r}, tail={self.tail!r})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,11 +109,14 @@ def _check_bits(bits: Any) -> int:
 
 def _check_tail(tail: Any) -> None:
     if not isinstance(tail, (LaplaceTail, PowerLawTail, EmpiricalTail)):
-        raise TypeError(f"`tail` must be a LaplaceTail, PowerLawTail or EmpiricalTail, got {type(tail).__name__}")
+        raise TypeError(
+            f"`tail` must be a LaplaceTail, PowerLawTail or EmpiricalTail, got {type(tail).__name__}"
+        )
     if isinstance(tail, PowerLawTail) and tail.gamma <= 3.0:
         raise HeavyTailError(
             f"power-law tail with gamma={tail.gamma:.4g} <= 3 has infinite variance: the closed forms of "
-            "SPEC §3.2 need gamma > 3; use the empirical design (EmpiricalTail of a LogHistogram) instead")
+            "SPEC §3.2 need gamma > 3; use the empirical design (EmpiricalTail of a LogHistogram) instead"
+        )
 
 
 def _from_positive(pos: ArrayLike) -> FloatArray:
@@ -178,8 +192,11 @@ def _laplace_tuq(t: LaplaceTail, s: int) -> tuple[FloatArray, float, tuple[str, 
     alpha = g * w
     pos = alpha * np.arange(1, s + 1, 2, dtype=np.float64) / s
     pos[-1] = alpha
-    return pos, g * g * w * (w + 2.0) / s**2, (
-        "closed form: alpha* = γ·W(s²) (Lambert W) minimises alpha²/s² + B(alpha)",)
+    return (
+        pos,
+        g * g * w * (w + 2.0) / s**2,
+        ("closed form: alpha* = γ·W(s²) (Lambert W) minimises alpha²/s² + B(alpha)",),
+    )
 
 
 def _powerlaw_k(t: PowerLawTail) -> float:
@@ -200,15 +217,25 @@ def _powerlaw_tnq(t: PowerLawTail, s: int) -> tuple[FloatArray, float, tuple[str
         mse = 2.0 * g * g * m * m / (3.0 * (g - 2.0) * (g - 3.0) * (3.0 + k * s) ** 2)
         pos = t._h_inv(j * float(t._h(alpha)))
         pos[-1] = alpha
-        return pos, float(mse), ("closed form SPEC §3.2: alpha* = m((3 + k s)/γ)^(3/(γ−3)), levels by companding",)
+        return (
+            pos,
+            float(mse),
+            ("closed form SPEC §3.2: alpha* = m((3 + k s)/γ)^(3/(γ−3)), levels by companding",),
+        )
     a2, a1, gg = 3.0 / s**2 - 1.0, 2.0 * g / (g - 1.0), g / (g - 2.0)
     r = 2.0 * gg / (a1 + math.sqrt(a1 * a1 + 4.0 * a2 * gg))
     alpha = m * r
     mse = 2.0 * t.c * alpha**3 / s**2 + float(t.truncation_error(alpha))
     pos = alpha * j
     pos[-1] = alpha
-    return pos, mse, (f"3 + k·s = {3 + k * s:.4g} < γ = {g:.4g}: SPEC's alpha* = m does not hold; the optimum "
-                      "lies in the flat body (alpha* < m, root of a quadratic) and the levels are uniform",)
+    return (
+        pos,
+        mse,
+        (
+            f"3 + k·s = {3 + k * s:.4g} < γ = {g:.4g}: SPEC's alpha* = m does not hold; the optimum "
+            "lies in the flat body (alpha* < m, root of a quadratic) and the levels are uniform",
+        ),
+    )
 
 
 def _powerlaw_tuq(t: PowerLawTail, s: int) -> tuple[FloatArray, float, tuple[str, ...]]:
@@ -229,6 +256,33 @@ def _powerlaw_tuq(t: PowerLawTail, s: int) -> tuple[FloatArray, float, tuple[str
     return pos, alpha**2 / s**2 + float(t.truncation_error(alpha)), (note,)
 
 
+def _tnq_positive_levels(tail: Tail, s: int, alpha: float) -> FloatArray:
+    """Positive half of the TNQ levels at a given ``α``: ``∫_{−α}^{l_k} λ* = k`` with ``λ* ∝ p^{1/3}``."""
+    j = np.arange(1, s + 1, 2, dtype=np.float64) / s
+    if isinstance(tail, LaplaceTail):
+        g = tail.scale
+        pos = -3.0 * g * np.log1p(j * np.expm1(-alpha / (3.0 * g)))  # Q(x) ∝ 1 − e^{−x/(3γ)}
+    elif isinstance(tail, PowerLawTail):
+        pos = tail._h_inv(j * float(tail._h(alpha)))
+    else:
+        pos = tail._cbrt_cumulative_inverse(j * float(tail._cbrt_cumulative(alpha)))
+    pos = np.asarray(pos, dtype=np.float64)
+    pos[-1] = alpha
+    return pos
+
+
+def tnq_levels(tail: Tail, bits: int, alpha: float) -> FloatArray:
+    """TNQ levels for a *given* truncation threshold ``α`` (SPEC §2): the ``s + 1`` odd-symmetric levels with
+    ``∫_{−α}^{l_k} λ* = k``, ``λ* = s·p^{1/3}/∫_{−α}^{α} p^{1/3}``.
+    ``design("tnq", ...)`` uses this at ``α*``."""
+    b = _check_bits(bits)
+    _check_tail(tail)
+    a = float(alpha)
+    if not (math.isfinite(a) and a > 0):
+        raise ValueError(f"`alpha` must be finite and > 0, got {alpha!r}")
+    return _from_positive(_tnq_positive_levels(tail, 2**b - 1, a))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # numerical designs (any tail)
 def _upper_bracket(tail: Tail) -> float:
@@ -241,6 +295,7 @@ def _upper_bracket(tail: Tail) -> float:
 
 def _tuq_numeric(tail: Tail, s: int) -> float:
     """``argmin α²/s² + B(α)``: root of the (increasing) derivative ``2α/s² − 2E[(|g| − α)_+]``."""
+
     def dphi(a: float) -> float:
         return a / s**2 - float(tail._excess1(a))
 
@@ -261,8 +316,12 @@ def _grid_then_bounded(f: Any, grid: FloatArray) -> float:
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
     if hi <= lo:
         return float(grid[i])
-    res = optimize.minimize_scalar(lambda a: float(f(np.asarray(a))), bounds=(lo, hi), method="bounded",
-                                   options={"xatol": 1e-12 * hi, "maxiter": 500})
+    res = optimize.minimize_scalar(
+        lambda a: float(f(np.asarray(a))),
+        bounds=(lo, hi),
+        method="bounded",
+        options={"xatol": 1e-12 * hi, "maxiter": 500},
+    )
     return float(res.x) if res.fun <= vals[i] else float(grid[i])
 
 
@@ -286,7 +345,9 @@ def _tbq_objective(tail: Tail, s1: int, s2: int, alpha: Any, beta: Any) -> Any:
     if s2 == 0:
         return (beta / s1) ** 2 * pb + tail.truncation_error(beta)
     pa = tail.mass_within(alpha)
-    return (beta / s1) ** 2 * pb + ((alpha - beta) / (2.0 * s2)) ** 2 * (pa - pb) + tail.truncation_error(alpha)
+    return (
+        (beta / s1) ** 2 * pb + ((alpha - beta) / (2.0 * s2)) ** 2 * (pa - pb) + tail.truncation_error(alpha)
+    )
 
 
 def _tbq_numeric(tail: Tail, s: int, a_ref: float) -> tuple[float, float, int, int, float]:
@@ -297,8 +358,8 @@ def _tbq_numeric(tail: Tail, s: int, a_ref: float) -> tuple[float, float, int, i
         grid = np.geomspace(min(a_ref / 40.0, tail.max_abs / 2.0), tail.max_abs, 96)
     else:
         grid = np.geomspace(a_ref / 40.0, a_ref * 40.0, 96)
-    p = tail.mass_within(grid)
-    b = tail.truncation_error(grid)
+    p = np.asarray(tail.mass_within(grid), dtype=np.float64)
+    b = np.asarray(tail.truncation_error(grid), dtype=np.float64)
     s1s = np.arange(1, s + 1, 2)
     s2s = (s - s1s) // 2
     # s2 = 0 (s1 = s): uniform grid with the P factor
@@ -309,8 +370,11 @@ def _tbq_numeric(tail: Tail, s: int, a_ref: float) -> tuple[float, float, int, i
         s1v = s1s[:-1].astype(np.float64)[:, None, None]
         s2v = s2s[:-1].astype(np.float64)[:, None, None]
         al, be = grid[None, :, None], grid[None, None, :]
-        f = ((be / s1v) ** 2 * p[None, None, :] + ((al - be) / (2.0 * s2v)) ** 2 * (p[None, :, None] - p[None, None, :])
-             + b[None, :, None])
+        f = (
+            (be / s1v) ** 2 * p[None, None, :]
+            + ((al - be) / (2.0 * s2v)) ** 2 * (p[None, :, None] - p[None, None, :])
+            + b[None, :, None]
+        )
         f = np.where(be < al, f, np.inf)
         best = f.reshape(f.shape[0], -1).min(axis=1)
         for i in np.argsort(best)[:3]:
@@ -320,13 +384,14 @@ def _tbq_numeric(tail: Tail, s: int, a_ref: float) -> tuple[float, float, int, i
     for _, s1 in cand[:3]:
         s2 = (s - s1) // 2
         if s2 == 0:
-            fb = (grid / s) ** 2 * p + b
             beta = _grid_then_bounded(lambda x: _tbq_objective(tail, s, 0, x, x), grid)
-            del fb
             results.append((float(_tbq_objective(tail, s, 0, beta, beta)), beta, beta, s1, 0))
             continue
-        ff = ((grid[None, :] / s1) ** 2 * p[None, :] + ((grid[:, None] - grid[None, :]) / (2.0 * s2)) ** 2
-              * (p[:, None] - p[None, :]) + b[:, None])
+        ff = (
+            (grid[None, :] / s1) ** 2 * p[None, :]
+            + ((grid[:, None] - grid[None, :]) / (2.0 * s2)) ** 2 * (p[:, None] - p[None, :])
+            + b[:, None]
+        )
         ff = np.where(grid[None, :] < grid[:, None], ff, np.inf)
         ia, ib = np.unravel_index(int(np.argmin(ff)), ff.shape)
         x0 = np.array([math.log(grid[ib]), math.log(grid[ia] - grid[ib])])
@@ -336,9 +401,17 @@ def _tbq_numeric(tail: Tail, s: int, a_ref: float) -> tuple[float, float, int, i
             be_, d_ = math.exp(x[0]), math.exp(x[1])
             return float(_tbq_objective(tail, s1, s2, be_ + d_, be_))
 
-        res = optimize.minimize(obj, x0, method="Nelder-Mead",
-                                options={"xatol": 1e-10, "fatol": 1e-14 * fscale, "maxiter": 4000,
-                                         "initial_simplex": np.array([x0, x0 + [0.05, 0.0], x0 + [0.0, 0.05]])})
+        res = optimize.minimize(
+            obj,
+            x0,
+            method="Nelder-Mead",
+            options={
+                "xatol": 1e-10,
+                "fatol": 1e-14 * fscale,
+                "maxiter": 4000,
+                "initial_simplex": np.array([x0, x0 + [0.05, 0.0], x0 + [0.0, 0.05]]),
+            },
+        )
         x = res.x if res.fun <= fscale else x0
         beta, d = math.exp(x[0]), math.exp(x[1])
         results.append((obj(x), beta + d, beta, s1, s2))
@@ -436,21 +509,27 @@ def _refine_positive(pos: FloatArray, tail: Tail, max_iter: int = 200) -> tuple[
     for it in range(1, max_iter + 1):  # noqa: B007
         g, diag, off = _grad_hess(p, tail)
         n = g.size
-        d = None
-        try:
-            ab = np.zeros((2, n))
-            ab[0, 1:] = off
-            ab[1] = diag
-            d = -solveh_banded(ab, g)
-        except (LinAlgError, ValueError):
-            try:
-                ab3 = np.zeros((3, n))
-                ab3[0, 1:], ab3[1], ab3[2, :-1] = off, diag, off
-                d = -solve_banded((1, 1), ab3, g)
-            except (LinAlgError, ValueError):
-                d = None
+        d: FloatArray | None = None
+        with np.errstate(all="ignore"):
+            if n == 1:
+                d = -g / diag if diag[0] > 0 else None
+            else:
+                try:
+                    ab = np.zeros((2, n))
+                    ab[0, 1:] = off
+                    ab[1] = diag
+                    d = -solveh_banded(ab, g)
+                except (LinAlgError, ValueError):
+                    try:
+                        ab3 = np.zeros((3, n))
+                        ab3[0, 1:], ab3[1], ab3[2, :-1] = off, diag, off
+                        d = -solve_banded((1, 1), ab3, g)
+                    except (LinAlgError, ValueError):
+                        d = None
         if d is None or not np.isfinite(d).all() or float(g @ d) >= 0:
-            d = -g / np.where(diag > 0, diag, np.max(np.abs(diag)) + 1e-300)
+            # scaled gradient step; zero curvature (a level in an empty stretch): the spacing sets the scale
+            scale = np.where(diag > 0, 1.0 / np.where(diag > 0, diag, 1.0), np.diff(p) / (np.abs(g) + 1e-300))
+            d = -g * scale
         t, accepted = 1.0, False
         for _ in range(50):
             cand = p.copy()
@@ -484,8 +563,10 @@ def design(scheme: str, tail: Tail, bits: int, *, refine: bool = False) -> Desig
     Closed forms: Laplace TNQ (SPEC §3.1), Laplace TUQ (Lambert W), power-law TNQ/TUQ (SPEC §3.2, including
     the ``α* < m`` branch). Numerical: every TBQ and every empirical design. ``refine=True`` (TNQ only; a
     note records it for TUQ/TBQ, whose grids stay uniform) moves the interior levels to minimise the exact
-    rounding variance by coordinate descent (SPEC §3.4); ``predicted_mse`` stays the proxy at ``α*`` and the
-    notes report the exact MSE before and after.
+    rounding variance (SPEC §3.4: each coordinate problem is convex; solved jointly by a safeguarded Newton
+    iteration on the tridiagonal stationarity system, with coordinate-descent sweeps as fallback), keeping
+    the levels odd-symmetric and ``α`` fixed; ``predicted_mse`` stays the proxy at ``α*`` and the notes report
+    the exact MSE before and after.
 
     Raises ``ValueError`` for an unknown ``scheme`` or ``bits`` outside 1..8, ``HeavyTailError`` for a power
     law with ``γ <= 3``.
@@ -508,13 +589,13 @@ def design(scheme: str, tail: Tail, bits: int, *, refine: bool = False) -> Desig
         else:
             a_ref = _tuq_numeric(tail, s)
             alpha = _tnq_numeric(tail, s, a_ref)
-            q = float(tail._cbrt_cumulative(alpha))
-            pos = tail._cbrt_cumulative_inverse(np.arange(1, s + 1, 2, dtype=np.float64) / s * q)
-            pos[-1] = alpha
+            pos = _tnq_positive_levels(tail, s, alpha)
             mse = float(_tnq_objective(tail, s, alpha))
             method = "numerical"
-            notes = ("empirical TNQ: grid + bounded Brent on (∫p^(1/3))³/(4s²) + B(alpha); levels invert the "
-                     "cumulative of p^(1/3)",)
+            notes = (
+                "empirical TNQ: grid + bounded Brent on (∫p^(1/3))³/(4s²) + B(alpha); levels invert the "
+                "cumulative of p^(1/3)",
+            )
     elif scheme == "tuq":
         if isinstance(tail, LaplaceTail):
             pos, mse, notes = _laplace_tuq(tail, s)
@@ -546,13 +627,31 @@ def design(scheme: str, tail: Tail, bits: int, *, refine: bool = False) -> Desig
             before = exact_mse(_from_positive(pos), tail)
             pos, iters = _refine_positive(pos, tail)
             after = exact_mse(_from_positive(pos), tail)
-            notes = notes + (f"refined interior levels for the exact rounding variance: exact MSE {before:.6g} -> "
-                             f"{after:.6g} ({iters} Newton iterations); predicted_mse is the proxy at alpha*",)
+            notes = notes + (
+                f"refined interior levels for the exact rounding variance: exact MSE {before:.6g} -> "
+                f"{after:.6g} ({iters} Newton iterations); predicted_mse is the proxy at alpha*",
+            )
         else:
-            notes = notes + (f"refine ignored: {scheme.upper()} levels are uniform grids by definition",)
+            notes = notes + (
+                f"refine ignored: {scheme.upper()} levels are (piecewise) uniform grids by definition",
+            )
     levels = _from_positive(pos)
     if not (np.diff(levels) > 0).all():
-        raise FloatingPointError(f"{scheme} design produced non-increasing levels for {tail!r} at bits={bits}")
+        raise FloatingPointError(
+            f"{scheme} design produced non-increasing levels for {tail!r} at bits={bits}"
+        )
     levels.flags.writeable = False
-    return Design(scheme=scheme, tail=tail, bits=bits, s=s, alpha=float(levels[-1]), levels=levels,
-                  predicted_mse=float(mse), method=method, notes=notes, beta=beta, s1=s1, s2=s2)
+    return Design(
+        scheme=scheme,
+        tail=tail,
+        bits=bits,
+        s=s,
+        alpha=float(levels[-1]),
+        levels=levels,
+        predicted_mse=float(mse),
+        method=method,
+        notes=notes,
+        beta=beta,
+        s1=s1,
+        s2=s2,
+    )

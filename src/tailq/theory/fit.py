@@ -56,8 +56,10 @@ def fit_laplace(x: ArrayLike) -> LaplaceTail:
     arr = _check_samples(x)
     scale = float(np.mean(np.abs(arr)))
     if scale == 0.0:
-        raise ValueError(f"`x` is all zeros ({arr.size} values): no tail to fit (an all-zero gradient is "
-                         "handled by the codec as zero in -> zero out)")
+        raise ValueError(
+            f"`x` is all zeros ({arr.size} values): no tail to fit (an all-zero gradient is "
+            "handled by the codec as zero in -> zero out)"
+        )
     return LaplaceTail(scale=scale)
 
 
@@ -67,7 +69,9 @@ def laplace_from_hist(h: LogHistogram) -> LaplaceTail:
         raise ValueError("histogram `h` is empty (n = 0): no tail to fit")
     scale = h.mean_abs
     if scale == 0.0:
-        raise ValueError("histogram `h` holds only zeros: no tail to fit (the codec maps zero in -> zero out)")
+        raise ValueError(
+            "histogram `h` holds only zeros: no tail to fit (the codec maps zero in -> zero out)"
+        )
     return LaplaceTail(scale=scale)
 
 
@@ -98,8 +102,10 @@ def fit_powerlaw(x: ArrayLike, *, quantiles: ArrayLike | None = None, min_tail: 
     if pos.size == 0:
         raise ValueError(f"`x` is all zeros ({n} values): no tail to fit")
     if pos.size < min_tail:
-        raise ValueError(f"`x` has only {pos.size} non-zero values; the power-law fit needs >= min_tail="
-                         f"{min_tail} tail samples")
+        raise ValueError(
+            f"`x` has only {pos.size} non-zero values; the power-law fit needs >= min_tail="
+            f"{min_tail} tail samples"
+        )
     if quantiles is None:
         qs = 1.0 - _default_tail_fractions()
     else:
@@ -153,7 +159,8 @@ def fit_powerlaw_hist(h: LogHistogram, min_tail: int = 50) -> PowerLawFit:
 
     Candidates ``m`` are bin lower edges ``e_{j−1}`` (bin ``j``) from the bin holding the median of |g|
     upwards, with ``n_tail = Σ_{i >= j} counts_i >= min_tail`` and at least one bin edge above ``m`` to test.
-    ``Σ_{|g| >= m} ln(|g|/m) = Σ_{i >= j} sum_log_i − n_tail·ln m`` and ``γ̂ = 1 + n_tail/that``. The KS distance
+    ``Σ_{|g| >= m} ln(|g|/m) = Σ_{i >= j} sum_log_i − n_tail·ln m`` and ``γ̂ = 1 + n_tail/that``.
+    The KS distance
     is measured at the upper edges of bins ``j..K``: ``|F_emp(e) − (1 − (e/m)^{1−γ̂})|``.
     """
     if not isinstance(h, LogHistogram):
@@ -188,7 +195,7 @@ def fit_powerlaw_hist(h: LogHistogram, min_tail: int = 50) -> PowerLawFit:
     # KS at upper edges e_i, i = j..K  (matrix over candidates x edges, masked below the candidate)
     i = np.arange(1, HIST_K + 1)
     upper = edges[i]  # upper edge of bin i
-    cum_counts = np.cumsum(counts[1:HIST_K + 1])  # Σ_{1..i} counts
+    cum_counts = np.cumsum(counts[1 : HIST_K + 1])  # Σ_{1..i} counts
     below_j = np.concatenate([[0.0], cum_counts])[js - 1]  # Σ_{1..j-1}
     f_emp = (cum_counts[None, :] - below_j[:, None]) / nt[:, None]
     with np.errstate(over="ignore", invalid="ignore"):

@@ -36,9 +36,8 @@ __all__ = [
     "LogHistogram",
     "hist_edges",
     "hist_bin_index",
-    "laplace_from_hist",
-    "fit_powerlaw_hist",
 ]
+# laplace_from_hist and fit_powerlaw_hist are also importable from here (see __getattr__ at the end).
 
 HIST_LO: float = 2.0**-40
 HIST_HI: float = 2.0**16
@@ -57,8 +56,10 @@ def hist_edges() -> NDArray[np.float64]:
     Bin ``i`` (``1 <= i <= K``) is ``[edges[i−1], edges[i])`` (SPEC §3.4). Powers of two are exact.
     """
     i = np.arange(HIST_K + 1, dtype=np.float64)
-    return np.ldexp(np.exp2(np.mod(i, HIST_BINS_PER_OCTAVE) / HIST_BINS_PER_OCTAVE),
-                    (i // HIST_BINS_PER_OCTAVE).astype(np.int64) + int(_LOG2_LO))
+    return np.ldexp(
+        np.exp2(np.mod(i, HIST_BINS_PER_OCTAVE) / HIST_BINS_PER_OCTAVE),
+        (i // HIST_BINS_PER_OCTAVE).astype(np.int64) + int(_LOG2_LO),
+    )
 
 
 def hist_bin_index(a: ArrayLike) -> NDArray[np.int64]:
@@ -101,7 +102,9 @@ class LogHistogram:
         for name in ("counts", "sum_abs", "sum_log"):
             arr = np.array(getattr(self, name), dtype=np.float64, copy=True).reshape(-1)
             if arr.shape != (HIST_NBINS,):
-                raise ValueError(f"LogHistogram.{name} must have length HIST_NBINS={HIST_NBINS}, got {arr.size}")
+                raise ValueError(
+                    f"LogHistogram.{name} must have length HIST_NBINS={HIST_NBINS}, got {arr.size}"
+                )
             if not np.isfinite(arr).all():
                 raise ValueError(f"LogHistogram.{name} must be finite")
             arr.flags.writeable = False
@@ -112,13 +115,15 @@ class LogHistogram:
         if (self.sum_abs < 0).any():
             raise ValueError("LogHistogram.sum_abs must be >= 0 (it is a sum of magnitudes)")
         if self.sum_log[0] != 0.0:
-            raise ValueError(f"LogHistogram.sum_log[0] (zero bin) must be 0 by the layout contract, "
-                             f"got {self.sum_log[0]!r}")
+            raise ValueError(
+                f"LogHistogram.sum_log[0] (zero bin) must be 0 by the layout contract, "
+                f"got {self.sum_log[0]!r}"
+            )
         empty = self.counts == 0
         if (self.sum_abs[empty] != 0).any():
             raise ValueError("LogHistogram: a bin with count 0 has a non-zero sum_abs (corrupt statistics)")
 
-    # -- construction -------------------------------------------------------------------------------------
+    # -- construction ------------------------------------------------------------------------------
     @classmethod
     def empty(cls) -> LogHistogram:
         """The histogram of no samples (the identity of ``merge``)."""
@@ -134,8 +139,8 @@ class LogHistogram:
         nonzero = idx > 0
         ln_a = np.where(nonzero, np.log2(np.where(nonzero, a, 1.0)) * _LN2, 0.0)
         counts = np.bincount(idx, minlength=HIST_NBINS).astype(np.float64)
-        sum_abs = np.bincount(idx, weights=a, minlength=HIST_NBINS)
-        sum_log = np.bincount(idx, weights=ln_a, minlength=HIST_NBINS)
+        sum_abs = np.asarray(np.bincount(idx, weights=a, minlength=HIST_NBINS), dtype=np.float64)
+        sum_log = np.asarray(np.bincount(idx, weights=ln_a, minlength=HIST_NBINS), dtype=np.float64)
         sum_log[0] = 0.0
         return cls(counts, sum_abs, sum_log)
 
@@ -144,12 +149,14 @@ class LogHistogram:
         """Inverse of :meth:`to_stats`: ``vec = [counts, sum_abs, sum_log]`` (length ``HIST_STATS_LEN``)."""
         arr = np.asarray(vec, dtype=np.float64).reshape(-1)
         if arr.size != HIST_STATS_LEN:
-            raise ValueError(f"stats vector must have length HIST_STATS_LEN={HIST_STATS_LEN} "
-                             f"(3 x {HIST_NBINS} bins: counts, sum_abs, sum_log), got {arr.size}")
+            raise ValueError(
+                f"stats vector must have length HIST_STATS_LEN={HIST_STATS_LEN} "
+                f"(3 x {HIST_NBINS} bins: counts, sum_abs, sum_log), got {arr.size}"
+            )
         if not np.isfinite(arr).all():
             raise ValueError("stats vector must be finite (found NaN/Inf)")
         n = HIST_NBINS
-        return cls(arr[:n], arr[n:2 * n], arr[2 * n:])
+        return cls(arr[:n], arr[n : 2 * n], arr[2 * n :])
 
     def to_stats(self) -> NDArray[np.float64]:
         """``[counts, sum_abs, sum_log]`` as one float64 vector of length ``HIST_STATS_LEN``."""
@@ -159,13 +166,14 @@ class LogHistogram:
         """Histogram of the union of both sample sets (element-wise sum of the statistics)."""
         if not isinstance(other, LogHistogram):
             raise TypeError(f"can only merge a LogHistogram, got {type(other).__name__}")
-        return LogHistogram(self.counts + other.counts, self.sum_abs + other.sum_abs,
-                            self.sum_log + other.sum_log)
+        return LogHistogram(
+            self.counts + other.counts, self.sum_abs + other.sum_abs, self.sum_log + other.sum_log
+        )
 
     def __add__(self, other: LogHistogram) -> LogHistogram:
         return self.merge(other)
 
-    # -- summaries ------------------------------------------------------------------------------------------
+    # -- summaries ---------------------------------------------------------------------------------
     @property
     def n(self) -> float:
         """Number of samples (float: the statistics are float64 so that they can be all-reduced)."""
@@ -208,8 +216,10 @@ class LogHistogram:
 
     def __repr__(self) -> str:
         nz = int((self.counts > 0).sum())
-        return (f"LogHistogram(n={self.n:.0f}, mean_abs={self.mean_abs:.4g}, nonempty_bins={nz}, "
-                f"zero_bin={self.counts[0]:.0f}, overflow={self.counts[HIST_K + 1]:.0f})")
+        return (
+            f"LogHistogram(n={self.n:.0f}, mean_abs={self.mean_abs:.4g}, nonempty_bins={nz}, "
+            f"zero_bin={self.counts[0]:.0f}, overflow={self.counts[HIST_K + 1]:.0f})"
+        )
 
 
 def __getattr__(name: str) -> object:

@@ -29,6 +29,7 @@ from .histogram import HIST_HI, HIST_K, HIST_LO, LogHistogram, hist_edges
 __all__ = ["LaplaceTail", "PowerLawTail", "EmpiricalTail", "Tail"]
 
 FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.intp]
 
 
 def _f64(x: ArrayLike) -> FloatArray:
@@ -68,8 +69,10 @@ class LaplaceTail:
     def __post_init__(self) -> None:
         s = float(self.scale)
         if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"LaplaceTail `scale` must be finite and > 0, got {self.scale!r} (an all-zero "
-                             "gradient has no tail to design for: the codec handles it as zero in -> zero out)")
+            raise ValueError(
+                f"LaplaceTail `scale` must be finite and > 0, got {self.scale!r} (an all-zero "
+                "gradient has no tail to design for: the codec handles it as zero in -> zero out)"
+            )
         object.__setattr__(self, "scale", s)
 
     def pdf(self, x: ArrayLike) -> FloatArray | float:
@@ -89,7 +92,7 @@ class LaplaceTail:
         """``n`` i.i.d. Laplace(0, γ) samples."""
         return rng.laplace(0.0, self.scale, size=_check_n(n))
 
-    # -- private closed forms --------------------------------------------------------------------------
+    # -- private closed forms ----------------------------------------------------------------------
     def _excess1(self, alpha: ArrayLike) -> FloatArray:
         return self.scale * np.exp(-_f64(alpha) / self.scale)
 
@@ -123,8 +126,10 @@ class PowerLawTail:
         if not (math.isfinite(m) and m > 0):
             raise ValueError(f"PowerLawTail `m` must be finite and > 0 (the body half-width), got {self.m!r}")
         if not (math.isfinite(g) and g > 1):
-            raise ValueError(f"PowerLawTail `gamma` must be finite and > 1 (a normalisable tail; the "
-                             f"designs further need gamma > 3), got {self.gamma!r}")
+            raise ValueError(
+                f"PowerLawTail `gamma` must be finite and > 1 (a normalisable tail; the "
+                f"designs further need gamma > 3), got {self.gamma!r}"
+            )
         object.__setattr__(self, "m", m)
         object.__setattr__(self, "gamma", g)
 
@@ -155,8 +160,11 @@ class PowerLawTail:
         r = al / m
         tail = 2.0 * m * m / (g * (g - 2.0) * (g - 3.0)) * np.maximum(r, 1.0) ** (3.0 - g)
         a = np.minimum(al, m)
-        body = 2.0 * c * ((m - a) ** 3 / 3.0 + m**3 / (g - 3.0) - 2.0 * a * m * m / (g - 2.0)
-                          + a * a * m / (g - 1.0))
+        body = (
+            2.0
+            * c
+            * ((m - a) ** 3 / 3.0 + m**3 / (g - 3.0) - 2.0 * a * m * m / (g - 2.0) + a * a * m / (g - 1.0))
+        )
         return _out(np.where(r >= 1.0, tail, body), alpha)
 
     def sample(self, n: int, rng: np.random.Generator) -> FloatArray:
@@ -169,7 +177,7 @@ class PowerLawTail:
         sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
         return sign * mag
 
-    # -- private closed forms --------------------------------------------------------------------------
+    # -- private closed forms ----------------------------------------------------------------------
     def _h(self, x: ArrayLike) -> FloatArray:
         """Companding function of SPEC §3.2 (x >= 0): ``x/m`` on the body,
         ``1 + 3/(γ−3)·(1 − (x/m)^{(3−γ)/3})`` beyond (γ ≠ 3)."""
@@ -207,7 +215,11 @@ class PowerLawTail:
         out = []
         for k in (0, 1, 2):
             at_m = c * m ** (k + 1) / (g - k - 1.0) if g > k + 1 else np.inf
-            tail = c * m ** (k + 1) * r ** (k + 1.0 - g) / (g - k - 1.0) if g > k + 1 else np.full(xa.shape, np.inf)
+            tail = (
+                c * m ** (k + 1) * r ** (k + 1.0 - g) / (g - k - 1.0)
+                if g > k + 1
+                else np.full(xa.shape, np.inf)
+            )
             xb = np.minimum(xa, m)
             body = c * (m ** (k + 1) - xb ** (k + 1)) / (k + 1.0) + at_m
             out.append(np.where(xa >= m, tail, body))
@@ -217,8 +229,7 @@ class PowerLawTail:
 # ---------------------------------------------------------------------------------------------------------
 def _lin_poly(u: FloatArray, v: FloatArray, t1: FloatArray, t2: FloatArray, n: int) -> FloatArray:
     """``∫_{t1}^{t2} t^n (u + v t) dt``."""
-    return (u * (t2 ** (n + 1) - t1 ** (n + 1)) / (n + 1.0)
-            + v * (t2 ** (n + 2) - t1 ** (n + 2)) / (n + 2.0))
+    return u * (t2 ** (n + 1) - t1 ** (n + 1)) / (n + 1.0) + v * (t2 ** (n + 2) - t1 ** (n + 2)) / (n + 2.0)
 
 
 def _phi43(f1: FloatArray, f0: FloatArray) -> FloatArray:
@@ -259,6 +270,10 @@ class EmpiricalTail:
     mass: FloatArray = field(init=False, repr=False)
     f_lo: FloatArray = field(init=False, repr=False)
     slope: FloatArray = field(init=False, repr=False)
+    _k: FloatArray = field(init=False, repr=False)
+    _cum_mass: FloatArray = field(init=False, repr=False)
+    _cum_q: FloatArray = field(init=False, repr=False)
+    _suf: list[FloatArray] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         h = self.hist
@@ -270,8 +285,10 @@ class EmpiricalTail:
         if not n > 0:
             raise ValueError("EmpiricalTail `hist` is empty (n = 0): no distribution to design for")
         if h.counts[0] >= n:
-            raise ValueError(f"EmpiricalTail `hist` has all {n:.0f} samples in the zero bin (|g| < 2^-40): an "
-                             "all-zero gradient is handled by the codec as zero in -> zero out")
+            raise ValueError(
+                f"EmpiricalTail `hist` has all {n:.0f} samples in the zero bin (|g| < 2^-40): an "
+                "all-zero gradient is handled by the codec as zero in -> zero out"
+            )
         e = hist_edges()
         lo_all = np.concatenate([[0.0], e[:-1], [HIST_HI]])
         hi_all = np.concatenate([[HIST_LO], e[1:], [h.overflow_top]])
@@ -317,23 +334,27 @@ class EmpiricalTail:
         return float(self.hi[-1])
 
     def __repr__(self) -> str:
-        return (f"EmpiricalTail(n={self.n:.0f}, mean_abs={self.hist.mean_abs:.4g}, "
-                f"support=[0, {self.max_abs:.4g}], segments={self.lo.size}, density={self.density!r})")
+        return (
+            f"EmpiricalTail(n={self.n:.0f}, mean_abs={self.hist.mean_abs:.4g}, "
+            f"support=[0, {self.max_abs:.4g}], segments={self.lo.size}, density={self.density!r})"
+        )
 
-    # -- segment helpers (j: segment index array, broadcast with the x arguments) ------------------------------
-    def _seg(self, a: FloatArray) -> FloatArray:
+    # -- segment helpers (j: segment index array, broadcast with the x arguments) ------------------
+    def _seg(self, a: FloatArray) -> IntArray:
         """Index of the first segment whose upper end is > a (== nseg beyond the support)."""
         return np.searchsorted(self.hi, a, side="right")
 
-    def _f(self, j: FloatArray, x: FloatArray) -> FloatArray:
+    def _f(self, j: IntArray, x: FloatArray) -> FloatArray:
         """Density of |g| on segment j, linearly extended, at x."""
         return self.f_lo[j] + self.slope[j] * (x - self.lo[j])
 
-    def _shifted_partial(self, j: FloatArray, x1: FloatArray, x2: FloatArray, r: FloatArray, n: int) -> FloatArray:
+    def _shifted_partial(
+        self, j: IntArray, x1: FloatArray, x2: FloatArray, r: FloatArray, n: int
+    ) -> FloatArray:
         """``∫_{x1}^{x2} (x − r)^n f_j(x) dx`` (one side, density of |g|)."""
         return _lin_poly(self._f(j, r), self.slope[j], x1 - r, x2 - r, n)
 
-    def _raw_partial(self, j: FloatArray, x1: FloatArray, n: int) -> FloatArray:
+    def _raw_partial(self, j: IntArray, x1: FloatArray, n: int) -> FloatArray:
         """``∫_{x1}^{hi_j} x^n p(x) dx`` with ``p = f/2`` (two-sided density), shifted at ``lo_j``."""
         lo = self.lo[j]
         t1, t2 = x1 - lo, self.hi[j] - lo
@@ -346,12 +367,12 @@ class EmpiricalTail:
             tot = tot + _lin_poly(u, v, t1, t2, 2)
         return 0.5 * tot
 
-    def _cbrt_partial(self, j: FloatArray, x: FloatArray) -> FloatArray:
+    def _cbrt_partial(self, j: IntArray, x: FloatArray) -> FloatArray:
         """``∫_{lo_j}^{x} p^{1/3}`` with ``p = f/2`` linear: ``2^{−1/3}·(3/4)·(x − lo)·φ(f(x), f(lo))``."""
         f1 = np.maximum(self._f(j, x), 0.0)
         return 2.0 ** (-1.0 / 3.0) * 0.75 * (x - self.lo[j]) * _phi43(f1, self.f_lo[j])
 
-    # -- public ---------------------------------------------------------------------------------------------
+    # -- public ------------------------------------------------------------------------------------
     def pdf(self, x: ArrayLike) -> FloatArray | float:
         """``f_i(|x|)/2`` when ``|x|`` lies in non-empty bin ``i``, else 0."""
         a = np.abs(_f64(x))
@@ -394,7 +415,7 @@ class EmpiricalTail:
         mag = self.lo[j] + np.clip(t, 0.0, 1.0) * (self.hi[j] - self.lo[j])
         return np.where(rng.random(n) < 0.5, -mag, mag)
 
-    # -- private -----------------------------------------------------------------------------------------
+    # -- private -----------------------------------------------------------------------------------
     def _excess1(self, alpha: ArrayLike) -> FloatArray:
         return self._tail_poly(_f64(alpha), 1)
 
@@ -408,7 +429,8 @@ class EmpiricalTail:
 
     def _cbrt_cumulative_inverse(self, y: ArrayLike) -> FloatArray:
         """Smallest ``x`` with ``Q(x) = y`` for ``0 <= y <= Q(∞)``, in closed form within a bin:
-        ``f(x)^{4/3} = f(lo)^{4/3} + (4/3)·2^{1/3}·S·y'`` (``S`` the slope, ``y'`` the part of ``y`` in the bin),
+        ``f(x)^{4/3} = f(lo)^{4/3} + (4/3)·2^{1/3}·S·y'`` (``S`` the slope, ``y'`` the part of ``y`` in the
+        bin),
         i.e. ``x − lo = (f(lo)/S)·expm1((3/4)·log1p(z))`` with ``z = (4/3)2^{1/3}S y'/f(lo)^{4/3}``."""
         ya = _f64(y)
         j = np.searchsorted(self._cum_q[1:], ya, side="left")
@@ -439,4 +461,4 @@ class EmpiricalTail:
         return out[0], out[1], out[2]
 
 
-Tail = Union[LaplaceTail, PowerLawTail, EmpiricalTail]
+Tail = Union[LaplaceTail, PowerLawTail, EmpiricalTail]  # noqa: UP007 (runtime alias, py3.10)
