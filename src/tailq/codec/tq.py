@@ -134,7 +134,7 @@ class TruncatedQuantizer(Compressor):
     stats_op: ClassVar[str] = "sum"
     options: ClassVar[dict[str, Option]] = {
         "bits": Option(int, 3, "bits per coordinate of the code (s = 2^bits - 1 intervals)", 1, 8),
-        "tail": Option(str, "laplace", "tail model the design is fitted to", choices=TAILS),
+        "tail": Option(str, "empirical", "tail model the design is fitted to", choices=TAILS),
     }
     bits: int
     tail: str
