@@ -24,7 +24,8 @@ class UsageError(Exception):
 def _console() -> Any:
     from rich.console import Console
 
-    return Console()
+    # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80-column default.
+    return Console(width=None if sys.stdout.isatty() else 130)
 
 
 def _print_json(obj: Any) -> None:
