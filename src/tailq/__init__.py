@@ -1,6 +1,7 @@
 """tailq: truncated quantization for heavy-tailed gradients, for communication-efficient training."""
 
 from .codec import Codebook, Compressor, Encoded, ErrorFeedback, compressor, list_compressors
+from .hooks import ddp_hook
 
 __version__ = "0.1.0"
 

@@ -47,12 +47,19 @@ class ErrorFeedback:
                 out = out + r.to(out.device)
         return out.reshape(g.shape)
 
-    def update(self, key: str, corrected: torch.Tensor, decoded: torch.Tensor) -> None:
-        """Store the residual corrected − decoded, split into its truncation and rounding parts."""
+    def update(
+        self, key: str, corrected: torch.Tensor, decoded: torch.Tensor, target: torch.Tensor | None = None
+    ) -> None:
+        """Store the residual corrected − decoded, split into its truncation and rounding parts.
+
+        ``target`` is what ``decoded`` is unbiased for (the truncated input); by default the compressor's own
+        ``target(corrected)``. In a distributed run the truncation threshold comes from statistics agreed
+        across workers, so the caller passes the target it actually used.
+        """
         c = corrected.reshape(-1).to(torch.float32)
         d = decoded.reshape(-1).to(torch.float32)
         if self.comp.truncating:
-            t = self.comp.target(c).reshape(-1)
+            t = (self.comp.target(c) if target is None else target).reshape(-1).to(torch.float32)
             self.truncation[key] = c - t
             if self.feedback == "all":
                 self.rounding[key] = t - d

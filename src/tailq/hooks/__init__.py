@@ -1,0 +1,41 @@
+"""DDP communication hooks: ``tailq.ddp_hook(name, **options) -> (state, hook)``.
+
+    state, hook = tailq.ddp_hook("tnq", bits=3)
+    model.register_comm_hook(state, hook)
+
+Names: every compressor of ``tailq list`` (tuq, tnq, tbq, qsgd, nuqsgd, terngrad, efsign, topk, single-scale,
+multi-scale) and PyTorch's own ``fp32``, ``fp16``, ``bf16``, ``powersgd`` (working on Gloo as well as NCCL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .builtin import BUILTINS, BuiltinState, builtin_hook
+from .tailq_hook import TailqState, tailq_hook
+
+__all__ = ["BUILTINS", "BuiltinState", "TailqState", "ddp_hook", "hook_names"]
+
+
+def hook_names() -> list[str]:
+    from tailq.codec import list_compressors
+
+    return sorted(list_compressors()) + list(BUILTINS)
+
+
+def ddp_hook(name: str, **options: Any) -> tuple[Any, Callable[..., Any]]:
+    """(state, hook) for ``DistributedDataParallel.register_comm_hook``.
+
+    Builtins take ``process_group`` (and, for ``powersgd``, PyTorch's ``PowerSGDState`` options, default rank 1,
+    ``start_powerSGD_iter=2``). tailq compressors take their own options (``bits``, ``tail``, …) plus
+    ``process_group, route (auto|allreduce|allgather), error_feedback (False|True|'all'|'truncation'),
+    stale_stats, min_bucket, warmup_steps, fine_bits, measure_every, timeout_s, network, seed``.
+    """
+    if name in BUILTINS:
+        return BuiltinState(name, **options), builtin_hook
+    from tailq.codec import list_compressors
+
+    if name not in list_compressors():
+        raise ValueError(f"unknown hook {name!r}; available: {', '.join(hook_names())}")
+    return TailqState(name, **options), tailq_hook

@@ -1,0 +1,172 @@
+"""PyTorch's own DDP hooks under tailq's names: ``fp32``, ``fp16``, ``bf16``, ``powersgd``.
+
+These are PyTorch's implementations (``default_hooks.allreduce_hook``, ``fp16_compress_hook``,
+``bf16_compress_hook``, ``powerSGD_hook``), not re-implementations. Two of them fail on Gloo as shipped, and the
+wrappers here fix exactly that and nothing else:
+
+* ``bf16``: DDP refuses to *register* a function named ``bf16_compress_hook`` unless CUDA + NCCL ≥ 2.10 are
+  present — a name check, not a capability check; Gloo sums bf16 tensors. Calling PyTorch's function from a
+  hook with another name runs the identical code on Gloo.
+* ``powersgd``: ``powerSGD_hook`` launches its P and Q all-reduces from ``Future.then`` callbacks. With several
+  buckets in flight the callbacks fire in a completion order that differs between ranks, and Gloo aborts on the
+  mismatched messages (pytorch/pytorch#58467). On Gloo the hook runs on an :class:`OrderedWorker`, one bucket
+  at a time, so every rank issues the same collectives in the same order. On NCCL it runs as shipped.
+
+Every wrapper counts the bytes handed to its collectives in ``state.log`` like the tailq hooks.
+"""
+
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+from tailq.comm.wire import WireLog, WireRecord, ring_traffic_bytes
+from tailq.comm.worker import OrderedWorker
+
+__all__ = ["BuiltinState", "builtin_hook", "BUILTINS"]
+
+BUILTINS = ("fp32", "fp16", "bf16", "powersgd")
+_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+_POWERSGD_OPTIONS = (
+    "matrix_approximation_rank",
+    "start_powerSGD_iter",
+    "min_compression_rate",
+    "use_error_feedback",
+    "warm_start",
+    "orthogonalization_epsilon",
+    "random_seed",
+    "batch_tensors_with_same_shape",
+)
+
+
+class BuiltinState:
+    """State for PyTorch's own hooks, with wire accounting and ``state_dict`` / ``load_state_dict``."""
+
+    def __init__(self, name: str, *, process_group: Any = None, ordered: bool | None = None, **options: Any) -> None:
+        if name not in BUILTINS:
+            raise ValueError(f"unknown built-in hook {name!r}; available: {', '.join(BUILTINS)}")
+        if not dist.is_initialized():
+            raise RuntimeError("tailq.ddp_hook: call torch.distributed.init_process_group before creating the hook")
+        self.name = name
+        self.process_group = process_group
+        self.n = dist.get_world_size(process_group)
+        self.backend = str(dist.get_backend(process_group))
+        self.log = WireLog()
+        self.step = 0
+        self.powersgd: powerSGD_hook.PowerSGDState | None = None
+        if name == "powersgd":
+            unknown = sorted(set(options) - set(_POWERSGD_OPTIONS))
+            if unknown:
+                raise TypeError(f"powersgd: unknown option(s) {unknown}; accepted: {', '.join(_POWERSGD_OPTIONS)}")
+            options.setdefault("matrix_approximation_rank", 1)
+            options.setdefault("start_powerSGD_iter", 2)
+            rank = options["matrix_approximation_rank"]
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"powersgd: matrix_approximation_rank must be an integer >= 1; got {rank!r}")
+            self.powersgd = powerSGD_hook.PowerSGDState(process_group=process_group, **options)
+        elif options:
+            raise TypeError(f"{name}: takes no options besides process_group; got {sorted(options)}")
+        # Gloo needs the ordered worker for PowerSGD (see module docstring); NCCL runs PyTorch's hook as is.
+        if ordered is None:
+            ordered = name == "powersgd" and self.backend != "nccl"
+        self.worker = OrderedWorker("tailq-powersgd") if ordered else None
+
+    def config(self) -> dict[str, Any]:
+        opts = {} if self.powersgd is None else {k: getattr(self.powersgd, k, None) for k in _POWERSGD_OPTIONS}
+        return {"name": self.name, "world_size": self.n, **opts}
+
+    # -- accounting ----------------------------------------------------------------------------------------
+    def _account(self, bucket: dist.GradBucket) -> None:
+        n = bucket.buffer().numel()
+        idx = bucket.index()
+        if self.name != "powersgd":
+            self._add(idx, n, "payload", n * _BYTES[self.name])
+        else:
+            self._add(idx, n, "payload", 4 * self._powersgd_numel(bucket))
+        self.log.coords += n
+        if bucket.is_last():
+            self.step += 1
+
+    def _add(self, idx: int, n: int, kind: str, handed: int) -> None:
+        self.log.add(WireRecord(self.step, idx, n, self.name, kind, "all_reduce", handed,
+                                ring_traffic_bytes("all_reduce", handed, self.n)))
+
+    def _powersgd_numel(self, bucket: dist.GradBucket) -> int:
+        """Elements PowerSGD all-reduces for this bucket: uncompressed tensors + P and Q (PyTorch's rule)."""
+        st = self.powersgd
+        assert st is not None
+        if st.iter < st.start_powerSGD_iter:
+            return bucket.buffer().numel()
+        r = st.matrix_approximation_rank
+        total = 0
+        for t in bucket.gradients():
+            if t.ndim <= 1:
+                total += t.numel()
+                continue
+            rows, cols = t.shape[0], t.numel() // t.shape[0]
+            rk = min(rows, cols, r)
+            if (rows * cols) >= (rows + cols) * rk * st.min_compression_rate:
+                total += (rows + cols) * rk
+            else:
+                total += t.numel()
+        return total
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"config": self.config(), "step": self.step}
+        st = self.powersgd
+        if st is not None:
+            name, keys, pos, has_gauss, cached = st.rng.get_state()
+            out["powersgd"] = {
+                "iter": st.iter,
+                "error_dict": {str(k): v.clone() for k, v in st.error_dict.items()},
+                "p_memory_dict": {str(k): v.clone() for k, v in st.p_memory_dict.items()},
+                "q_memory_dict": {str(k): v.clone() for k, v in st.q_memory_dict.items()},
+                "rng": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            }
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("config") != self.config():
+            raise ValueError(f"hook state was saved with {state.get('config')}, this hook is {self.config()}")
+        self.step = int(state["step"])
+        st = self.powersgd
+        if st is not None:
+            p = state["powersgd"]
+            st.iter = int(p["iter"])
+            st.error_dict = {int(k): v.clone() for k, v in p["error_dict"].items()}
+            st.p_memory_dict = {int(k): v.clone() for k, v in p["p_memory_dict"].items()}
+            st.q_memory_dict = {int(k): v.clone() for k, v in p["q_memory_dict"].items()}
+            r = p["rng"]
+            st.rng.set_state(("MT19937", r["keys"].numpy().astype(np.uint32), r["pos"], r["has_gauss"],
+                              r["cached_gaussian"]))
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+    def __repr__(self) -> str:
+        return f"BuiltinState({self.name!r}, backend={self.backend}, world_size={self.n}, ordered={self.worker is not None})"
+
+
+def _run(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    state._account(bucket)
+    pg = state.process_group
+    if state.name == "fp32":
+        return default_hooks.allreduce_hook(pg, bucket)
+    if state.name == "fp16":
+        return default_hooks.fp16_compress_hook(pg, bucket)
+    if state.name == "bf16":
+        return default_hooks.bf16_compress_hook(pg, bucket)
+    return powerSGD_hook.powerSGD_hook(state.powersgd, bucket)
+
+
+def builtin_hook(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook running PyTorch's own implementation (ordered on Gloo for PowerSGD)."""
+    if state.worker is not None:
+        return state.worker.submit(_run, state, bucket)
+    return _run(state, bucket)
