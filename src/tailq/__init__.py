@@ -12,5 +12,6 @@ __all__ = [
     "ErrorFeedback",
     "__version__",
     "compressor",
+    "ddp_hook",
     "list_compressors",
 ]

@@ -99,8 +99,14 @@ class SharedCodebook(Aggregator):
         return math.ceil(n * self.bits / 8)
 
     def plan(self, n: int) -> str:
-        costs = {r: self.network.time("all_reduce" if r == "allreduce" else "all_gather",
-                                      self.predicted_payload_bytes(n, r), self.comm.n) for r in self.routes}
+        costs = {
+            r: self.network.time(
+                "all_reduce" if r == "allreduce" else "all_gather",
+                self.predicted_payload_bytes(n, r),
+                self.comm.n,
+            )
+            for r in self.routes
+        }
         return min(costs, key=lambda r: (costs[r], r != "allreduce"))
 
     def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: torch.Generator, route: str) -> Outcome:
@@ -152,8 +158,14 @@ class MultiScaleAgg(Aggregator):
         return math.ceil(n * self.bits / 8)
 
     def plan(self, n: int) -> str:
-        costs = {r: self.network.time("all_reduce" if r == "allreduce" else "all_gather",
-                                      self.predicted_payload_bytes(n, r), self.comm.n) for r in self.routes}
+        costs = {
+            r: self.network.time(
+                "all_reduce" if r == "allreduce" else "all_gather",
+                self.predicted_payload_bytes(n, r),
+                self.comm.n,
+            )
+            for r in self.routes
+        }
         return min(costs, key=lambda r: (costs[r], r != "allreduce"))
 
     def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: torch.Generator, route: str) -> Outcome:
@@ -226,7 +238,9 @@ class Gathered(Aggregator):
                 continue
             b = t.to(dtype).contiguous().reshape(-1).view(torch.uint8)
             if b.numel() > max_bytes:
-                raise RuntimeError(f"encoded tensor {key!r} has {b.numel()} bytes, template allows {max_bytes}")
+                raise RuntimeError(
+                    f"encoded tensor {key!r} has {b.numel()} bytes, template allows {max_bytes}"
+                )
             lengths.append(b.numel())
             parts.append(b)
         header = torch.tensor(lengths, dtype=torch.int64).view(torch.uint8)

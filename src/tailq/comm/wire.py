@@ -48,7 +48,10 @@ class NetworkModel:
         if n_workers <= 1:
             return 0.0
         hops = 2 * (n_workers - 1) if collective == "all_reduce" else n_workers - 1
-        return 8 * ring_traffic_bytes(collective, handed_bytes, n_workers) / self.bandwidth_bps + hops * self.latency_s
+        return (
+            8 * ring_traffic_bytes(collective, handed_bytes, n_workers) / self.bandwidth_bps
+            + hops * self.latency_s
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,9 @@ class WireLog:
 
     def __init__(self, max_records: int = 200_000) -> None:
         self.records: collections.deque[WireRecord] = collections.deque(maxlen=max_records)
-        self.totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])  # kind -> [handed, traffic]
+        self.totals: dict[str, list[float]] = collections.defaultdict(
+            lambda: [0.0, 0.0]
+        )  # kind -> [handed, traffic]
         self.coords = 0  # Σ numel over (step, bucket) pairs that were communicated by the method
 
     def add(self, rec: WireRecord) -> None:
@@ -108,8 +113,18 @@ class Comm:
     def _record(self, kind: str, collective: str, t: torch.Tensor) -> None:
         step, bucket, numel, route = self.ctx
         handed = t.numel() * t.element_size()
-        self.log.add(WireRecord(step, bucket, numel, route, kind, collective, handed,
-                                ring_traffic_bytes(collective, handed, self.n)))
+        self.log.add(
+            WireRecord(
+                step,
+                bucket,
+                numel,
+                route,
+                kind,
+                collective,
+                handed,
+                ring_traffic_bytes(collective, handed, self.n),
+            )
+        )
 
     def _wait(self, work: Any, what: str) -> None:
         t0 = time.perf_counter()
@@ -154,7 +169,9 @@ class Comm:
         if bool((allv != allv[0]).any()):
             configs: list[Any] = [None] * self.n
             dist.all_gather_object(configs, config, group=self.group)
-            lines = "\n".join(f"  rank {r}: {json.dumps(c, sort_keys=True, default=str)}" for r, c in enumerate(configs))
+            lines = "\n".join(
+                f"  rank {r}: {json.dumps(c, sort_keys=True, default=str)}" for r, c in enumerate(configs)
+            )
             raise RuntimeError(
                 "tailq: ranks are configured differently; every rank must use the same compressor and options:\n"
                 + lines

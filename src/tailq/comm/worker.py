@@ -49,7 +49,9 @@ class OrderedWorker:
                 return
             fn, args, fut = item
             if self._error is not None:
-                fut.set_exception(RuntimeError(f"tailq: an earlier bucket failed on this rank: {self._error}"))
+                fut.set_exception(
+                    RuntimeError(f"tailq: an earlier bucket failed on this rank: {self._error}")
+                )
                 continue
             try:
                 out = fn(*args)

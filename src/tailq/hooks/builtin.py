@@ -15,7 +15,6 @@ wrappers here fix exactly that and nothing else:
 Every wrapper counts the bytes handed to its collectives in ``state.log`` like the tailq hooks.
 """
 
-
 from typing import Any
 
 import numpy as np
@@ -45,11 +44,15 @@ _POWERSGD_OPTIONS = (
 class BuiltinState:
     """State for PyTorch's own hooks, with wire accounting and ``state_dict`` / ``load_state_dict``."""
 
-    def __init__(self, name: str, *, process_group: Any = None, ordered: bool | None = None, **options: Any) -> None:
+    def __init__(
+        self, name: str, *, process_group: Any = None, ordered: bool | None = None, **options: Any
+    ) -> None:
         if name not in BUILTINS:
             raise ValueError(f"unknown built-in hook {name!r}; available: {', '.join(BUILTINS)}")
         if not dist.is_initialized():
-            raise RuntimeError("tailq.ddp_hook: call torch.distributed.init_process_group before creating the hook")
+            raise RuntimeError(
+                "tailq.ddp_hook: call torch.distributed.init_process_group before creating the hook"
+            )
         self.name = name
         self.process_group = process_group
         self.n = dist.get_world_size(process_group)
@@ -60,7 +63,9 @@ class BuiltinState:
         if name == "powersgd":
             unknown = sorted(set(options) - set(_POWERSGD_OPTIONS))
             if unknown:
-                raise TypeError(f"powersgd: unknown option(s) {unknown}; accepted: {', '.join(_POWERSGD_OPTIONS)}")
+                raise TypeError(
+                    f"powersgd: unknown option(s) {unknown}; accepted: {', '.join(_POWERSGD_OPTIONS)}"
+                )
             options.setdefault("matrix_approximation_rank", 1)
             options.setdefault("start_powerSGD_iter", 2)
             rank = options["matrix_approximation_rank"]
@@ -75,7 +80,9 @@ class BuiltinState:
         self.worker = OrderedWorker("tailq-powersgd") if ordered else None
 
     def config(self) -> dict[str, Any]:
-        opts = {} if self.powersgd is None else {k: getattr(self.powersgd, k, None) for k in _POWERSGD_OPTIONS}
+        opts = (
+            {} if self.powersgd is None else {k: getattr(self.powersgd, k, None) for k in _POWERSGD_OPTIONS}
+        )
         return {"name": self.name, "world_size": self.n, **opts}
 
     # -- accounting ----------------------------------------------------------------------------------------
@@ -91,8 +98,18 @@ class BuiltinState:
             self.step += 1
 
     def _add(self, idx: int, n: int, kind: str, handed: int) -> None:
-        self.log.add(WireRecord(self.step, idx, n, self.name, kind, "all_reduce", handed,
-                                ring_traffic_bytes("all_reduce", handed, self.n)))
+        self.log.add(
+            WireRecord(
+                self.step,
+                idx,
+                n,
+                self.name,
+                kind,
+                "all_reduce",
+                handed,
+                ring_traffic_bytes("all_reduce", handed, self.n),
+            )
+        )
 
     def _powersgd_numel(self, bucket: dist.GradBucket) -> int:
         """Elements PowerSGD all-reduces for this bucket: uncompressed tensors + P and Q (PyTorch's rule)."""
@@ -125,8 +142,12 @@ class BuiltinState:
                 "error_dict": {str(k): v.clone() for k, v in st.error_dict.items()},
                 "p_memory_dict": {str(k): v.clone() for k, v in st.p_memory_dict.items()},
                 "q_memory_dict": {str(k): v.clone() for k, v in st.q_memory_dict.items()},
-                "rng": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                "rng": {
+                    "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                    "pos": int(pos),
+                    "has_gauss": int(has_gauss),
+                    "cached_gaussian": float(cached),
+                },
             }
         return out
 
@@ -142,15 +163,23 @@ class BuiltinState:
             st.p_memory_dict = {int(k): v.clone() for k, v in p["p_memory_dict"].items()}
             st.q_memory_dict = {int(k): v.clone() for k, v in p["q_memory_dict"].items()}
             r = p["rng"]
-            st.rng.set_state(("MT19937", r["keys"].numpy().astype(np.uint32), r["pos"], r["has_gauss"],
-                              r["cached_gaussian"]))
+            st.rng.set_state(
+                (
+                    "MT19937",
+                    r["keys"].numpy().astype(np.uint32),
+                    r["pos"],
+                    r["has_gauss"],
+                    r["cached_gaussian"],
+                )
+            )
 
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
 
     def __repr__(self) -> str:
-        return f"BuiltinState({self.name!r}, backend={self.backend}, world_size={self.n}, ordered={self.worker is not None})"
+        ordered = self.worker is not None
+        return f"BuiltinState({self.name!r}, backend={self.backend}, world_size={self.n}, ordered={ordered})"
 
 
 def _run(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -162,6 +191,7 @@ def _run(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[t
         return default_hooks.fp16_compress_hook(pg, bucket)
     if state.name == "bf16":
         return default_hooks.bf16_compress_hook(pg, bucket)
+    assert state.powersgd is not None
     return powerSGD_hook.powerSGD_hook(state.powersgd, bucket)
 
 

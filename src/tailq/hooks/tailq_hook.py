@@ -15,7 +15,6 @@ statistics), so non-finite values arrive exactly as with plain DDP and ``GradSca
 different configurations fail on the first bucket with the configurations listed. Every wait has a timeout.
 """
 
-
 import hashlib
 import struct
 import time
@@ -66,16 +65,23 @@ class TailqState:
         **compressor_options: Any,
     ) -> None:
         if not dist.is_initialized():
-            raise RuntimeError("tailq.ddp_hook: call torch.distributed.init_process_group before creating the hook")
+            raise RuntimeError(
+                "tailq.ddp_hook: call torch.distributed.init_process_group before creating the hook"
+            )
         self.comp: Compressor = compressor(name, seed=seed, **compressor_options)
         if route not in ROUTES:
             raise ValueError(f"route must be one of {', '.join(ROUTES)}; got {route!r}")
         if error_feedback is True:
             error_feedback = "all"
         if error_feedback not in (False, "all", "truncation"):
-            raise ValueError(f"error_feedback must be False, True, 'all' or 'truncation'; got {error_feedback!r}")
-        for key, val, lo in (("min_bucket", min_bucket, 0), ("warmup_steps", warmup_steps, 0),
-                             ("measure_every", measure_every, 0)):
+            raise ValueError(
+                f"error_feedback must be False, True, 'all' or 'truncation'; got {error_feedback!r}"
+            )
+        for key, val, lo in (
+            ("min_bucket", min_bucket, 0),
+            ("warmup_steps", warmup_steps, 0),
+            ("measure_every", measure_every, 0),
+        ):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise ValueError(f"{key} must be an integer >= {lo}; got {val!r}")
         if isinstance(fine_bits, bool) or not isinstance(fine_bits, int) or not 0 <= fine_bits <= 8:
@@ -101,7 +107,9 @@ class TailqState:
         self.comm = Comm(process_group, self.log, self.timeout_s)
         self.agg: Aggregator = aggregator_for(self.comp, self.comm, fine_bits, network or NetworkModel())
         if route != "auto" and route not in self.agg.routes:
-            raise ValueError(f"{name}: route {route!r} is not available; routes: {', '.join(self.agg.routes)}")
+            raise ValueError(
+                f"{name}: route {route!r} is not available; routes: {', '.join(self.agg.routes)}"
+            )
         self.ef = ErrorFeedback(self.comp, feedback=error_feedback) if error_feedback else None
         self.step = 0
         self.stale: dict[str, torch.Tensor] = {}
@@ -177,7 +185,9 @@ class TailqState:
         if exact is not None:
             denom = float((exact.double() ** 2).sum())
             err = float(((mean.double() - exact.double()) ** 2).sum())
-            self.vnmse.append({"step": step, "bucket": idx, "vnmse": err / denom if denom > 0 else float("nan")})
+            self.vnmse.append(
+                {"step": step, "bucket": idx, "vnmse": err / denom if denom > 0 else float("nan")}
+            )
         self.log.coords += n
         if bucket.is_last():
             self.step += 1
@@ -214,7 +224,9 @@ class TailqState:
         stats = None
         local = None
         if agg.uses_stats:
-            local = torch.cat([torch.tensor([float(bad)], dtype=torch.float64), agg.local_stats(xs).double().cpu()])
+            local = torch.cat(
+                [torch.tensor([float(bad)], dtype=torch.float64), agg.local_stats(xs).double().cpu()]
+            )
             if self.stale_stats and key in self.stale:
                 stats = self.stale[key]
                 pending = self.comm.all_reduce(local, "stats", op=agg.stats_op, async_op=True)
@@ -234,7 +246,9 @@ class TailqState:
                 self.comm.wait(pending, "all_reduce(stats)")
             self.stale[key] = local
             if local[0] > 0:  # this step's agreed statistics say some rank had NaN/Inf: the payload is void
-                return self._fallback(g, step, idx, "non-finite gradient on some rank (seen in stale-mode stats)")
+                return self._fallback(
+                    g, step, idx, "non-finite gradient on some rank (seen in stale-mode stats)"
+                )
         if self.ef is not None:
             self.ef.update(key, x, out.own, target=out.target)
         return out.mean
