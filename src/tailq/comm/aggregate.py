@@ -124,7 +124,7 @@ class SharedCodebook(Aggregator):
             total = unpack_lanes(words, self.lanes, n, check=False)
             mean = snapped.decode_sum(total, N)
             own = snapped.decode_sum(codes, 1)
-            info = {"alpha": cb.high, "grid": self.grid, "levels": snapped.codebook.s + 1}
+            info = {"alpha": cb.high, "grid": self.grid, "levels": snapped.codebook.levels}
             return Outcome(mean, own, target, route, info)
         codes = cb.encode(x, gen)
         packed = pack_bits(codes, self.bits, check=False)
@@ -132,7 +132,7 @@ class SharedCodebook(Aggregator):
         mean = torch.zeros(n, dtype=torch.float32, device=x.device)
         for r in range(N):
             mean += cb.decode(unpack_bits(gathered[r], self.bits, n).to(torch.int64))
-        return Outcome(mean / N, cb.decode(codes), target, route, {"alpha": cb.high})
+        return Outcome(mean / N, cb.decode(codes), target, route, {"alpha": cb.high, "levels": cb.levels})
 
 
 class MultiScaleAgg(Aggregator):

@@ -26,6 +26,10 @@ __all__ = ["Comm", "NetworkModel", "WireLog", "WireRecord", "ring_traffic_bytes"
 METHOD_KINDS = ("payload", "stats", "index", "passthrough", "fallback")
 
 
+# torch >= 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; the package supports both.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def ring_traffic_bytes(collective: str, handed_bytes: int, n_workers: int) -> float:
     """Bytes each worker sends (= receives) in a ring implementation of the collective."""
     if n_workers <= 1:
@@ -156,7 +160,7 @@ class Comm:
         flat = t.reshape(-1).contiguous()
         out = torch.empty(self.n * flat.numel(), dtype=flat.dtype, device=flat.device)
         self._record(kind, "all_gather", flat)
-        work = dist.all_gather_into_tensor(out, flat, group=self.group, async_op=True)
+        work = _all_gather_single(out, flat, group=self.group, async_op=True)
         self._wait(work, f"all_gather({kind})")
         return out.view(self.n, flat.numel())
 

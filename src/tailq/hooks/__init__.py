@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from .builtin import BUILTINS, BuiltinState, builtin_hook
 from .tailq_hook import TailqState, tailq_hook
 
-__all__ = ["BUILTINS", "BuiltinState", "TailqState", "ddp_hook", "hook_names"]
+__all__ = ["BUILTINS", "BuiltinState", "TailqState", "ddp_hook", "hook_names", "prime_buckets"]
 
 
 def hook_names() -> list[str]:
@@ -39,3 +41,26 @@ def ddp_hook(name: str, **options: Any) -> tuple[Any, Callable[..., Any]]:
     if name not in list_compressors():
         raise ValueError(f"unknown hook {name!r}; available: {', '.join(hook_names())}")
     return TailqState(name, **options), tailq_hook
+
+
+def prime_buckets(ddp: Any, state: Any, forward_backward: Callable[[], Any]) -> None:
+    """Make a freshly built DDP model use its final bucket layout before the first real step.
+
+    DDP (torch 2.13, without ``find_unused_parameters``) puts every parameter in one bucket for the first
+    iteration of each instance and regroups them afterwards, in the order the gradients became ready. A run
+    resumed from a checkpoint would therefore compress its first step over other buckets than the
+    uninterrupted run did at that step. Call this once after restoring: it runs ``forward_backward()`` (one
+    forward and backward on any batch) with the hook in *priming* mode — a plain fp32 all-reduce that leaves
+    the hook's step, residuals and statistics untouched — then discards the gradients and restores the
+    module's buffers (e.g. BatchNorm statistics), so the next step continues exactly where the saved run was.
+    """
+    buffers = {k: v.clone() for k, v in ddp.module.named_buffers()}
+    state.priming = True
+    try:
+        forward_backward()
+    finally:
+        state.priming = False
+    ddp.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in ddp.module.named_buffers():
+            v.copy_(buffers[k])

@@ -78,6 +78,7 @@ class BuiltinState:
         if ordered is None:
             ordered = name == "powersgd" and self.backend != "nccl"
         self.worker = OrderedWorker("tailq-powersgd") if ordered else None
+        self.priming = False  # see tailq.hooks.prime_buckets
 
     def config(self) -> dict[str, Any]:
         opts = (
@@ -183,8 +184,10 @@ class BuiltinState:
 
 
 def _run(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    state._account(bucket)
     pg = state.process_group
+    if state.priming:  # plain fp32 mean; PowerSGD's iteration count and memories untouched
+        return default_hooks.allreduce_hook(pg, bucket)
+    state._account(bucket)
     if state.name == "fp32":
         return default_hooks.allreduce_hook(pg, bucket)
     if state.name == "fp16":

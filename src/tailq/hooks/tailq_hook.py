@@ -18,6 +18,7 @@ different configurations fail on the first bucket with the configurations listed
 import hashlib
 import struct
 import time
+import zlib
 from typing import Any
 
 import torch
@@ -37,6 +38,16 @@ def _seed_for(seed: int, rank: int, step: int, bucket: int) -> int:
     """A 63-bit generator seed keyed by (seed, rank, step, bucket): reproducible and restorable."""
     digest = hashlib.blake2b(struct.pack("<4q", seed, rank, step, bucket), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _bucket_key(bucket: dist.GradBucket) -> str:
+    """Key of per-bucket state (residuals, stale statistics): index, size and the shapes of its tensors.
+
+    DDP rebuilds its buckets after the first iteration; a bucket that keeps its index but changes its content
+    gets a new key, so state can never be applied to other parameters.
+    """
+    shapes = ",".join("x".join(map(str, t.shape)) for t in bucket.gradients())
+    return f"{bucket.index()}:{bucket.buffer().numel()}:{zlib.crc32(shapes.encode()):08x}"
 
 
 class TailqState:
@@ -116,7 +127,9 @@ class TailqState:
         self.vnmse: list[dict[str, float]] = []
         self.seconds = {"total": 0.0, "communicate": 0.0}
         self.fallbacks: list[dict[str, Any]] = []
+        self.last: dict[int, dict[str, Any]] = {}  # bucket index -> what the last step's aggregation reported
         self._verified = False
+        self.priming = False  # see tailq.hooks.prime_buckets
         self._routes: dict[int, str] = {}
         self.worker = OrderedWorker()
 
@@ -172,6 +185,12 @@ class TailqState:
             self._verified = True
         idx, n, step = bucket.index(), buf.numel(), self.step
         g = buf.reshape(-1).to(torch.float32)
+        if self.priming:  # plain fp32 mean; step, residuals, statistics and wire log untouched
+            t = g.clone()
+            self.comm.ctx = (step, idx, n, "priming")
+            self.comm.all_reduce(t, "priming")
+            buf.copy_(t.div_(self.comm.n).reshape(buf.shape))
+            return buf
         exact = None
         if self.measure_every and step % self.measure_every == 0:
             exact = g.clone()
@@ -181,7 +200,7 @@ class TailqState:
         if step < self.warmup_steps or n < self.min_bucket or n == 0:
             mean = self._passthrough(g, step, idx)
         else:
-            mean = self._compressed(g, step, idx)
+            mean = self._compressed(g, step, idx, _bucket_key(bucket))
         if exact is not None:
             denom = float((exact.double() ** 2).sum())
             err = float(((mean.double() - exact.double()) ** 2).sum())
@@ -211,9 +230,8 @@ class TailqState:
         self.fallbacks.append({"step": step, "bucket": idx, "why": why})
         return t.div_(self.comm.n)
 
-    def _compressed(self, g: torch.Tensor, step: int, idx: int) -> torch.Tensor:
+    def _compressed(self, g: torch.Tensor, step: int, idx: int, key: str) -> torch.Tensor:
         n, agg = g.numel(), self.agg
-        key = f"{idx}:{n}"
         route = self.route if self.route != "auto" else self._routes.setdefault(n, agg.plan(n))
         self.comm.ctx = (step, idx, n, route)
         x = self.ef.compensate(key, g) if self.ef is not None else g
@@ -251,6 +269,7 @@ class TailqState:
                 )
         if self.ef is not None:
             self.ef.update(key, x, out.own, target=out.target)
+        self.last[idx] = {"route": out.route, **out.info}
         return out.mean
 
 
