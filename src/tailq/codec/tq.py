@@ -81,6 +81,8 @@ def _design_cached(scheme: str, tail_kind: str, bits: int, refine: bool, stats_b
         des = theory.design(scheme, tail, bits)
         return DesignResult(Codebook.from_levels(des.levels, uniform=uniform), des, tail)
 
+    if stats.size == 2 * theory.HIST_NBINS:  # empirical statistics carry no log-sums (not needed)
+        stats = np.concatenate([stats, np.zeros(theory.HIST_NBINS)])
     hist = theory.LogHistogram.from_stats(stats)
     if hist.n == 0 or float(hist.sum_abs.sum()) == 0.0:
         return DesignResult(None, None, None, zero=True)
@@ -143,7 +145,9 @@ class TruncatedQuantizer(Compressor):
     def local_stats(self, x: torch.Tensor) -> torch.Tensor:
         """Summable float64 statistics of ``x`` that define the codebook."""
         flat = check_input(x)
-        return laplace_stats(flat) if self.tail == "laplace" else histogram_stats(flat)
+        if self.tail == "laplace":
+            return laplace_stats(flat)
+        return histogram_stats(flat, with_logs=self.tail == "powerlaw")
 
     def design_from_stats(self, stats: torch.Tensor) -> DesignResult:
         """Fit + design from (agreed) statistics; a pure, cached function of the statistics."""

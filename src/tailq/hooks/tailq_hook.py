@@ -242,9 +242,8 @@ class TailqState:
         stats = None
         local = None
         if agg.uses_stats:
-            local = torch.cat(
-                [torch.tensor([float(bad)], dtype=torch.float64), agg.local_stats(xs).double().cpu()]
-            )
+            own = agg.local_stats(xs).cpu()
+            local = torch.cat([torch.tensor([float(bad)], dtype=own.dtype), own])  # [non-finite count, stats]
             if self.stale_stats and key in self.stale:
                 stats = self.stale[key]
                 pending = self.comm.all_reduce(local, "stats", op=agg.stats_op, async_op=True)

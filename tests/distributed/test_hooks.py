@@ -1,0 +1,173 @@
+"""Distributed acceptance tests on real Gloo process groups (2, 3 and 4 ranks).
+
+Tolerances, from the math:
+* stochastic unbiased compressors, R repeated steps on fixed gradients: per coordinate the mean over steps must
+  be within 6 standard errors of the expected value (4 SE after a Bonferroni correction over d = 257
+  coordinates), and the aggregate ratio S = Σ(mean − expected)² / (Σ std² / R), whose expectation is 1 and
+  whose standard deviation is ≈ √(2/d) ≈ 0.09, must be below 1.6;
+* deterministic compressors: equal to the exact mean of the compressed vectors up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from workers import (
+    launch,
+    w_bf16_parity,
+    w_checkpoint,
+    w_dead_peer,
+    w_lanes_exact,
+    w_mismatch,
+    w_nonfinite,
+    w_powersgd_parity,
+    w_statistics,
+    w_train,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS, D = 300, 257
+ALL_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("tuq", {"bits": 3}),
+    ("tnq", {"bits": 3, "route": "allreduce"}),
+    ("tnq", {"bits": 3, "route": "allgather"}),
+    ("tnq", {"bits": 2, "tail": "laplace"}),
+    ("tbq", {"bits": 3}),
+    ("tbq", {"bits": 4, "tail": "powerlaw", "route": "allgather"}),
+    ("single-scale", {"bits": 4}),
+    ("single-scale", {"bits": 3, "route": "allgather"}),
+    ("multi-scale", {"bits": 4}),
+    ("multi-scale", {"bits": 3, "granularity": "element", "route": "allgather"}),
+    ("qsgd", {"bits": 4, "bucket_size": 64}),
+    ("nuqsgd", {"bits": 4, "bucket_size": 64}),
+    ("terngrad", {}),
+    ("efsign", {}),
+    ("topk", {"ratio": 0.1}),
+]
+SMALL_CASES = [c for c in ALL_CASES if c[0] in ("tuq", "multi-scale", "qsgd", "efsign")][:4] + [ALL_CASES[1]]
+
+
+def check_statistics(results: list[list[dict[str, Any]]]) -> None:
+    for case in results[0]:
+        name = f"{case['name']} {case['opts']}"
+        mean, std, exp = case["mean"], case["std"], case["expected"]
+        diff = (mean - exp).abs()
+        if float(std.max()) == 0.0:  # deterministic
+            assert float(diff.max()) <= 1e-6 * (1 + float(exp.abs().max())), name
+        else:
+            se = std / math.sqrt(STEPS)
+            noisy = se > 0
+            z = diff[noisy] / se[noisy]
+            assert float(z.max()) <= 6.0, (name, float(z.max()))
+            ratio = float((diff**2).sum() / (se**2).sum())
+            assert ratio < 1.6, (name, ratio)
+            # coordinates that never moved: their level was hit every time; any bias there is below one
+            # level gap times the chance of never moving in R steps — bounded by the aggregate test above
+        # codebooks are bit-identical on every rank
+        if case["levels"] is not None:
+            for other in results[1:]:
+                mine = next(c for c in other if c["name"] == case["name"] and c["opts"] == case["opts"])
+                assert torch.equal(mine["levels"], case["levels"]), name
+        # wire bits per coordinate from counted bytes match the cost model within 2%
+        assert case["bits_measured"] == pytest.approx(case["bits_model"], rel=0.02), name
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_hooked_mean_is_unbiased_for_the_target_on_every_compressor(world: int) -> None:
+    cases = ALL_CASES if world == 3 else SMALL_CASES
+    check_statistics(launch(w_statistics, world, cases, STEPS, D))
+
+
+def test_summable_and_allgather_routes_agree_in_expectation() -> None:
+    res = launch(w_statistics, 2, [ALL_CASES[1], ALL_CASES[2]], STEPS, D)[0]
+    a, b = res
+    assert a["route"] == "allreduce" and b["route"] == "allgather"
+    se = ((a["std"] ** 2 + b["std"] ** 2) / STEPS).sqrt()
+    noisy = se > 0
+    assert float(((a["mean"] - b["mean"]).abs()[noisy] / se[noisy]).max()) <= 6.0
+
+
+def test_lane_packed_sums_decode_exactly_with_odd_world_size_for_bits_1_to_8() -> None:
+    for rank_result in launch(w_lanes_exact, 3, ["tuq", "tnq", "tbq"], 1001):
+        for name, bits, err in rank_result:
+            assert err == 0.0, (name, bits, err)
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_nonfinite_on_one_rank_reaches_every_rank_exactly_like_plain_ddp(stale: bool) -> None:
+    for name in ("tnq", "multi-scale", "qsgd"):
+        if stale and name == "qsgd":
+            continue  # no statistics to be stale
+        for r in launch(w_nonfinite, 3, name, stale):
+            assert r["equal"] and r["inf"] and r["nan"], (name, stale, r)
+            assert r["fallbacks"] and "non-finite" in r["fallbacks"][-1]["why"]
+
+
+def test_mismatched_configurations_fail_fast_on_every_rank() -> None:
+    for msg in launch(w_mismatch, 2, timeout=120):
+        assert "configured differently" in msg and '"bits": 3' in msg and '"bits": 4' in msg
+
+
+def test_dead_peer_gives_an_error_not_an_endless_wait() -> None:
+    res = launch(w_dead_peer, 3, expect=2, timeout=120)
+    assert len(res) == 2
+    for r in res:
+        assert r["message"] != "no error"
+        assert r["seconds"] < 60
+
+
+def test_training_100_steps_reaches_fp32_loss_within_a_stated_factor() -> None:
+    tq = {"min_bucket": 0}
+    hooks: list[tuple[str, dict[str, Any]]] = [
+        ("fp32", {}), ("fp16", {}), ("bf16", {}), ("powersgd", {}),
+        ("tuq", {**tq, "bits": 3}), ("tnq", {**tq, "bits": 3}), ("tnq", {**tq, "bits": 2, "stale_stats": True}),
+        ("tbq", {**tq, "bits": 3}), ("single-scale", {**tq, "bits": 4}), ("multi-scale", {**tq, "bits": 4}),
+        ("qsgd", {**tq, "bits": 4}), ("nuqsgd", {**tq, "bits": 4}), ("terngrad", tq),
+        ("efsign", {**tq, "error_feedback": True}), ("topk", {**tq, "ratio": 0.05, "error_feedback": True}),
+    ]
+    losses = launch(w_train, 2, hooks, 100, timeout=600)
+    for r in losses[1:]:  # every rank ends with the same model
+        assert r == pytest.approx(losses[0], rel=1e-6)
+    loss = losses[0]
+    base = loss["fp32"]
+    initial = math.log(8)  # cross-entropy of an untrained 8-class model
+    assert base < 0.5 * initial
+    for key, value in loss.items():
+        # Stated factor: within 2.5x of fp32's final full-data loss after 100 steps. Measured on this task
+        # (2 ranks, 2026-11-22): fp16/bf16/4-bit single/multi-scale/QSGD/NUQSGD 1.00-1.03x, TNQ 3-bit 1.14x,
+        # TBQ 1.20x, TUQ 1.36x, TernGrad 1.33x, top-k+EF 1.30x, EF-signSGD+EF 1.64x, TNQ 2-bit stale 2.0x,
+        # PowerSGD rank 1 2.25x (rank 4: 1.09x). Without error feedback EF-signSGD is at 3.6x: not tested here.
+        assert value <= 2.5 * base, (key, value, base)
+
+
+@pytest.mark.parametrize(
+    "hook, opts",
+    [("tnq", {"bits": 3, "min_bucket": 0, "error_feedback": True, "stale_stats": True}),
+     ("powersgd", {"start_powerSGD_iter": 2, "matrix_approximation_rank": 2})],
+)
+def test_save_restore_continue_gives_identical_parameters(tmp_path: Any, hook: str, opts: dict[str, Any]) -> None:
+    path = str(tmp_path / "ck")
+    full = launch(w_checkpoint, 2, hook, opts, "full", path)
+    launch(w_checkpoint, 2, hook, opts, "first", path)
+    resumed = launch(w_checkpoint, 2, hook, opts, "resume", path)
+    for a, b in zip(full[0], resumed[0], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(full[0], full[1], strict=True):  # and every rank holds the same model
+        assert torch.equal(a, b)
+
+
+def test_powersgd_on_gloo_matches_pytorch_where_pytorch_works() -> None:
+    for pytorch_params, tailq_params in launch(w_powersgd_parity, 2):
+        for a, b in zip(pytorch_params, tailq_params, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_bf16_on_gloo_is_pytorchs_own_hook() -> None:
+    for r in launch(w_bf16_parity, 2):
+        assert r["equal"]
+        assert "NCCL" in r["refused"]
+        assert r["rel_err"] < 2**-7  # bf16 keeps 8 significant bits

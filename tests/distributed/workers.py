@@ -1,0 +1,352 @@
+"""Multi-process helpers for the distributed tests: real Gloo process groups on localhost.
+
+``launch(fn, world, *args)`` spawns ``world`` processes, each running ``fn(rank, world, *args)`` inside an
+initialised Gloo group (file rendezvous: no port races), and returns the per-rank return values. A rank that
+raises makes ``launch`` raise with that rank's traceback. Worker functions live in this module so the spawned
+children can import them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import tempfile
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import tailq
+from tailq.hooks.tailq_hook import TailqState, _seed_for
+
+
+class FakeBucket:
+    """The part of ``dist.GradBucket`` the tailq hook uses (buffer, index, is_last, gradients)."""
+
+    def __init__(self, buf: torch.Tensor, index: int = 0, last: bool = True) -> None:
+        self._buf, self._index, self._last = buf, index, last
+
+    def buffer(self) -> torch.Tensor:
+        return self._buf
+
+    def index(self) -> int:
+        return self._index
+
+    def is_last(self) -> bool:
+        return self._last
+
+    def gradients(self) -> list[torch.Tensor]:
+        return [self._buf]
+
+
+def _entry(fn: Any, rank: int, world: int, init_file: str, q: Any, args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        out = fn(rank, world, *args)
+        buf = io.BytesIO()
+        torch.save(out, buf)  # plain bytes: tensors must not depend on this process staying alive
+        q.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        q.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def launch(fn: Any, world: int, *args: Any, timeout: float = 300.0, expect: int | None = None) -> list[Any]:
+    """Run fn on ``world`` ranks; returns results in rank order (``expect`` = how many ranks report)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, init_file, q, args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        results: dict[int, Any] = {}
+        errors = []
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        want = world if expect is None else expect
+        while len(results) + len(errors) < want:
+            if datetime.datetime.now() > deadline:
+                for p in procs:
+                    p.kill()
+                raise TimeoutError(f"ranks did not finish within {timeout} s; got {sorted(results)}")
+            if q.empty():
+                if all(not p.is_alive() for p in procs) and q.empty():
+                    break
+                import time
+
+                time.sleep(0.05)
+                continue
+            rank, status, out = q.get()
+            if status == "ok":
+                results[rank] = torch.load(io.BytesIO(out), weights_only=True)
+            else:
+                errors.append(f"rank {rank}:\n{out}")
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in sorted(results)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+def heavy(d: int, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_t(3.5, d) * 0.01
+    x[: min(d, 3)] = [0.5, -0.8, 0.3][: min(d, 3)]
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def _agreed_stats(state: TailqState, x: torch.Tensor) -> torch.Tensor:
+    """The statistics exactly as the hook agrees them: [non-finite count, stats] in one all-reduce."""
+    own = state.agg.local_stats(x)
+    local = torch.cat([torch.zeros(1, dtype=own.dtype), own])
+    dist.all_reduce(local, op=dist.ReduceOp.MAX if state.agg.stats_op == "max" else dist.ReduceOp.SUM)
+    return local[1:]
+
+
+def _mean(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone().double()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# workers
+def w_statistics(rank: int, world: int, cases: list[tuple[str, dict[str, Any]]], steps: int, d: int) -> list[Any]:
+    """Each case: run ``steps`` hook calls on a fixed per-rank vector; return mean/std of the output, the
+    expected value (exact mean of targets), the agreed levels and the wire bits (measured and modeled)."""
+    out = []
+    g = heavy(d, seed=1000 + rank)
+    for name, opts in cases:
+        state = TailqState(name, warmup_steps=0, min_bucket=0, **opts)
+        acc = torch.zeros(d, dtype=torch.float64)
+        acc2 = torch.zeros(d, dtype=torch.float64)
+        for _ in range(steps):
+            res = state.process(FakeBucket(g.clone())).double()
+            acc += res
+            acc2 += res * res
+        mean = acc / steps
+        std = (acc2 / steps - mean * mean).clamp_min(0).sqrt() * (steps / max(steps - 1, 1)) ** 0.5
+        comp = state.comp
+        if hasattr(comp, "codebook_from_stats") and name != "multi-scale":
+            cb = comp.codebook_from_stats(_agreed_stats(state, g))
+            target = cb.truncate(g)
+        elif comp.unbiased:
+            target = comp.target(g)
+        else:  # deterministic, biased: the exact mean of the compressed vectors
+            target = comp.roundtrip(g)
+        expected = _mean(target)
+        info = state.last.get(0, {})
+        route = info.get("route", "")
+        stats_len = 0 if not state.agg.uses_stats else state.agg.local_stats(g).numel() + 1
+        stats_bytes = 8 if not state.agg.uses_stats else stats_len * state.agg.local_stats(g).element_size()
+        model_bytes = state.agg.predicted_payload_bytes(d, route) + stats_bytes
+        if name == "multi-scale":
+            model_bytes += comp.n_indices(d)  # int8 index per element/block
+        out.append({
+            "name": name, "opts": opts, "mean": mean, "std": std, "expected": expected, "route": route,
+            "levels": info.get("levels"),
+            "bits_measured": state.log.bits_per_coord(),
+            "bits_model": 8 * model_bytes / d,
+        })
+        state.close()
+    return out
+
+
+def w_lanes_exact(rank: int, world: int, names: list[str], d: int) -> list[tuple[str, int, float]]:
+    """The summable route decodes to exactly the mean of every rank's own (reproduced) codes."""
+    out = []
+    g = heavy(d, seed=2000 + rank)
+    for name in names:
+        for bits in range(1, 9):
+            state = TailqState(name, bits=bits, route="allreduce", warmup_steps=0, min_bucket=0, seed=5)
+            res = state.process(FakeBucket(g.clone()))
+            stats = _agreed_stats(state, g)
+            cb = state.comp.codebook_from_stats(stats)
+            snapped = cb.snap(state.agg.grid)
+            gen = torch.Generator().manual_seed(_seed_for(5, rank, 0, 0))
+            codes = snapped.encode_fine(g, gen)
+            total = codes.clone()
+            dist.all_reduce(total)
+            expected = snapped.decode_sum(total, world)
+            out.append((name, bits, float((res - expected).abs().max())))
+            state.close()
+    return out
+
+
+def w_nonfinite(rank: int, world: int, name: str, stale: bool) -> dict[str, Any]:
+    """Step 0 normal; step 1 rank 1 has +Inf and NaN: every rank's result must equal plain fp32 DDP's."""
+    state = TailqState(name, warmup_steps=0, min_bucket=0, stale_stats=stale)
+    g = heavy(4096, seed=3000 + rank)
+    state.process(FakeBucket(g.clone()))
+    bad = g.clone()
+    if rank == 1:
+        bad[5] = float("inf")
+        bad[7] = float("nan")
+    res = state.process(FakeBucket(bad.clone()))
+    plain = bad.clone()
+    dist.all_reduce(plain)
+    plain /= world
+    state.close()
+    return {"equal": bool(torch.equal(torch.nan_to_num(res, nan=123.0), torch.nan_to_num(plain, nan=123.0))),
+            "inf": bool(torch.isinf(res[5])), "nan": bool(torch.isnan(res[7])), "fallbacks": state.fallbacks}
+
+
+def w_mismatch(rank: int, world: int) -> str:
+    state = TailqState("tnq", bits=3 if rank == 0 else 4, warmup_steps=0, min_bucket=0, timeout_s=20)
+    try:
+        state.process(FakeBucket(heavy(1000, rank)))
+    except RuntimeError as err:
+        return str(err)
+    finally:
+        state.close()
+    return "no error"
+
+
+def w_dead_peer(rank: int, world: int) -> dict[str, Any]:
+    import time
+
+    state = TailqState("tuq", warmup_steps=0, min_bucket=0, timeout_s=15)
+    g = heavy(1000, rank)
+    state.process(FakeBucket(g.clone()))
+    if rank == world - 1:
+        os._exit(0)  # dies without a word, mid-run
+    t0 = time.perf_counter()
+    try:
+        state.process(FakeBucket(g.clone()))
+        msg = "no error"
+    except RuntimeError as err:
+        msg = str(err)
+    return {"message": msg, "seconds": time.perf_counter() - t0}
+
+
+# -- DDP training ----------------------------------------------------------------------------------------
+def _dataset(n: int = 2048, d: int = 32, classes: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, classes, generator=gen)
+    x = torch.randn(n, d, generator=gen)
+    y = (x @ w + 0.5 * torch.randn(n, classes, generator=gen)).argmax(1)
+    return x, y
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 8))
+
+
+def _ddp(hook: str, opts: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=0.02)
+    state = None
+    if hook != "none":
+        state, fn = tailq.ddp_hook(hook, **opts)
+        ddp.register_comm_hook(state, fn)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    return ddp, opt, state
+
+
+def _train_steps(rank: int, world: int, ddp: Any, opt: Any, start: int, stop: int, batch: int = 64) -> None:
+    x, y = _dataset()
+    for step in range(start, stop):
+        gen = torch.Generator().manual_seed(10_000 * step + rank)
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x[idx]), y[idx]).backward()
+        opt.step()
+
+
+def _full_loss(ddp: Any) -> float:
+    x, y = _dataset()
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(ddp.module(x), y))
+
+
+def w_train(rank: int, world: int, hooks: list[tuple[str, dict[str, Any]]], steps: int) -> dict[str, float]:
+    out = {}
+    for hook, opts in hooks:
+        ddp, opt, state = _ddp(hook, opts)
+        _train_steps(rank, world, ddp, opt, 0, steps)
+        out[hook + ("" if not opts else str(sorted(opts.items())))] = _full_loss(ddp)
+        if state is not None:
+            state.close()
+    return out
+
+
+def w_checkpoint(rank: int, world: int, hook: str, opts: dict[str, Any], phase: str, path: str) -> list[torch.Tensor]:
+    ddp, opt, state = _ddp(hook, opts)
+    if phase == "full":
+        _train_steps(rank, world, ddp, opt, 0, 12)
+    elif phase == "first":
+        _train_steps(rank, world, ddp, opt, 0, 6)
+        torch.save({"model": ddp.module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()},
+                   f"{path}.{rank}")
+    else:
+        ck = torch.load(f"{path}.{rank}", weights_only=True)
+        ddp.module.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        state.load_state_dict(ck["hook"])
+        x, y = _dataset()
+        tailq.hooks.prime_buckets(ddp, state, lambda: torch.nn.functional.cross_entropy(ddp(x[:8]), y[:8]).backward())
+        _train_steps(rank, world, ddp, opt, 6, 12)
+    state.close()
+    return [p.detach().clone() for p in ddp.module.parameters()]
+
+
+def w_powersgd_parity(rank: int, world: int) -> list[list[torch.Tensor]]:
+    """One bucket: PyTorch's powerSGD_hook registered directly vs tailq.ddp_hook('powersgd') (ordered)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    results = []
+    for variant in ("pytorch", "tailq"):
+        model = _model()
+        ddp = DDP(model, bucket_cap_mb=100)  # one bucket: PyTorch's hook works on Gloo then
+        if variant == "pytorch":
+            st = ps.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2,
+                                  random_seed=7)
+            ddp.register_comm_hook(st, ps.powerSGD_hook)
+        else:
+            st, fn = tailq.ddp_hook("powersgd", matrix_approximation_rank=2, start_powerSGD_iter=2, random_seed=7)
+            ddp.register_comm_hook(st, fn)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        _train_steps(rank, world, ddp, opt, 0, 8)
+        results.append([p.detach().clone() for p in model.parameters()])
+    return results
+
+
+def w_bf16_parity(rank: int, world: int) -> dict[str, Any]:
+    """tailq's bf16 on Gloo runs PyTorch's bf16_compress_hook code; registering that hook directly is refused."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    g = heavy(5000, seed=rank)
+    state, hook = tailq.ddp_hook("bf16")
+    ours = hook(state, FakeBucket(g.clone())).wait()
+    ours = ours[0] if isinstance(ours, list) else ours
+    theirs = default_hooks.bf16_compress_hook(None, FakeBucket(g.clone())).wait()  # type: ignore[arg-type]
+    theirs = theirs[0] if isinstance(theirs, list) else theirs
+    refused = ""
+    try:
+        DDP(_model()).register_comm_hook(None, default_hooks.bf16_compress_hook)
+    except TypeError as err:
+        refused = str(err)
+    exact = _mean(g).float()
+    return {"equal": bool(torch.equal(ours, theirs)), "refused": refused,
+            "rel_err": float((ours - exact).norm() / exact.norm())}
