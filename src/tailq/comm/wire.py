@@ -93,6 +93,13 @@ class WireLog:
         i = 1 if traffic else 0
         return 8 * sum(self.totals[k][i] for k in kinds if k in self.totals) / self.coords
 
+    def step_bits_per_coord(self, step: int, kinds: tuple[str, ...] = METHOD_KINDS) -> float:
+        """Bits handed per coordinate in one step (from the retained records)."""
+        recs = [r for r in self.records if r.step == step]
+        coords = sum(n for _, n in {(r.bucket, r.numel) for r in recs})
+        handed = sum(r.handed_bytes for r in recs if r.kind in kinds)
+        return 8 * handed / coords if coords else float("nan")
+
     def summary(self) -> dict[str, Any]:
         return {
             "coords": self.coords,
