@@ -19,11 +19,13 @@ from workers import (
     launch,
     w_bf16_parity,
     w_checkpoint,
+    w_ddp_statistics,
     w_dead_peer,
     w_lanes_exact,
     w_mismatch,
     w_nonfinite,
     w_powersgd_parity,
+    w_stale,
     w_statistics,
     w_train,
 )
@@ -80,6 +82,31 @@ def check_statistics(results: list[list[dict[str, Any]]]) -> None:
 def test_hooked_mean_is_unbiased_for_the_target_on_every_compressor(world: int) -> None:
     cases = ALL_CASES if world == 3 else SMALL_CASES
     check_statistics(launch(w_statistics, world, cases, STEPS, D))
+
+
+@pytest.mark.parametrize("name, opts", [("tnq", {"bits": 3}), ("tuq", {"bits": 2, "route": "allreduce"}),
+                                        ("efsign", {})])
+def test_real_ddp_gradient_equals_the_expected_mean(name: str, opts: dict[str, Any]) -> None:
+    res = launch(w_ddp_statistics, 2, name, opts, STEPS)
+    r = res[0]
+    diff = (r["mean"] - r["expected"]).abs()
+    if name == "efsign":  # deterministic: exact up to float32 rounding
+        assert float(diff.max()) <= 1e-6 * (1 + float(r["expected"].abs().max()))
+        return
+    se = r["std"] / math.sqrt(STEPS)
+    noisy = se > 0
+    assert float((diff[noisy] / se[noisy]).max()) <= 6.5  # ~22k coordinates: 4 SE after Bonferroni ≈ 6.2
+    assert float((diff**2).sum() / (se**2).sum()) < 1.3  # S ≈ 1 ± √(2/22k)
+    assert torch.equal(res[0]["levels"], res[1]["levels"])
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_stale_stats_use_the_previous_steps_codebook(stale: bool) -> None:
+    for a0, a1, a2 in launch(w_stale, 2, stale):
+        if stale:  # step 1 still uses step 0's statistics; step 2 uses step 1's (10x larger)
+            assert a1 == a0 and a2 == pytest.approx(10 * a0, rel=1e-6)
+        else:
+            assert a1 == pytest.approx(10 * a0, rel=1e-6) and a2 == a1
 
 
 def test_summable_and_allgather_routes_agree_in_expectation() -> None:

@@ -350,3 +350,48 @@ def w_bf16_parity(rank: int, world: int) -> dict[str, Any]:
     exact = _mean(g).float()
     return {"equal": bool(torch.equal(ours, theirs)), "refused": refused,
             "rel_err": float((ours - exact).norm() / exact.norm())}
+
+
+def w_ddp_statistics(rank: int, world: int, name: str, opts: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Real DDP, one bucket, the same batch every step, no optimizer step: the mean over steps of p.grad
+    against the exact expectation, computed without knowing the bucket's element order (statistics and
+    truncation are permutation-invariant; efsign's scale is ‖v‖₁/d of the whole bucket)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=100)  # DDP's first iterations use one bucket; keep it one
+    state, fn = tailq.ddp_hook(name, warmup_steps=0, min_bucket=0, **opts)
+    ddp.register_comm_hook(state, fn)
+    x, y = _dataset()
+    gen = torch.Generator().manual_seed(rank)
+    idx = torch.randint(0, len(x), (64,), generator=gen)
+    local = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x[idx]), y[idx]), list(model.parameters()))
+    flat = torch.cat([t.reshape(-1) for t in local])
+    acc = torch.zeros_like(flat, dtype=torch.float64)
+    acc2 = torch.zeros_like(acc)
+    for _ in range(steps):
+        ddp.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x[idx]), y[idx]).backward()
+        got = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+        acc += got
+        acc2 += got * got
+    if name == "efsign":
+        own = torch.where(flat >= 0, 1.0, -1.0) * flat.abs().sum() / flat.numel()
+    else:
+        own = state.comp.codebook_from_stats(_agreed_stats(state, flat)).truncate(flat)
+    mean = acc / steps
+    std = (acc2 / steps - mean**2).clamp_min(0).sqrt() * (steps / (steps - 1)) ** 0.5
+    state.close()
+    return {"mean": mean, "std": std, "expected": _mean(own), "levels": state.last[0].get("levels")}
+
+
+def w_stale(rank: int, world: int, stale: bool) -> list[float]:
+    """Step 0 on g, step 1 on 10·g: stale mode must design step 1's codebook from step 0's statistics."""
+    state = TailqState("tuq", bits=3, tail="laplace", warmup_steps=0, min_bucket=0, stale_stats=stale)
+    g = heavy(2048, seed=rank)
+    alphas = []
+    for scale in (1.0, 10.0, 10.0):
+        state.process(FakeBucket(g * scale))
+        alphas.append(float(state.last[0]["alpha"]))
+    state.close()
+    return alphas
