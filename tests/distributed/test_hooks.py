@@ -23,6 +23,7 @@ from workers import (
     w_dead_peer,
     w_lanes_exact,
     w_mismatch,
+    w_modes,
     w_nonfinite,
     w_powersgd_parity,
     w_stale,
@@ -198,3 +199,18 @@ def test_bf16_on_gloo_is_pytorchs_own_hook() -> None:
         assert r["equal"]
         assert "NCCL" in r["refused"]
         assert r["rel_err"] < 2**-7  # bf16 keeps 8 significant bits
+
+
+def test_passthrough_and_vnmse_measurement() -> None:
+    for r in launch(w_modes, 2):
+        # a bucket below min_bucket goes exactly as PyTorch's bf16 hook would send it
+        assert r["passthrough_equal"] and r["kinds_small"] == ["config", "passthrough"]
+        # measure_every=2: steps 0 and 2 are measured, and the recorded vNMSE is the definition's value
+        assert [v["step"] for v in r["vnmse"]] == [0, 2]
+        for v in r["vnmse"]:
+            assert v["vnmse"] == pytest.approx(r["manual"][v["step"]], rel=1e-4)
+        # measurement traffic is labelled apart and not charged to the method (fp32: 32 bits on 2 of 4 steps)
+        assert r["measure_bits"] == pytest.approx(16.0)
+        # 2-bit codes (all-gather at N = 2) + the empirical statistics: 453 float32 (non-finite count, 226
+        # counts, 226 |g| sums) per step; at d = 3000 the statistics cost more than the codes
+        assert r["method_bits"] == pytest.approx((8 * math.ceil(3000 * 2 / 8) + 32 * 453) / 3000)

@@ -395,3 +395,23 @@ def w_stale(rank: int, world: int, stale: bool) -> list[float]:
         alphas.append(float(state.last[0]["alpha"]))
     state.close()
     return alphas
+
+
+def w_modes(rank: int, world: int) -> dict[str, Any]:
+    """Passthrough below min_bucket (bf16, like PyTorch's hook) and the vNMSE measurement mode."""
+    g = heavy(3000, seed=rank)
+    small = TailqState("tnq", warmup_steps=0, min_bucket=5000)
+    got_small = small.process(FakeBucket(g.clone()))
+    ref = g.to(torch.bfloat16).div_(world)
+    dist.all_reduce(ref)
+    kinds_small = sorted({r.kind for r in small.log.records})
+    small.close()
+    meas = TailqState("tnq", bits=2, warmup_steps=0, min_bucket=0, measure_every=2)
+    outs = [meas.process(FakeBucket(g.clone())) for _ in range(4)]
+    exact = _mean(g).float()
+    manual = [float(((o.double() - exact.double()) ** 2).sum() / (exact.double() ** 2).sum()) for o in outs]
+    meas.close()
+    return {"passthrough_equal": bool(torch.equal(got_small, ref.float())), "kinds_small": kinds_small,
+            "vnmse": meas.vnmse, "manual": manual,
+            "measure_bits": meas.log.bits_per_coord(kinds=("measure",)),
+            "method_bits": meas.log.bits_per_coord()}
