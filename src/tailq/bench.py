@@ -57,6 +57,27 @@ def _configs(only: list[str] | None) -> list[tuple[str, int | None, dict[str, An
     return out
 
 
+def add_parser(sub: Any) -> None:
+    """Register ``tailq bench`` on the CLI's subparsers (called by :mod:`tailq.cli`)."""
+    s = sub.add_parser("bench", help="micro-benchmarks")
+    s.add_argument("what", choices=("codec",))
+    s.add_argument("--numel", type=int, default=1 << 24)
+    s.add_argument("--repeat", type=int, default=3)
+    s.add_argument("--compressors", nargs="*", help="only these compressors")
+    s.add_argument("--json", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")
+    s.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: Any) -> int:
+    from tailq.cli import UsageError
+
+    if args.numel < 1:
+        raise UsageError(f"--numel must be >= 1; got {args.numel}")
+    if args.repeat < 1:
+        raise UsageError(f"--repeat must be >= 1; got {args.repeat}")
+    return run_codec_bench(numel=args.numel, repeat=args.repeat, json_out=args.json, only=args.compressors)
+
+
 def run_codec_bench(
     numel: int = 1 << 24, repeat: int = 3, json_out: str | None = None, only: list[str] | None = None
 ) -> int:

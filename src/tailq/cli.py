@@ -317,18 +317,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(json_path=args.json, n=args.n, seed=args.seed)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from tailq.bench import run_codec_bench
-
-    if args.what != "codec":
-        raise UsageError(f"unknown benchmark {args.what!r}; accepted: codec")
-    if args.numel < 1:
-        raise UsageError(f"--numel must be >= 1; got {args.numel}")
-    if args.repeat < 1:
-        raise UsageError(f"--repeat must be >= 1; got {args.repeat}")
-    return run_codec_bench(numel=args.numel, repeat=args.repeat, json_out=args.json, only=args.compressors)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tailq", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
@@ -363,13 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("bench", help="micro-benchmarks")
-    s.add_argument("what", choices=("codec",))
-    s.add_argument("--numel", type=int, default=1 << 24)
-    s.add_argument("--repeat", type=int, default=3)
-    s.add_argument("--compressors", nargs="*", help="only these compressors")
-    s.add_argument("--json", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")
-    s.set_defaults(func=cmd_bench)
+    from tailq import bench
+
+    bench.add_parser(sub)  # `tailq bench ...` is defined next to its implementation
     return p
 
 
