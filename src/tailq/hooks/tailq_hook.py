@@ -125,7 +125,7 @@ class TailqState:
         self.step = 0
         self.stale: dict[str, torch.Tensor] = {}
         self.vnmse: list[dict[str, float]] = []
-        self.seconds = {"total": 0.0, "communicate": 0.0}
+        self.seconds = {"total": 0.0, "communicate": 0.0, "measure": 0.0}
         self.fallbacks: list[dict[str, Any]] = []
         self.last: dict[int, dict[str, Any]] = {}  # bucket index -> what the last step's aggregation reported
         self._verified = False
@@ -179,6 +179,7 @@ class TailqState:
     def process(self, bucket: dist.GradBucket) -> torch.Tensor:
         t0 = time.perf_counter()
         comm0 = self.comm.seconds
+        meas0 = self.seconds["measure"]
         buf = bucket.buffer()
         if not self._verified:
             self.comm.verify_same_config(self.config())
@@ -193,10 +194,12 @@ class TailqState:
             return buf
         exact = None
         if self.measure_every and step % self.measure_every == 0:
+            tm = time.perf_counter()
             exact = g.clone()
             self.comm.ctx = (step, idx, n, "measure")
             self.comm.all_reduce(exact, "measure")
             exact /= self.comm.n
+            self.seconds["measure"] += time.perf_counter() - tm  # not part of the method: harnesses subtract it
         if step < self.warmup_steps or n < self.min_bucket or n == 0:
             mean = self._passthrough(g, step, idx)
         else:
@@ -211,8 +214,8 @@ class TailqState:
         if bucket.is_last():
             self.step += 1
         buf.copy_(mean.reshape(buf.shape))
-        self.seconds["total"] += time.perf_counter() - t0
-        self.seconds["communicate"] += self.comm.seconds - comm0
+        self.seconds["total"] += time.perf_counter() - t0 - (self.seconds["measure"] - meas0)
+        self.seconds["communicate"] += self.comm.seconds - comm0 - (self.seconds["measure"] - meas0)
         return buf
 
     def _passthrough(self, g: torch.Tensor, step: int, idx: int) -> torch.Tensor:
