@@ -352,19 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     from tailq import bench
+    from tailq.harness import cli as harness_cli
 
     bench.add_parser(sub)  # `tailq bench ...` is defined next to its implementation
+    harness_cli.add_parsers(sub)  # `tailq train | compare | report`
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from tailq.harness.config import ConfigError
+    from tailq.harness.launch import RunFailed
+
     try:
         return int(args.func(args) or 0)
-    except UsageError as err:
+    except (UsageError, ConfigError) as err:
         print(f"tailq {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"tailq {args.command}: the run failed: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

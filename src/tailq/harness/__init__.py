@@ -1,0 +1,1 @@
+"""Evaluation harness: workloads, training loop, network emulation, metrics, reports."""

@@ -1,0 +1,204 @@
+"""``tailq compare``: several methods on one workload and network, judged by time-to-accuracy against bf16.
+
+SPEC §7: TTA is the training clock (evaluation excluded) at the first evaluation whose test accuracy reaches
+the target, by default 99% of the bf16 run's best accuracy in the same comparison; speedup vs bf16 =
+TTA_bf16 / TTA_method; a method that never reaches the target has no TTA. bf16 runs first; every other method
+gets the same step budget, capped at 3× bf16's training clock so a method that cannot keep up does not run
+forever (it then has no TTA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+from .launch import launch_run
+from .netem import parse_net
+
+__all__ = ["Method", "DEFAULT_METHODS", "Y1_METHODS", "compare", "summarize", "parse_method"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    hook: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        opts = dict(self.options)
+        bits = opts.get("bits")
+        extra = [f"{k}={v}" for k, v in self.options if k != "bits"]
+        name = self.hook if bits is None else f"{self.hook}-{bits}b"
+        return name + (f"({','.join(extra)})" if extra else "")
+
+
+def parse_method(text: str) -> Method:
+    """``tnq:3`` (bits), ``tnq:3:tail=laplace,route=allgather``, ``powersgd:rank=2`` or a plain name."""
+    parts = text.split(":")
+    opts: dict[str, Any] = {}
+    for part in parts[1:]:
+        if part.isdigit():
+            opts["bits"] = int(part)
+            continue
+        for kv in filter(None, part.split(",")):
+            if "=" not in kv:
+                raise ConfigError(f"--methods: cannot parse {text!r} (use NAME, NAME:BITS or NAME:BITS:key=value,...)")
+            k, v = kv.split("=", 1)
+            k = {"rank": "matrix_approximation_rank"}.get(k, k)
+            opts[k] = _value(v)
+    return Method(parts[0], tuple(sorted(opts.items())))
+
+
+def _value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+DEFAULT_METHODS = [Method("fp32"), Method("bf16"), Method("powersgd"), parse_method("qsgd:4"),
+                   parse_method("tuq:3"), parse_method("tnq:3"), parse_method("tbq:3")]
+# [Y1]'s comparison: QSGD and NUQSGD against the truncated quantizers at equal bits, 8 workers.
+Y1_METHODS = [Method("bf16"), parse_method("qsgd:3"), parse_method("nuqsgd:3"), parse_method("tuq:3"),
+              parse_method("tnq:3"), parse_method("tbq:3")]
+
+
+def _tta(history: list[dict[str, Any]], target: float) -> float | None:
+    for h in history:
+        if h["accuracy"] >= target:
+            return float(h["clock"])
+    return None
+
+
+def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> dict[str, Any]:
+    """The comparison's summary (SPEC §7 metrics) from the per-run results; bf16 must be among them."""
+    base = next((r for r in results if r["config"]["hook"] == "bf16"), None)
+    if base is None:
+        raise ConfigError("a comparison needs the bf16 baseline among its methods (SPEC §7)")
+    best_bf16 = max(h["accuracy"] for h in base["history"])
+    target = target_fraction * best_bf16
+    tta_bf16 = _tta(base["history"], target)
+    runs = []
+    for r in results:
+        hist = r["history"]
+        tta = _tta(hist, target)
+        vn = [v["vnmse"] for v in r.get("vnmse", []) if v["vnmse"] == v["vnmse"]]
+        steps = r["steps"]
+        params, n = r["parameters"], len(steps)
+        tx = r["network"].get("tx_bytes_per_rank")
+
+        def mean(key: str, steps: list[dict[str, Any]] = steps) -> float:
+            return sum(s[key] for s in steps) / len(steps) if steps else float("nan")
+
+        runs.append({
+            "name": r["name"],
+            "compressor": r["config"]["hook"],
+            "bits": r["config"]["hook_options"].get("bits"),
+            "options": r["config"]["hook_options"],
+            "tta_s": tta,
+            "speedup_vs_bf16": (tta_bf16 / tta) if (tta and tta_bf16) else None,
+            "best_accuracy": max(h["accuracy"] for h in hist),
+            "final_accuracy": hist[-1]["accuracy"],
+            "accuracy_gap_vs_bf16": max(h["accuracy"] for h in hist) - best_bf16,
+            "vnmse": (sum(vn) / len(vn)) if vn else None,
+            "wire_bits_per_coord": r["wire"]["bits_per_coord_handed"],
+            "ring_traffic_bits_per_coord": r["wire"]["bits_per_coord_ring_traffic"],
+            "nic_bits_per_coord": (8 * sum(tx) / len(tx) / (params * n)) if tx and n else None,
+            "train_clock_s": steps[-1]["clock"] if steps else 0.0,
+            "steps": n,
+            "step_s": mean("step_s"),
+            "codec_s": mean("codec_s"),
+            "comm_s": mean("comm_s"),
+            "stopped_early": r.get("stopped_early", False),
+        })
+    net = parse_net(results[0]["network"]["spec"])
+    return {
+        "target_accuracy": target,
+        "target_fraction_of_bf16_best": target_fraction,
+        "network": {"rate": net.describe(), "spec": results[0]["network"]["spec"], "emulated": net.kind == "emulated",
+                    "modeled": net.kind == "model", "rate_bps": net.rate_bps, "delay_s": net.delay_s},
+        "runs": runs,
+    }
+
+
+def compare(
+    *,
+    workload: str = "digits",
+    workers: int = 4,
+    net: str = "none",
+    methods: list[Method] | None = None,
+    steps: int = 300,
+    eval_every: int = 25,
+    seed: int = 0,
+    out_dir: str = "runs",
+    run_id: str | None = None,
+    target_fraction: float = 0.99,
+    extra: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Run every method, write results.json, report.md and plots; return the run directory."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    methods = list(methods or DEFAULT_METHODS)
+    if not any(m.hook == "bf16" for m in methods):
+        methods.insert(0, Method("bf16"))
+    methods.sort(key=lambda m: m.hook != "bf16")  # the baseline first: it sets the time budget and the target
+    if not 0 < target_fraction <= 1:
+        raise ConfigError(f"--target must be in (0, 1]; got {target_fraction}")
+    run_id = run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(out_dir) / run_id
+    configs = [RunConfig(workload=workload, hook=m.hook, hook_options=dict(m.options), workers=workers, steps=steps,
+                         eval_every=eval_every, seed=seed, net=net, run_dir=str(root / m.label), label=m.label,
+                         **(extra or {})).validate() for m in methods]
+    con = Console(quiet=quiet)
+    results = []
+    budget = None
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=con, disable=quiet) as bar:
+        for cfg in configs:
+            if budget is not None:
+                cfg.time_budget_s = budget
+            task = bar.add_task(cfg.name, total=cfg.steps, info="")
+
+            def progress(step: int, total: int, info: dict[str, Any] | None, task: Any = task) -> None:
+                text = "" if info is None else f"acc {info['accuracy']:.3f}, clock {info['clock']:.1f}s"
+                bar.update(task, completed=step, info=text)
+
+            res = launch_run(cfg, progress=progress)
+            results.append(res)
+            if cfg.hook == "bf16":
+                budget = 3.0 * res["steps"][-1]["clock"]
+    summary = summarize(results, target_fraction)
+    summary.update({
+        "id": run_id,
+        "workload": workload,
+        "workload_note": results[0]["workload_note"],
+        "parameters": results[0]["parameters"],
+        "workers": workers,
+        "steps": steps,
+        "seed": seed,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
+        "notes": list(notes or []),
+        "run_dirs": {r["name"]: str(Path(c.run_dir)) for r, c in zip(results, configs, strict=True)},
+    })
+    (root / "results.json").write_text(json.dumps(summary, indent=2))
+    from .report import render
+
+    render(root)
+    return root
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

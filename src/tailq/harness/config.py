@@ -1,0 +1,92 @@
+"""One training run's configuration: validated up front, saved as JSON, reproducible from that file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .workloads import WORKLOADS
+
+__all__ = ["RunConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A bad argument, named, with the accepted range; raised before anything starts."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    workload: str = "digits"
+    hook: str = "bf16"
+    hook_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    workers: int = 4
+    steps: int = 300
+    eval_every: int = 25
+    seed: int = 0
+    lr: float | None = None  # workload default when None
+    batch_size: int | None = None  # per worker; workload default when None
+    data_dir: str | None = None
+    tail_df: float = 3.0  # synthetic workload
+    bucket_cap_mb: float = 25.0
+    threads: int = 1  # torch threads per worker
+    checkpoint_every: int = 0  # 0 = never
+    measure_every: int = 10  # vNMSE on every k-th step (tailq hooks); 0 = never
+    time_budget_s: float | None = None  # stop when the training clock passes this
+    net: str = "none"
+    run_dir: str = "runs/run"
+    label: str = ""
+
+    def validate(self) -> RunConfig:
+        from tailq.hooks import hook_names
+
+        if self.workload not in WORKLOADS:
+            raise ConfigError(f"--workload must be one of {', '.join(WORKLOADS)}; got {self.workload!r}")
+        if self.hook not in hook_names():
+            raise ConfigError(f"--compressor must be one of {', '.join(hook_names())}; got {self.hook!r}")
+        for key, lo in (("workers", 1), ("steps", 1), ("eval_every", 1), ("threads", 1), ("checkpoint_every", 0),
+                        ("measure_every", 0)):
+            val = getattr(self, key)
+            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+                raise ConfigError(f"--{key.replace('_', '-')} must be an integer >= {lo}; got {val!r}")
+        bits = self.hook_options.get("bits")
+        if bits is not None:
+            from tailq.codec import get_compressor_class
+
+            opt = get_compressor_class(self.hook).options.get("bits")
+            if opt is not None and not (opt.low <= bits <= opt.high):
+                raise ConfigError(f"--bits for {self.hook} must be in {opt.low:g}..{opt.high:g}; got {bits}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0; got {self.lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1; got {self.batch_size}")
+        if not self.bucket_cap_mb > 0:
+            raise ConfigError(f"--bucket-cap-mb must be > 0; got {self.bucket_cap_mb}")
+        from .netem import parse_net
+
+        try:
+            parse_net(self.net)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return self
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {unknown}")
+        return cls(**data)
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        bits = self.hook_options.get("bits")
+        return self.hook if bits is None else f"{self.hook}-{bits}b"

@@ -1,0 +1,123 @@
+"""Launch one training run: N worker processes on this machine, over loopback or an emulated network.
+
+Each rank is ``python -m tailq.harness.worker --config RUN.json`` with RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT set. With an emulated network each rank runs inside its own network namespace
+(``ip netns exec``) and Gloo is pinned to that namespace's interface (``GLOO_SOCKET_IFNAME``). The network is
+torn down when the run ends, fails or is interrupted. If any rank fails, the others are stopped and the error
+names the rank and shows the end of its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+from .netem import EmulatedNetwork, NetSpec, emulation_available, parse_net
+
+__all__ = ["launch_run", "RunFailed"]
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _network(spec: NetSpec, workers: int) -> Iterator[EmulatedNetwork | None]:
+    if spec.kind != "emulated":
+        yield None
+        return
+    ok, why = emulation_available(spec)
+    if not ok:
+        raise ConfigError(f"--net {spec.describe()}: network emulation is not available here ({why}); "
+                          f"use --net model:RATE for a modeled network (outputs labelled modeled) or --net none")
+    with EmulatedNetwork(workers, spec) as net:
+        yield net
+
+
+def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Run ``cfg`` to completion; returns rank 0's result (also in ``cfg.run_dir/result.json``)."""
+    cfg.validate()
+    spec = parse_net(cfg.net)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").unlink(missing_ok=True)
+    (run_dir / "progress.json").unlink(missing_ok=True)
+    config_path = run_dir / "config.json"
+    cfg.save(config_path)
+    with _network(spec, cfg.workers) as net:
+        tx0 = net.tx_bytes() if net is not None else None
+        procs, logs = [], []
+        port = 29500 if net is not None else _free_port()
+        for rank in range(cfg.workers):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(cfg.workers), "LOCAL_RANK": str(rank),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(cfg.threads),
+                   "PYTHONUNBUFFERED": "1"}
+            prefix: list[str] = []
+            if net is not None:
+                env.update(net.env(rank))
+                prefix = net.command_prefix(rank)
+            log = open(run_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            cmd = [*prefix, sys.executable, "-m", "tailq.harness.worker", "--config", str(config_path)]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        try:
+            _wait(procs, run_dir, cfg, progress, timeout_s)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for log in logs:
+                log.close()
+        tx = [b - a for a, b in zip(tx0, net.tx_bytes(), strict=True)] if net is not None and tx0 is not None else None
+    result_path = run_dir / "result.json"
+    if not result_path.is_file():
+        raise RunFailed(f"run {cfg.name}: rank 0 finished without writing {result_path}")
+    result: dict[str, Any] = json.loads(result_path.read_text())
+    if tx is not None:
+        result["network"]["tx_bytes_per_rank"] = tx
+        result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _wait(procs: list[subprocess.Popen[bytes]], run_dir: Path, cfg: RunConfig, progress: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last_step = 0
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            rank, code = failed[0]
+            time.sleep(0.5)  # let the other ranks notice and print their side
+            tail = (run_dir / f"rank{rank}.log").read_text(errors="replace")[-4000:]
+            raise RunFailed(f"run {cfg.name}: rank {rank} exited with status {code}. Its output ends with:\n{tail}")
+        if all(c == 0 for c in codes):
+            if progress is not None:
+                progress(cfg.steps, cfg.steps, None)
+            return
+        if time.monotonic() > deadline:
+            raise RunFailed(f"run {cfg.name}: did not finish within {timeout_s:.0f} s")
+        if progress is not None:
+            try:
+                info = json.loads((run_dir / "progress.json").read_text())
+                if info["step"] != last_step:
+                    last_step = info["step"]
+                    progress(info["step"], info["total"], info)
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+        time.sleep(0.2)

@@ -1,0 +1,237 @@
+"""Reports of a comparison: ``report.md`` and four plots from ``results.json`` and the per-run results.
+
+Plots: accuracy vs training clock (with the target), TTA vs wire bits per coordinate, vNMSE over training, and
+the histogram of one gradient (the tailq run's last probe) with the fitted Laplace and power-law tails and the
+truncation thresholds α*. ``tailq report DIR`` re-renders all of it from the saved JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["render", "table_rows", "print_table"]
+
+PLOTS = ("accuracy_vs_time.png", "tta_vs_bits.png", "vnmse.png", "gradient_histogram.png")
+
+
+def _fmt(v: Any, spec: str, none: str = "—") -> str:
+    return none if v is None else format(v, spec)
+
+
+def table_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in summary["runs"]:
+        rows.append([
+            r["name"],
+            _fmt(r["tta_s"], ".1f", "not reached"),
+            _fmt(r["speedup_vs_bf16"], ".2f") + ("×" if r["speedup_vs_bf16"] else ""),
+            f"{r['best_accuracy']:.4f}",
+            f"{r['final_accuracy']:.4f}",
+            _fmt(r["wire_bits_per_coord"], ".2f"),
+            _fmt(r["nic_bits_per_coord"], ".2f"),
+            _fmt(r["vnmse"], ".3g"),
+            f"{1e3 * r['step_s']:.1f}",
+            f"{1e3 * r['codec_s']:.1f}",
+            f"{1e3 * r['comm_s']:.1f}",
+        ])
+    return rows
+
+
+HEADER = ["method", "TTA (s)", "speedup vs bf16", "best acc", "final acc", "bits/coord (hook)",
+          "bits/coord (NIC)", "vNMSE", "step ms", "codec ms", "comm ms"]
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    net = summary["network"]
+    label = " [MODELED network]" if net.get("modeled") else ""
+    t = Table(title=f"{summary['workload']}, {summary['workers']} workers, {net['rate']}{label}; "
+                    f"target accuracy {summary['target_accuracy']:.4f}")
+    for h in HEADER:
+        t.add_column(h, justify="left" if h == "method" else "right")
+    for row in table_rows(summary):
+        t.add_row(*row)
+    Console().print(t)
+
+
+def _load_runs(root: Path, summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    runs = {}
+    for name, d in summary.get("run_dirs", {}).items():
+        p = Path(d) / "result.json"
+        if not p.is_absolute() and not p.is_file():
+            p = root / Path(d).name / "result.json"
+        if p.is_file():
+            runs[name] = json.loads(p.read_text())
+    return runs
+
+
+def render(root: str | Path) -> Path:
+    """Write ``report.md`` and the plots into ``root`` (a comparison directory); return the report path."""
+    root = Path(root)
+    summary = json.loads((root / "results.json").read_text())
+    runs = _load_runs(root, summary)
+    _plots(root, summary, runs)
+    md = _markdown(summary, runs)
+    (root / "report.md").write_text(md)
+    return root / "report.md"
+
+
+def _plots(root: Path, summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modeled = " (modeled network)" if summary["network"].get("modeled") else ""
+    # 1. accuracy vs training clock
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in runs.items():
+        h = r["history"]
+        ax.plot([e["clock"] for e in h], [e["accuracy"] for e in h], marker=".", label=name,
+                linewidth=2.5 if r["config"]["hook"] == "bf16" else 1.5)
+    ax.axhline(summary["target_accuracy"], color="k", linestyle="--", linewidth=1, label="target")
+    ax.set_xlabel(f"training clock (s){modeled}")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{summary['workload']}, {summary['workers']} workers, {summary['network']['rate']}")
+    lo = min(e["accuracy"] for r in runs.values() for e in r["history"]) if runs else 0
+    ax.set_ylim(max(lo, summary["target_accuracy"] - 0.25), None)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(root / PLOTS[0], dpi=110)
+    plt.close(fig)
+    # 2. TTA vs bits per coordinate
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in summary["runs"]:
+        x = r["wire_bits_per_coord"]
+        if r["tta_s"] is None:
+            ax.scatter([x], [0], marker="x", color="red")
+            ax.annotate(f"{r['name']} (no TTA)", (x, 0), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        else:
+            ax.scatter([x], [r["tta_s"]])
+            ax.annotate(r["name"], (x, r["tta_s"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("wire bits per coordinate (handed to collectives)")
+    ax.set_ylabel(f"time to target accuracy (s){modeled}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(root / PLOTS[1], dpi=110)
+    plt.close(fig)
+    # 3. vNMSE over training
+    fig, ax = plt.subplots(figsize=(6, 4))
+    any_vn = False
+    for name, r in runs.items():
+        per_step: dict[int, list[float]] = {}
+        for v in r.get("vnmse", []):
+            if v["vnmse"] == v["vnmse"]:
+                per_step.setdefault(v["step"], []).append(v["vnmse"])
+        if per_step:
+            any_vn = True
+            xs = sorted(per_step)
+            ax.plot(xs, [float(np.mean(per_step[s])) for s in xs], marker=".", label=name)
+    if any_vn:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no vNMSE samples", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("vNMSE = ‖ĝ − ḡ‖² / ‖ḡ‖²")
+    ax.set_title("compression error of the averaged gradient (tailq hooks, sampled steps)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(root / PLOTS[2], dpi=110)
+    plt.close(fig)
+    # 4. gradient histogram with fitted tails and alpha*
+    _histogram_plot(root, summary, runs, plt)
+
+
+def _histogram_plot(root: Path, summary: dict[str, Any], runs: dict[str, dict[str, Any]], plt: Any) -> None:
+    from tailq import theory
+
+    sample_dir = None
+    for name, r in runs.items():
+        d = Path(summary["run_dirs"][name])
+        d = d if d.is_dir() else root / d.name
+        if (d / "grad_sample.npy").is_file() and (sample_dir is None or r["config"]["hook"] in ("tnq", "tuq", "tbq")):
+            sample_dir = d
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if sample_dir is None:
+        ax.text(0.5, 0.5, "no gradient sample", ha="center", transform=ax.transAxes)
+    else:
+        g = np.load(sample_dir / "grad_sample.npy")
+        a = np.abs(g[g != 0]).astype(np.float64)
+        edges = np.logspace(np.log10(a.min()), np.log10(a.max()), 80)
+        dens, _ = np.histogram(a, bins=edges, density=True)
+        mids = np.sqrt(edges[1:] * edges[:-1])
+        ax.loglog(mids, dens, drawstyle="steps-mid", label=f"|g| of the local gradient ({sample_dir.name}, last probe)")
+        lap = theory.fit_laplace(a)
+        ax.loglog(mids, 2 * lap.pdf(mids), label=f"Laplace fit, scale {lap.scale:.2e}")
+        try:
+            pl = theory.fit_powerlaw(a)
+            ax.loglog(mids, 2 * pl.tail.pdf(mids) , label=f"power-law fit, m={pl.m:.2e}, γ={pl.gamma:.2f}")
+        except ValueError:
+            pass
+        emp = theory.EmpiricalTail(theory.LogHistogram.from_samples(g))
+        for tail, name, style in ((emp, "empirical", "-"), (lap, "Laplace", ":")):
+            try:
+                alpha = theory.design("tnq", tail, 3).alpha
+                ax.axvline(alpha, color="k", linestyle=style, linewidth=1, label=f"TNQ 3-bit α* ({name}) = {alpha:.2e}")
+            except ValueError:
+                pass
+        ax.axvline(a.max(), color="r", linewidth=0.8, label=f"max |g| = {a.max():.2e}")
+        ax.set_ylim(max(dens[dens > 0].min() / 10, 1e-12), None)
+    ax.set_xlabel("|g|")
+    ax.set_ylabel("density")
+    ax.set_title("gradient magnitudes: heavy tail, fitted models and the truncation threshold")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(root / PLOTS[3], dpi=110)
+    plt.close(fig)
+
+
+def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
+    net = summary["network"]
+    kind = "emulated (network namespaces, tc)" if net.get("emulated") else ("MODELED: communication time from the "
+                                                                          "cost model, not measured"
+                                                                          if net.get("modeled") else "loopback")
+    lines = [
+        f"# tailq comparison {summary.get('id', '')}",
+        "",
+        f"- workload: **{summary['workload']}** — {summary.get('workload_note', '')}",
+        f"- workers: {summary['workers']}, steps per run: {summary['steps']}, seed {summary.get('seed', 0)}",
+        f"- network: **{net['rate']}** ({kind})",
+        f"- target accuracy: **{summary['target_accuracy']:.4f}** = {summary['target_fraction_of_bf16_best']:.0%} of "
+        "bf16's best",
+        f"- machine: {summary.get('machine', {})}, date {summary.get('date', '')}",
+        "",
+        "TTA = training clock (evaluation excluded) at the first evaluation reaching the target; speedup = TTA_bf16 / "
+        "TTA. bits/coord (hook) = bytes handed to collectives by the hook, metadata included; bits/coord (NIC) = "
+        "bytes sent on the worker's emulated interface (TCP/IP headers and vNMSE measurement traffic included). "
+        "step/codec/comm = mean wall time per step / in the hook's encode+decode / waiting on collectives (the "
+        "hook's work overlaps backward).",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    lines += ["", *[f"> note: {n}" for n in summary.get("notes", [])], ""]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS]
+    tails = []
+    for name, r in runs.items():
+        if r["history"] and "tail" in r["history"][-1]:
+            t = r["history"][-1]["tail"]
+            tails.append(f"| {name} | {t.get('excess_kurtosis', float('nan')):.1f} | {t.get('laplace_scale', 0):.3g} | "
+                         f"{t.get('powerlaw_m', float('nan')):.3g} | {t.get('powerlaw_gamma', float('nan')):.2f} | "
+                         f"{_fmt(r['history'][-1].get('alpha_max'), '.3g')} |")
+    if tails:
+        lines += ["", "## Gradient tails at the last evaluation (local gradient of rank 0)", "",
+                  "| run | excess kurtosis | Laplace scale | power-law m | power-law γ | α* (largest bucket) |",
+                  "|---|---:|---:|---:|---:|---:|", *tails]
+    return "\n".join(lines) + "\n"

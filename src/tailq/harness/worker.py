@@ -1,0 +1,257 @@
+"""One rank of a training run: ``python -m tailq.harness.worker --config RUN.json``.
+
+Started by :mod:`tailq.harness.launch` (one process per rank, inside its network namespace when the network is
+emulated) or directly by ``torchrun`` (which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)::
+
+    torchrun --nproc-per-node 2 --max-restarts 1 -m tailq.harness.worker --config runs/x/config.json
+
+The training clock counts only training steps (forward, backward including the gradient exchange, optimizer);
+evaluation, checkpoints and measurement probes run with the clock paused. With ``--net model:RATE`` the clock
+counts the step's measured compute and codec time plus the cost model's communication time for the bytes the
+hook handed to its collectives (every output is then labelled *modeled*). A checkpoint (model, optimizer, hook
+state, step, clock, history) is written every ``checkpoint_every`` steps; a restarted worker resumes from the
+latest complete one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tailq
+from tailq.comm.wire import NetworkModel
+
+from .config import RunConfig
+from .netem import parse_net
+from .workloads import Workload, load_workload
+
+CKPT_KEEP = 2
+
+
+def _batch_indices(n: int, rank: int, world: int, step: int, batch: int, seed: int) -> torch.Tensor:
+    """This rank's batch at ``step``: its shard of a per-epoch permutation (deterministic, resumable)."""
+    shard = n // world
+    per_epoch = max(shard // batch, 1)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    mine = perm[rank * shard : (rank + 1) * shard]
+    return mine[(pos * batch) % shard : (pos * batch) % shard + batch]
+
+
+def _tail_stats(grad: torch.Tensor) -> dict[str, Any]:
+    from scipy import stats as sstats
+
+    from tailq import theory
+
+    g = grad.double().numpy()
+    g = g[g != 0]
+    out: dict[str, Any] = {"n": int(g.size)}
+    if g.size < 100:
+        return out
+    out["mean_abs"] = float(np.mean(np.abs(g)))
+    out["excess_kurtosis"] = float(sstats.kurtosis(g))
+    out["laplace_scale"] = float(theory.fit_laplace(g).scale)
+    try:
+        pl = theory.fit_powerlaw(g)
+        out.update(powerlaw_m=float(pl.m), powerlaw_gamma=float(pl.gamma), powerlaw_tail_fraction=pl.n_tail / pl.n)
+    except ValueError:
+        pass
+    return out
+
+
+class Checkpoints:
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        self.dir = run_dir / "ckpt"
+        self.rank = rank
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step{step:07d}-rank{self.rank}.pt"
+
+    def save(self, step: int, payload: dict[str, Any]) -> None:
+        tmp = self.path(step).with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.path(step))  # atomic: a crash never leaves a half-written checkpoint
+        for old in sorted(self.dir.glob(f"step*-rank{self.rank}.pt"))[:-CKPT_KEEP]:
+            old.unlink(missing_ok=True)
+
+    def latest_common_step(self, world: int) -> int | None:
+        """The newest step for which every rank's checkpoint exists."""
+        steps = None
+        for r in range(world):
+            mine = {int(p.name[4:11]) for p in self.dir.glob(f"step*-rank{r}.pt")}
+            steps = mine if steps is None else steps & mine
+        return max(steps) if steps else None
+
+
+def run(cfg: RunConfig) -> dict[str, Any] | None:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != cfg.workers:
+        raise RuntimeError(f"WORLD_SIZE={world} but the configuration asks for {cfg.workers} workers")
+    torch.set_num_threads(cfg.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    try:
+        return _train(cfg, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
+    run_dir = Path(cfg.run_dir)
+    net = parse_net(cfg.net)
+    wl: Workload = load_workload(cfg.workload, seed=cfg.seed, data_dir=cfg.data_dir, tail_df=cfg.tail_df)
+    if cfg.lr is not None:
+        wl.lr = cfg.lr
+    batch = cfg.batch_size or wl.batch_size
+    torch.manual_seed(cfg.seed)
+    model = wl.make_model()
+    ddp = DDP(model, bucket_cap_mb=cfg.bucket_cap_mb)
+    opts = dict(cfg.hook_options)
+    if cfg.hook not in tailq.hooks.BUILTINS:
+        opts.setdefault("measure_every", cfg.measure_every)
+        opts.setdefault("seed", cfg.seed)
+    state, hook = tailq.ddp_hook(cfg.hook, **opts)
+    ddp.register_comm_hook(state, hook)
+    opt = wl.make_optimizer(ddp.parameters())
+    netmodel = NetworkModel(bandwidth_bps=net.rate_bps or 1e12, latency_s=net.delay_s) if net.kind == "model" else None
+
+    ck = Checkpoints(run_dir, rank) if cfg.checkpoint_every else None
+    step, clock, history, steps_log = 0, 0.0, [], []
+    resumed_from = None
+    if ck is not None:
+        latest = ck.latest_common_step(world)
+        if latest is not None:
+            saved = torch.load(ck.path(latest), weights_only=True)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            state.load_state_dict(saved["hook"])
+            step, clock = int(saved["step"]), float(saved["clock"])
+            history = json.loads(saved["history"])
+            steps_log = json.loads(saved["steps_log"])
+            resumed_from = step
+            xb, yb = _batch(wl, rank, world, 0, batch, cfg.seed)
+            tailq.hooks.prime_buckets(ddp, state, lambda: wl.loss(ddp(xb), yb).backward())
+
+    grad_sample = None
+    stop = False
+    while step < cfg.steps and not stop:
+        xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
+        s0 = dict(state.seconds)
+        nrec = len(state.log.records)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = wl.loss(ddp(xb), yb)
+        loss.backward()
+        opt.step()
+        dt = time.perf_counter() - t0
+        codec = (state.seconds["total"] - s0["total"]) - (state.seconds["communicate"] - s0["communicate"])
+        comm = state.seconds["communicate"] - s0["communicate"]
+        measure = state.seconds.get("measure", 0.0) - s0.get("measure", 0.0)
+        recs = list(state.log.records)[nrec:]
+        step_wall = dt - measure  # vNMSE measurement collectives are not part of the method
+        if netmodel is not None:
+            modeled = sum(netmodel.time(r.collective, r.handed_bytes, world) for r in recs
+                          if r.kind not in ("measure", "config"))
+            step_clock = max(step_wall - comm, 0.0) + modeled
+        else:
+            step_clock = step_wall
+        clock += step_clock
+        steps_log.append({"step": step, "clock": clock, "step_s": step_clock, "wall_s": step_wall, "codec_s": codec,
+                          "comm_s": comm, "loss": float(loss)})
+        step += 1
+        _maybe_fail(rank, step)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            dist.barrier()
+            if rank == 0:
+                acc, test_loss = wl.evaluate(model)
+                entry = {"step": step, "clock": clock, "accuracy": acc, "test_loss": test_loss,
+                         "train_loss": float(loss)}
+                # the local (uncompressed) gradient of one probe batch, for tail statistics: no DDP sync
+                with ddp.no_sync():
+                    opt.zero_grad(set_to_none=True)
+                    wl.loss(ddp(xb), yb).backward()
+                grad_sample = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+                opt.zero_grad(set_to_none=True)
+                entry["tail"] = _tail_stats(grad_sample)
+                last = getattr(state, "last", {})
+                alphas = [v["alpha"] for v in last.values() if "alpha" in v]
+                if alphas:
+                    entry["alpha_max"] = float(max(alphas))
+                history.append(entry)
+                _progress(run_dir, step, cfg.steps, clock, acc)
+            flag = torch.tensor([1.0 if cfg.time_budget_s and clock > cfg.time_budget_s else 0.0])
+            dist.broadcast(flag, 0)  # every rank stops at the same step
+            stop = bool(flag[0] > 0)
+        if ck is not None and step % cfg.checkpoint_every == 0:
+            ck.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "hook": state.state_dict(),
+                           "step": step, "clock": clock, "history": json.dumps(history),
+                           "steps_log": json.dumps(steps_log)})
+    result = None
+    if rank == 0:
+        log = state.log
+        result = {
+            "config": json.loads(json.dumps(cfg.__dict__)),
+            "name": cfg.name,
+            "network": {"spec": cfg.net, "kind": net.kind, "describe": net.describe(), "rate_bps": net.rate_bps},
+            "workload_note": wl.note,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "history": history,
+            "steps": steps_log,
+            "steps_done": step,
+            "stopped_early": stop,
+            "resumed_from": resumed_from,
+            "wire": log.summary(),
+            "vnmse": getattr(state, "vnmse", []),
+            "fallbacks": getattr(state, "fallbacks", []),
+            "final_params_checksum": float(sum(float(p.double().sum()) for p in model.parameters())),
+        }
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        if grad_sample is not None:
+            np.save(run_dir / "grad_sample.npy", grad_sample.numpy())
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, run_dir / "final_model.pt")
+    if hasattr(state, "close"):
+        state.close()
+    return result
+
+
+def _maybe_fail(rank: int, step: int) -> None:
+    """Fault injection for tests: TAILQ_FAULT_EXIT_AT_STEP=k and TAILQ_FAULT_RANK=r make rank r die abruptly
+    after step k — on the first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT is 0 or unset)."""
+    at = os.environ.get("TAILQ_FAULT_EXIT_AT_STEP")
+    if at is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+    if step == int(at) and rank == int(os.environ.get("TAILQ_FAULT_RANK", "1")):
+        os._exit(17)
+
+
+def _batch(wl: Workload, rank: int, world: int, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = _batch_indices(len(wl.x_train), rank, world, step, batch, seed)
+    return wl.x_train[idx], wl.y_train[idx]
+
+
+def _progress(run_dir: Path, step: int, total: int, clock: float, acc: float) -> None:
+    tmp = run_dir / "progress.tmp"
+    tmp.write_text(json.dumps({"step": step, "total": total, "clock": clock, "accuracy": acc}))
+    os.replace(tmp, run_dir / "progress.json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args()
+    run(RunConfig.load(args.config).validate())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Harness: workloads and data loaders, argument validation, metrics, and end-to-end runs (slow)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tailq.cli import main
+from tailq.harness.compare import parse_method, summarize
+from tailq.harness.config import ConfigError, RunConfig
+from tailq.harness.workloads import CIFAR_FILES, MNIST_FILES, DataError, load_workload, read_cifar_batch, read_idx
+
+
+# -- data loaders -----------------------------------------------------------------------------------------
+def write_idx(path: Path, arr: np.ndarray, gz: bool = False) -> None:
+    code = {np.dtype(np.uint8): 0x08}[arr.dtype]
+    raw = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def test_mnist_idx_files_are_read_exactly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 20, dtype=np.uint8)
+    for name, arr in zip(MNIST_FILES, (imgs, labels, imgs[:8], labels[:8]), strict=True):
+        gz = name.startswith("t10k")
+        write_idx(tmp_path / (name + ".gz" if gz else name), arr, gz=gz)
+    assert np.array_equal(read_idx(tmp_path / MNIST_FILES[0]), imgs)
+    wl = load_workload("mnist", data_dir=str(tmp_path))
+    assert wl.x_train.shape == (20, 1, 28, 28) and wl.x_test.shape == (8, 1, 28, 28)
+    assert torch.equal(wl.y_train, torch.from_numpy(labels.astype(np.int64)))
+    # the stored pixels come back exactly (normalised with MNIST's mean and std)
+    assert torch.allclose(wl.x_train[3, 0] * 0.3081 + 0.1307, torch.from_numpy(imgs[3] / 255.0).float(), atol=1e-6)
+    assert wl.make_model()(wl.x_train[:2]).shape == (2, 10)
+
+
+def test_cifar_binary_batches_are_read_exactly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    recs = {}
+    for name in CIFAR_FILES:
+        rec = rng.integers(0, 256, (3, 3073), dtype=np.uint8)
+        rec[:, 0] = rng.integers(0, 10, 3)
+        (tmp_path / name).write_bytes(rec.tobytes())
+        recs[name] = rec
+    x, y = read_cifar_batch(tmp_path / "test_batch.bin")
+    assert np.array_equal(y, recs["test_batch.bin"][:, 0]) and np.array_equal(x[1, 2].reshape(-1),
+                                                                              recs["test_batch.bin"][1, 1 + 2048:])
+    wl = load_workload("cifar10", data_dir=str(tmp_path))
+    assert wl.x_train.shape == (15, 3, 32, 32) and wl.x_test.shape == (3, 3, 32, 32)
+    (tmp_path / "data_batch_2.bin").write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError, match="multiple of 3073"):
+        load_workload("cifar10", data_dir=str(tmp_path))
+
+
+def test_missing_data_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.*--data-dir"):
+        load_workload("mnist", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="data_batch_1.bin.*binary version"):
+        load_workload("cifar10", data_dir=str(tmp_path))
+    rc = main(["train", "--workload", "mnist", "--data-dir", str(tmp_path), "--net", "none"])
+    assert rc == 2
+
+
+def test_builtin_workloads_load_and_models_fit_their_data() -> None:
+    for name in ("digits", "synthetic", "charlm"):
+        wl = load_workload(name)
+        out = wl.make_model()(wl.x_test[:4])
+        assert out.shape[0] == 4
+        assert 0 <= wl.evaluate(wl.make_model())[0] <= 1
+
+
+# -- argument validation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--workload", "imagenet"], "--workload must be one of"),
+        (["train", "--workers", "0"], "--workers must be an integer >= 1"),
+        (["train", "--compressor", "tnq", "--bits", "9"], "--bits for tnq must be in 1..8"),
+        (["train", "--compressor", "nope"], "--compressor must be one of"),
+        (["train", "--net", "fast"], "--net"),
+        (["train", "--net", "100mbit,soon"], "--net"),
+        (["compare", "--methods", "tnq:3:oops"], "--methods"),
+    ],
+)
+def test_bad_arguments_are_rejected_before_anything_starts(argv: list[str], message: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 10  # nothing was launched
+
+
+def test_parse_method() -> None:
+    m = parse_method("tnq:3:tail=laplace,route=allgather")
+    assert m.hook == "tnq" and dict(m.options) == {"bits": 3, "tail": "laplace", "route": "allgather"}
+    assert parse_method("powersgd:rank=2").options == (("matrix_approximation_rank", 2),)
+    assert parse_method("bf16").label == "bf16"
+
+
+# -- metrics ----------------------------------------------------------------------------------------------
+def _fake(hook: str, accs: list[float], clock_per_eval: float, bits: float = 16.0) -> dict[str, Any]:
+    hist = [{"step": 10 * (i + 1), "clock": clock_per_eval * (i + 1), "accuracy": a} for i, a in enumerate(accs)]
+    steps = [{"step": i, "clock": clock_per_eval * (i + 1) / 10, "step_s": clock_per_eval / 10, "codec_s": 0.0,
+              "comm_s": 0.0} for i in range(10 * len(accs))]
+    return {"name": hook, "config": {"hook": hook, "hook_options": {}}, "history": hist, "steps": steps,
+            "parameters": 1000, "wire": {"bits_per_coord_handed": bits, "bits_per_coord_ring_traffic": bits * 1.5},
+            "network": {"spec": "model:100mbit,1ms"}, "vnmse": [{"step": 0, "vnmse": 0.5}, {"step": 10, "vnmse": 0.3}]}
+
+
+def test_tta_and_speedup_follow_the_definition() -> None:
+    bf16 = _fake("bf16", [0.5, 0.8, 0.9, 0.95, 1.0], 2.0)
+    fast = _fake("tnq", [0.6, 0.95, 0.99, 0.99, 0.98], 1.0, bits=3.0)
+    never = _fake("efsign", [0.3, 0.4, 0.5, 0.6, 0.7], 0.5, bits=1.0)
+    s = summarize([bf16, fast, never], 0.99)
+    assert s["target_accuracy"] == pytest.approx(0.99)
+    runs = {r["compressor"]: r for r in s["runs"]}
+    assert runs["bf16"]["tta_s"] == pytest.approx(10.0)  # reaches 1.0 at the 5th evaluation, clock 10
+    assert runs["tnq"]["tta_s"] == pytest.approx(3.0)  # first >= 0.99 at the 3rd evaluation, clock 3
+    assert runs["tnq"]["speedup_vs_bf16"] == pytest.approx(10.0 / 3.0)
+    assert runs["efsign"]["tta_s"] is None and runs["efsign"]["speedup_vs_bf16"] is None
+    assert runs["tnq"]["best_accuracy"] == 0.99 and runs["tnq"]["final_accuracy"] == 0.98
+    assert runs["tnq"]["vnmse"] == pytest.approx(0.4)
+    assert s["network"]["modeled"] and not s["network"]["emulated"]
+    with pytest.raises(ConfigError, match="bf16"):
+        summarize([fast], 0.99)
+
+
+# -- end to end (slow) ------------------------------------------------------------------------------------
+def _emulation() -> bool:
+    from tailq.harness.netem import emulation_available, parse_net
+
+    return emulation_available(parse_net("50mbit"))[0]
+
+
+RESULT_KEYS = {"compressor", "bits", "tta_s", "speedup_vs_bf16", "best_accuracy", "final_accuracy", "vnmse",
+               "wire_bits_per_coord"}
+
+
+@pytest.mark.slow
+def test_two_worker_synthetic_comparison_over_an_emulated_network(tmp_path: Path) -> None:
+    net = "50mbit" if _emulation() else "model:50mbit"
+    out = tmp_path / "summary.json"
+    rc = main(["compare", "--workload", "synthetic", "--workers", "2", "--steps", "60", "--eval-every", "20",
+               "--net", net, "--methods", "bf16", "tnq:3", "qsgd:4", "--out", str(tmp_path), "--id", "cmp",
+               "--json", str(out)])
+    assert rc == 0
+    s = json.loads(out.read_text())
+    assert set(s) >= {"target_accuracy", "network", "runs"}
+    assert set(s["network"]) >= {"rate", "emulated"} and s["network"]["emulated"] == _emulation()
+    assert len(s["runs"]) == 3
+    for r in s["runs"]:
+        assert set(r) >= RESULT_KEYS
+        assert 0 < r["best_accuracy"] <= 1
+    tnq = next(r for r in s["runs"] if r["compressor"] == "tnq")
+    assert 3.0 <= tnq["wire_bits_per_coord"] < 8.0 and tnq["vnmse"] is not None
+    if _emulation():
+        # bytes seen on the emulated NICs: at least the hook's payload, and far less for tnq than for bf16
+        bf16 = next(r for r in s["runs"] if r["compressor"] == "bf16")
+        assert bf16["nic_bits_per_coord"] >= 16 and tnq["nic_bits_per_coord"] < bf16["nic_bits_per_coord"]
+    root = tmp_path / "cmp"
+    for name in ("report.md", "results.json", "accuracy_vs_time.png", "tta_vs_bits.png", "vnmse.png",
+                 "gradient_histogram.png"):
+        assert (root / name).is_file() and (root / name).stat().st_size > 0
+    # tailq report re-renders from the saved JSON
+    (root / "report.md").unlink()
+    assert main(["report", str(root)]) == 0 and (root / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_under_torchrun_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    def run(name: str, fault: bool) -> dict[str, torch.Tensor]:
+        cfg = RunConfig(workload="synthetic", hook="tnq", hook_options={"bits": 3, "error_feedback": True},
+                        workers=2, steps=40, eval_every=10, checkpoint_every=10, net="none",
+                        run_dir=str(tmp_path / name))
+        cfg.validate().save(tmp_path / f"{name}.json")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if fault:
+            env.update(TAILQ_FAULT_EXIT_AT_STEP="25", TAILQ_FAULT_RANK="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "--max-restarts=1", "-m", "tailq.harness.worker", "--config", str(tmp_path / f"{name}.json")]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads((tmp_path / name / "result.json").read_text())
+        assert (res["resumed_from"] == 20) == fault  # the restart resumed from the last checkpoint (step 20)
+        return torch.load(tmp_path / name / "final_model.pt", weights_only=True)
+
+    straight = run("straight", fault=False)
+    resumed = run("resumed", fault=True)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _emulation(), reason="network emulation needs root and iproute2")
+def test_namespaces_are_gone_after_a_worker_crash_and_after_the_launcher_is_killed(tmp_path: Path) -> None:
+    def ours(pid: int) -> set[str]:
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return {line.split()[0] for line in out.splitlines() if line.startswith(f"tq-{pid}-")}
+
+    train = [sys.executable, "-m", "tailq.cli", "train", "--workload", "synthetic", "--workers", "2", "--net",
+             "50mbit"]
+    # 1. a worker dies: the launcher fails the run and tears the network down
+    env = {**os.environ, "TAILQ_FAULT_EXIT_AT_STEP": "5", "TAILQ_FAULT_RANK": "1"}
+    p = subprocess.Popen([*train, "--steps", "30", "--run-dir", str(tmp_path / "crash")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and "rank 1 exited with status 17" in err
+    assert not ours(p.pid)
+    # 2. the launcher itself is killed (SIGKILL: no cleanup can run); the next start sweeps the leftovers
+    p = subprocess.Popen([*train, "--steps", "100000", "--run-dir", str(tmp_path / "killed")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not ours(p.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert ours(p.pid), "the run never created its namespaces"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert ours(p.pid)  # nothing could clean up after SIGKILL ...
+    from tailq.harness.netem import sweep_stale
+
+    sweep_stale()
+    assert not ours(p.pid)  # ... until the next start's sweep
