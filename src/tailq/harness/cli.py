@@ -92,6 +92,15 @@ def _check_data(workload: str, data_dir: str | None) -> None:
             raise ConfigError(str(err)) from err
 
 
+def _require_harness_extras() -> None:
+    from .config import ConfigError
+
+    missing = [m for m in ("sklearn", "matplotlib") if __import__("importlib").util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"the harness needs {', '.join(missing)}: pip install 'tailq[harness]' "
+                          "(scikit-learn for the embedded digits data, matplotlib for the plots)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -99,6 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, RunConfig
     from .launch import launch_run
 
+    _require_harness_extras()
     opts: dict[str, Any] = {}
     if args.bits is not None:
         opts["bits"] = args.bits
@@ -130,6 +140,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import DEFAULT_METHODS, Y1_METHODS, compare, parse_method
     from .report import print_table
 
+    _require_harness_extras()
     notes: list[str] = []
     workload, workers = args.workload, args.workers
     methods = [parse_method(m) for m in args.methods] if args.methods else list(DEFAULT_METHODS)

@@ -168,7 +168,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             step_clock = step_wall
         clock += step_clock
         steps_log.append({"step": step, "clock": clock, "step_s": step_clock, "wall_s": step_wall, "codec_s": codec,
-                          "comm_s": comm, "loss": float(loss)})
+                          "comm_s": comm, "loss": float(loss.detach())})
         step += 1
         _maybe_fail(rank, step)
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -176,7 +176,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             if rank == 0:
                 acc, test_loss = wl.evaluate(model)
                 entry = {"step": step, "clock": clock, "accuracy": acc, "test_loss": test_loss,
-                         "train_loss": float(loss)}
+                         "train_loss": float(loss.detach())}
                 # the local (uncompressed) gradient of one probe batch, for tail statistics: no DDP sync
                 with ddp.no_sync():
                     opt.zero_grad(set_to_none=True)
