@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-DEFAULT_NET = "100mbit"
+DEFAULT_NET = "50mbit"
 
 
 def add_parsers(sub: Any) -> None:
@@ -50,7 +50,7 @@ def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--data-dir", help="directory with MNIST IDX or CIFAR-10 binary files")
     s.add_argument("--tail-df", type=float, default=3.0, help="synthetic: Student-t degrees of freedom of inputs")
     s.add_argument("--bucket-cap-mb", type=float, default=25.0)
-    s.add_argument("--measure-every", type=int, default=10, help="vNMSE every k-th step (0 = never)")
+    s.add_argument("--measure-every", type=int, default=25, help="vNMSE every k-th step (0 = never)")
 
 
 WORKLOAD_STEPS = {"digits": (300, 25), "charlm": (400, 50), "synthetic": (200, 20), "mnist": (600, 50),

@@ -57,7 +57,9 @@ def print_table(summary: dict[str, Any]) -> None:
         t.add_column(h, justify="left" if h == "method" else "right")
     for row in table_rows(summary):
         t.add_row(*row)
-    Console().print(t)
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
 
 
 def _load_runs(root: Path, summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
