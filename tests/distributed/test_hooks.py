@@ -3,8 +3,10 @@
 Tolerances, from the math:
 * stochastic unbiased compressors, R repeated steps on fixed gradients: per coordinate the mean over steps must
   be within 6 standard errors of the expected value (4 SE after a Bonferroni correction over d = 257
-  coordinates), and the aggregate ratio S = Σ(mean − expected)² / (Σ std² / R), whose expectation is 1 and
-  whose standard deviation is ≈ √(2/d) ≈ 0.09, must be below 1.6;
+  coordinates), and the aggregate ratio S = Σ(mean − expected)² / Σ SE², whose expectation is 1 and whose
+  standard deviation is ≈ √(2/d) ≈ 0.09, must be below 1.6. The standard error is the exact one,
+  √(Σ_r (l_j+1 − t_r)(t_r − l_j) / N² / R), for compressors that round onto known levels (the sample std of a
+  rarely-moving coordinate is itself skewed low and inflates z), and the sample one for the others;
 * deterministic compressors: equal to the exact mean of the compressed vectors up to float32 rounding.
 """
 
@@ -62,7 +64,10 @@ def check_statistics(results: list[list[dict[str, Any]]]) -> None:
         if float(std.max()) == 0.0:  # deterministic
             assert float(diff.max()) <= 1e-6 * (1 + float(exp.abs().max())), name
         else:
-            se = std / math.sqrt(STEPS)
+            # the standard error from the exact rounding variance where it is known (codebook compressors): the
+            # sample std of a rarely-moving coordinate is itself very noisy and skewed low, which inflates z
+            var = case.get("exact_var")
+            se = std / math.sqrt(STEPS) if var is None else (var / STEPS).sqrt()
             noisy = se > 0
             z = diff[noisy] / se[noisy]
             assert float(z.max()) <= 6.0, (name, float(z.max()))

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tailq
-from tailq.hooks.tailq_hook import TailqState, _seed_for
+from tailq.hooks.tailq_hook import TailqState
+from tailq.kernels import RandKey
 
 
 class FakeBucket:
@@ -151,6 +152,14 @@ def w_statistics(rank: int, world: int, cases: list[tuple[str, dict[str, Any]]],
             target = comp.roundtrip(g)
         expected = _mean(target)
         info = state.last.get(0, {})
+        # the exact variance of the hooked mean where the rounding is onto known levels: each rank rounds its
+        # target t in [l_j, l_j+1] with variance (l_j+1 - t)(t - l_j), independently of the other ranks
+        exact_var = None
+        if info.get("levels") is not None and name != "multi-scale":
+            lv = info["levels"].double()
+            t = target.double().clamp(float(lv[0]), float(lv[-1]))
+            j = (torch.searchsorted(lv, t, right=True) - 1).clamp(0, lv.numel() - 2)
+            exact_var = _mean((lv[j + 1] - t) * (t - lv[j])) / world
         route = info.get("route", "")
         stats_len = 0 if not state.agg.uses_stats else state.agg.local_stats(g).numel() + 1
         stats_bytes = 8 if not state.agg.uses_stats else stats_len * state.agg.local_stats(g).element_size()
@@ -159,6 +168,7 @@ def w_statistics(rank: int, world: int, cases: list[tuple[str, dict[str, Any]]],
             model_bytes += comp.n_indices(d)  # int8 index per element/block
         out.append({
             "name": name, "opts": opts, "mean": mean, "std": std, "expected": expected, "route": route,
+            "exact_var": exact_var,
             "levels": info.get("levels"),
             "bits_measured": state.log.bits_per_coord(),
             "bits_model": 8 * model_bytes / d,
@@ -178,8 +188,7 @@ def w_lanes_exact(rank: int, world: int, names: list[str], d: int) -> list[tuple
             stats = _agreed_stats(state, g)
             cb = state.comp.codebook_from_stats(stats)
             snapped = cb.snap(state.agg.grid)
-            gen = torch.Generator().manual_seed(_seed_for(5, rank, 0, 0))
-            codes = snapped.encode_fine(g, gen)
+            codes = snapped.encode_fine(g, RandKey(5, rank, 0, 0))  # the hook's counter key (seed, rank, step, bucket)
             total = codes.clone()
             dist.all_reduce(total)
             expected = snapped.decode_sum(total, world)

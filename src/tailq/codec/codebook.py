@@ -3,23 +3,79 @@
 Stochastic rounding of x ∈ [l_j, l_{j+1}] outputs l_{j+1} with probability (x − l_j)/(l_{j+1} − l_j),
 computed from the *real* distances between levels, so E[Q(x)] = x for every x in [l_0, l_s]. Values
 outside are first clipped (truncation): the only source of bias.
+
+Randomness: a ``torch.Generator`` (``torch.rand``, the original reference) or a
+:class:`~tailq.kernels.RandKey` (counter-based: the uniform number of element i is a hash of (key, i)). With a
+``RandKey`` the plain-torch functions here are the reference that the fused kernels (:mod:`tailq.kernels`) match
+bit for bit; the packed entry points (``encode_packed``, ``decode_packed``, ``encode_lanes``, ...) use a fused
+kernel when one is available for the tensor's device and fall back to this reference otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["Codebook", "SnappedCodebook", "stochastic_round_uniform", "stochastic_round_levels"]
+from tailq.kernels import RandKey, RoundSpec, counter_uniform, dispatch
+
+from .packing import LanePlan, pack_bits, pack_lanes, unpack_bits, unpack_lanes
+
+__all__ = ["Codebook", "Generator", "SnappedCodebook", "stochastic_round_uniform", "stochastic_round_levels"]
+
+Generator = torch.Generator | RandKey  # what the rounding functions accept as their source of randomness
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (as a Python float)."""
+    return float(np.float32(v))
+
+
+def _round_affine_counter(x: torch.Tensor, low: float, inv: float, s: int, key: RandKey) -> torch.Tensor:
+    """Counter-key rounding onto low + k/inv (RoundSpec "affine"), float32 arithmetic, int64 codes."""
+    if x.dtype == torch.float32 and 1 <= s <= 255 and dispatch.path_for(x.device, x.numel()) != "reference":
+        # a fused kernel where available (same codes)
+        levels = torch.tensor([low + k / inv for k in range(s + 1)], dtype=torch.float32)
+        fast = dispatch.round_codes(x.reshape(-1), RoundSpec.for_rounding(levels, True, low, inv), key)
+        if fast is not None:
+            return fast.to(torch.int64).reshape(x.shape)
+    xf = x.reshape(-1).to(torch.float32)
+    low_t = torch.tensor(low, dtype=torch.float32, device=xf.device)
+    inv_t = torch.tensor(inv, dtype=torch.float32, device=xf.device)
+    t = ((xf - low_t) * inv_t).clamp_(0.0, float(s))
+    j = t.floor().clamp_(max=s - 1)
+    u = counter_uniform(xf.numel(), key, device=xf.device)
+    return (j + (u < (t - j)).to(torch.float32)).to(torch.int64).reshape(x.shape)
+
+
+def _round_levels_counter(x: torch.Tensor, levels: torch.Tensor, key: RandKey) -> torch.Tensor:
+    """Counter-key rounding onto increasing float32 levels (RoundSpec "levels"), int64 codes."""
+    fast_ok = x.dtype == torch.float32 and 1 <= levels.numel() - 1 <= 255
+    if fast_ok and dispatch.path_for(x.device, x.numel()) != "reference":  # a fused kernel (same codes)
+        fast = dispatch.round_codes(x.reshape(-1), RoundSpec.for_rounding(levels, False), key)
+        if fast is not None:
+            return fast.to(torch.int64).reshape(x.shape)
+    lv = levels.to(device=x.device, dtype=torch.float32)
+    s = lv.numel() - 1
+    widths = lv[1:] - lv[:-1]
+    xt = x.reshape(-1).to(torch.float32).clamp(float(lv[0]), float(lv[-1]))
+    j = (torch.searchsorted(lv, xt, right=True) - 1).clamp_(0, s - 1)
+    u = counter_uniform(xt.numel(), key, device=xt.device)
+    return (j + (u * widths[j] < (xt - lv[j])).to(torch.int64)).reshape(x.shape)
 
 
 def stochastic_round_uniform(
-    x: torch.Tensor, low: float, step: float, s: int, generator: torch.Generator
+    x: torch.Tensor, low: float, step: float, s: int, generator: Generator
 ) -> torch.Tensor:
-    """Codes k ∈ {0..s} for the uniform grid low + k·step; x is clipped to [low, low + s·step] first."""
+    """Codes k ∈ {0..s} for the uniform grid low + k·step; x is clipped to [low, low + s·step] first.
+
+    With a ``RandKey`` the arithmetic is float32 ``t = (x − low)·(1/step)`` (RoundSpec "affine").
+    """
+    if isinstance(generator, RandKey):
+        return _round_affine_counter(x, _f32(low), _f32(1.0 / step), s, generator)
     t = ((x - low) / step).clamp_(0.0, float(s))
     j = t.floor().clamp_(max=s - 1)
     u = torch.rand(x.shape, generator=generator, dtype=t.dtype, device=x.device)
@@ -27,10 +83,10 @@ def stochastic_round_uniform(
     return (j + (u < (t - j)).to(t.dtype)).to(torch.int64)
 
 
-def stochastic_round_levels(
-    x: torch.Tensor, levels: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
+def stochastic_round_levels(x: torch.Tensor, levels: torch.Tensor, generator: Generator) -> torch.Tensor:
     """Codes k ∈ {0..s} for arbitrary increasing levels; x is clipped to [levels[0], levels[-1]] first."""
+    if isinstance(generator, RandKey):
+        return _round_levels_counter(x, levels, generator)
     s = levels.numel() - 1
     xt = x.clamp(float(levels[0]), float(levels[-1]))
     j = (torch.searchsorted(levels, xt, right=True) - 1).clamp_(0, s - 1)
@@ -97,8 +153,11 @@ class Codebook:
         """T_α(x): clip to [l_0, l_s]."""
         return x.clamp(self.low, self.high)
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Truncate and stochastically round; returns int64 codes in {0..s}."""
+    def encode(self, x: torch.Tensor, generator: Generator) -> torch.Tensor:
+        """Truncate and stochastically round; returns int64 codes in {0..s}.
+
+        ``generator``: a ``torch.Generator`` or a :class:`~tailq.kernels.RandKey` (counter-based, see module doc).
+        """
         if self.uniform:
             return stochastic_round_uniform(x, self.low, self.step, self.s, generator)
         return stochastic_round_levels(x, self.levels.to(x.device), generator)
@@ -107,6 +166,63 @@ class Codebook:
         if self.uniform:
             return codes.to(torch.float32) * self.step + self.low
         return self.levels.to(codes.device)[codes.long()]
+
+    # -- fused hot paths (a kernel when available, else the reference above) --------------------------------
+    @functools.cached_property
+    def round_spec(self) -> RoundSpec:
+        """The float32 constants every implementation rounds and decodes with (:class:`~tailq.kernels.RoundSpec`)."""
+        lv = self.levels.detach().to("cpu", torch.float32).contiguous()
+        values = self.decode(torch.arange(self.s + 1)).to(torch.float32).contiguous()
+        dec_step, dec_low = _f32(self.step), _f32(self.low)
+        arith = torch.arange(self.s + 1, dtype=torch.float32) * torch.tensor(dec_step) + torch.tensor(dec_low)
+        return RoundSpec(
+            s=self.s,
+            affine=self.uniform,
+            low=_f32(self.low),
+            inv=_f32(1.0 / self.step) if self.uniform else 0.0,
+            levels=lv,
+            widths=lv[1:] - lv[:-1],
+            values=values,
+            grid=self.s,
+            dec_affine=self.uniform and torch.equal(arith, values),
+            dec_step=dec_step,
+            dec_low=dec_low,
+        )
+
+    def encode_packed(self, x: torch.Tensor, generator: Generator, bits: int) -> torch.Tensor:
+        """``pack_bits(self.encode(x, generator), bits)`` — fused into one pass for a ``RandKey``."""
+        if isinstance(generator, RandKey):
+            out = dispatch.encode_dense(x.reshape(-1), self.round_spec, generator, bits)
+            if out is not None:
+                return out
+        return pack_bits(self.encode(x.reshape(-1), generator), bits, check=False)
+
+    def decode_packed(
+        self, packed: torch.Tensor, bits: int, n: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``self.decode(unpack_bits(packed, bits, n))`` as float32 (fused when a kernel is available).
+
+        ``out``: a float32 tensor of ``n`` elements to write into (no fresh allocation on the fast path).
+        """
+        res = dispatch.decode_dense(packed, self.round_spec, bits, n, out)
+        if res is not None:
+            return res
+        dec = self.decode(unpack_bits(packed, bits, n).to(torch.int64)).to(torch.float32)
+        return dec if out is None else out.copy_(dec)
+
+    def decode_mean_packed(self, payloads: Sequence[torch.Tensor], bits: int, n: int) -> torch.Tensor:
+        """Mean of the decodes of ``payloads`` (each ``bits``-bit packed codes of ``n`` elements).
+
+        Summed in payload order starting from 0.0, then divided by the count (the reference order).
+        """
+        out = dispatch.decode_dense_mean(payloads, self.round_spec, bits, n)
+        if out is not None:
+            return out
+        device = payloads[0].device
+        mean = torch.zeros(n, dtype=torch.float32, device=device)
+        for p in payloads:
+            mean += self.decode(unpack_bits(p, bits, n).to(torch.int64))
+        return mean / len(payloads)
 
     def snap(self, grid: int) -> SnappedCodebook:
         """Snap the levels onto a uniform fine grid of ``grid + 1`` points spanning [l_0, l_s] (SPEC §6.1).
@@ -135,9 +251,34 @@ class SnappedCodebook:
     fine_index: torch.Tensor  # int64, increasing, fine_index[k] is level k's point on the fine grid
     grid: int
 
-    def encode_fine(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_fine(self, x: torch.Tensor, generator: Generator) -> torch.Tensor:
         """Stochastically round to the snapped levels and return the *fine* grid index of each choice."""
         return self.fine_index.to(x.device)[self.codebook.encode(x, generator)]
+
+    @functools.cached_property
+    def round_spec(self) -> RoundSpec:
+        """The codebook's :class:`~tailq.kernels.RoundSpec` with the fine index of each code attached."""
+        return dataclasses.replace(
+            self.codebook.round_spec, fine=self.fine_index.detach().to("cpu", torch.int64), grid=self.grid
+        )
+
+    def encode_lanes(self, x: torch.Tensor, generator: Generator, plan: LanePlan) -> torch.Tensor:
+        """``pack_lanes(self.encode_fine(x, generator), plan)`` — fused into one pass for a ``RandKey``."""
+        if plan.grid != self.grid:
+            raise ValueError(f"lane plan is for grid {plan.grid}, this codebook's fine grid is {self.grid}")
+        if isinstance(generator, RandKey):
+            out = dispatch.encode_lanes(x.reshape(-1), self.round_spec, generator, plan)
+            if out is not None:
+                return out
+        return pack_lanes(self.encode_fine(x.reshape(-1), generator), plan, check=False)
+
+    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n: int, n_workers: int) -> torch.Tensor:
+        """``self.decode_sum(unpack_lanes(words, plan, n), n_workers)`` (fused when a kernel is available)."""
+        lo, hi = self.codebook.low, self.codebook.high
+        out = dispatch.decode_lanes(words, plan, n, lo, (hi - lo) / (self.grid * n_workers))
+        if out is not None:
+            return out
+        return self.decode_sum(unpack_lanes(words, plan, n, check=False), n_workers)
 
     def decode_sum(self, total: torch.Tensor, n_workers: int) -> torch.Tensor:
         """Exact mean from the sum of fine indices over ``n_workers``: l_0 + (K/N)·(l_s − l_0)/grid."""

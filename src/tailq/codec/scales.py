@@ -26,9 +26,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from tailq.kernels import RandKey
+
 from .base import Compressor, Encoded, Option, check_input, register
 from .codebook import Codebook, stochastic_round_uniform
 from .packing import pack_bits, unpack_bits
+from .tq import checked_input
 
 __all__ = ["MultiScale", "SingleScale", "index_dtype", "round_up_f32"]
 
@@ -61,8 +64,11 @@ def _scale_from_stats(stats: torch.Tensor | float, owner: str) -> float:
 
 
 def _local_max(flat: torch.Tensor) -> torch.Tensor:
-    m = flat.abs().max().to(torch.float64) if flat.numel() else torch.zeros((), dtype=torch.float64)
-    return m.reshape(1).to(flat.device)
+    """``[max|x|]`` (float64) from one min/max reduction (no |x| temporary; the same value)."""
+    if not flat.numel():
+        return torch.zeros(1, dtype=torch.float64, device=flat.device)
+    lo, hi = torch.aminmax(flat)
+    return torch.maximum(-lo, hi).to(torch.float64).reshape(1)
 
 
 @register
@@ -94,7 +100,7 @@ class SingleScale(Compressor):
 
     def local_stats(self, x: torch.Tensor) -> torch.Tensor:
         """``[max|x|]`` as a float64 tensor (all-reduce with MAX)."""
-        return _local_max(check_input(x))
+        return _local_max(checked_input(x))
 
     def codebook_from_stats(self, stats: torch.Tensor) -> Codebook | None:
         """The shared grid ``Codebook.uniform_grid(M, s)``; ``None`` when M = 0 (every input is zero)."""
@@ -105,11 +111,15 @@ class SingleScale(Compressor):
         self,
         x: torch.Tensor,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | RandKey | None = None,
         stats: torch.Tensor | None = None,
     ) -> Encoded:
-        """Round onto the grid of the agreed scale (``stats``) or, without it, of the local max|x|."""
-        flat = check_input(x)
+        """Round onto the grid of the agreed scale (``stats``) or, without it, of the local max|x|.
+
+        With a ``RandKey`` the rounding is the uniform codebook's on [−M, M] (the fused path of
+        :meth:`Codebook.encode_packed`; the same grid, its own float32 affine map).
+        """
+        flat = checked_input(x)
         if flat.numel() == 0:
             return self._empty(x)
         local = _local_max(flat)
@@ -118,6 +128,9 @@ class SingleScale(Compressor):
         scale = torch.tensor([m], dtype=torch.float32, device=flat.device)
         if m == 0.0:
             return Encoded({"scale": scale}, x.shape, x.dtype, info)
+        if isinstance(generator, RandKey):
+            packed = Codebook.uniform_grid(m, self.s).encode_packed(flat, generator, self.bits)
+            return Encoded({"codes": packed, "scale": scale}, x.shape, x.dtype, info)
         # t = (x + M) / (2M) * s in [0, s]; computed as x/M so tiny (subnormal) scales stay exact enough.
         t = (flat / scale + 1.0) * (self.s / 2.0)
         codes = stochastic_round_uniform(t, 0.0, 1.0, self.s, self._gen(generator))
@@ -217,7 +230,7 @@ class MultiScale(Compressor):
 
     def local_stats(self, x: torch.Tensor) -> torch.Tensor:
         """``[max|x|]`` as a float64 tensor (all-reduce with MAX)."""
-        return _local_max(check_input(x))
+        return _local_max(checked_input(x))
 
     def codebook_from_stats(self, stats: torch.Tensor) -> Codebook | None:
         """The grid of the coarsest scale M_0 = M (the finer grids are it divided by ratio^j)."""
@@ -264,12 +277,12 @@ class MultiScale(Compressor):
         self,
         x: torch.Tensor,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | RandKey | None = None,
         stats: torch.Tensor | None = None,
         scale_index: torch.Tensor | None = None,
     ) -> Encoded:
         """Round each element on its (agreed) scale; ``stats`` = agreed [M], ``scale_index`` = agreed MIN."""
-        flat = check_input(x)
+        flat = checked_input(x)
         n = flat.numel()
         if n == 0:
             return self._empty(x)
@@ -289,7 +302,7 @@ class MultiScale(Compressor):
         se = sc[per_elem]
         ratio = flat / torch.where(se > 0, se, torch.ones_like(se))  # |x| <= M_j: in [-1, 1]
         t = (ratio + 1.0) * (self.s / 2.0)
-        codes = stochastic_round_uniform(t, 0.0, 1.0, self.s, self._gen(generator))
+        codes = stochastic_round_uniform(t, 0.0, 1.0, self.s, self.generator if generator is None else generator)
         tensors = {
             "codes": pack_bits(codes, self.bits, check=False),
             "scale": scale,

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from tailq import theory
+from tailq.kernels import RandKey, dispatch
 
 from .base import Compressor, Encoded, Option, check_input, register
 from .codebook import Codebook
-from .packing import pack_bits, unpack_bits
 from .stats import histogram_stats, laplace_stats
 
-__all__ = ["TUQ", "TNQ", "TBQ", "TruncatedQuantizer", "DesignResult"]
+__all__ = ["TUQ", "TNQ", "TBQ", "TruncatedQuantizer", "DesignResult", "checked_input"]
 
 TAILS = ("laplace", "powerlaw", "empirical")
 
@@ -144,6 +144,12 @@ class TruncatedQuantizer(Compressor):
     # -- codebook agreement (the distributed layer all-reduces local_stats with SUM) -------------------
     def local_stats(self, x: torch.Tensor) -> torch.Tensor:
         """Summable float64 statistics of ``x`` that define the codebook."""
+        if self.tail == "empirical":  # fused fast path: finite check + histogram in one pass (same bits)
+            res = dispatch.histogram_stats(_flat32(x))
+            if res is not None:
+                if res[1]:
+                    check_input(x)  # raises the usual error naming the non-finite values
+                return res[0]
         flat = check_input(x)
         if self.tail == "laplace":
             return laplace_stats(flat)
@@ -163,19 +169,25 @@ class TruncatedQuantizer(Compressor):
         self,
         x: torch.Tensor,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | RandKey | None = None,
         stats: torch.Tensor | None = None,
     ) -> Encoded:
-        flat = check_input(x)
+        """Truncate, round and pack; ``generator`` is a ``torch.Generator`` or a ``RandKey`` (counter-based,
+        fused into one pass by :mod:`tailq.kernels` where available)."""
+        if stats is None:
+            stats = self.local_stats(x)  # validates x (finite) on the way
+            flat = _flat32(x)
+        else:
+            flat = checked_input(x)
         if flat.numel() == 0:
             return self._empty(x)
-        res = self.design_from_stats(self.local_stats(flat) if stats is None else stats)
+        res = self.design_from_stats(stats)
         info = res.info()
         if res.codebook is None:
             return Encoded({"alpha": torch.zeros(1, dtype=torch.float32)}, x.shape, x.dtype, info)
         cb = res.codebook
-        codes = cb.encode(flat, self._gen(generator))
-        tensors = {"codes": pack_bits(codes, self.bits, check=False)}
+        gen = self.generator if generator is None else generator
+        tensors = {"codes": cb.encode_packed(flat, gen, self.bits)}
         if cb.uniform:
             tensors["alpha"] = torch.tensor([cb.high], dtype=torch.float32)
         else:
@@ -186,13 +198,12 @@ class TruncatedQuantizer(Compressor):
         n = enc.numel
         if "codes" not in enc.tensors:
             return torch.zeros(enc.shape, dtype=torch.float32)
-        codes = unpack_bits(enc.tensors["codes"], self.bits, n).to(torch.int64)
         if "levels" in enc.tensors:
             cb = Codebook(enc.tensors["levels"], uniform=False)
         else:
             alpha = float(enc.tensors["alpha"][0])
             cb = Codebook.uniform_grid(alpha, 2**self.bits - 1)
-        return cb.decode(codes).reshape(enc.shape)
+        return cb.decode_packed(enc.tensors["codes"], self.bits, n).reshape(enc.shape)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
         """T_α*(x): the truncated input, which the decode estimates without bias."""
@@ -201,6 +212,22 @@ class TruncatedQuantizer(Compressor):
             return flat.reshape(x.shape)
         cb = self.codebook_from_stats(self.local_stats(flat))
         return (torch.zeros_like(flat) if cb is None else cb.truncate(flat)).reshape(x.shape)
+
+
+def _flat32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` flattened as float32 after the type checks of ``check_input`` but without its finite check."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return check_input(x)  # raises the usual TypeError
+    return x.reshape(-1).to(torch.float32)
+
+
+def checked_input(x: torch.Tensor) -> torch.Tensor:
+    """``check_input(x)`` with the finite check done by one fused reduction when a fast path exists."""
+    flat = _flat32(x)
+    bad = dispatch.nonfinite_count(flat)
+    if bad is None or bad:
+        return check_input(x)  # the reference check (raises with the usual message when bad)
+    return flat
 
 
 @register

@@ -19,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from tailq.codec import Codebook, Compressor, Encoded
-from tailq.codec.packing import LanePlan, pack_bits, pack_lanes, plan_lanes, unpack_bits, unpack_lanes
+from tailq.codec.codebook import Generator
+from tailq.codec.packing import LanePlan, pack_lanes, plan_lanes, unpack_bits, unpack_lanes
+from tailq.kernels import RandKey
 
 from .wire import Comm, NetworkModel
 
@@ -33,15 +36,34 @@ __all__ = ["Outcome", "Aggregator", "SharedCodebook", "MultiScaleAgg", "Gathered
 ROUTES = ("auto", "allreduce", "allgather")
 
 
+Lazy = torch.Tensor | Callable[[], torch.Tensor]
+
+
 @dataclasses.dataclass
 class Outcome:
-    """The mean over ranks, and this rank's own decoded contribution with what it is unbiased for (for EF)."""
+    """The mean over ranks, and this rank's own decoded contribution with what it is unbiased for (for EF).
+
+    ``own`` and ``target`` may be given as zero-argument callables: they are computed on first access (only error
+    feedback reads them; each is a full pass over the bucket).
+    """
 
     mean: torch.Tensor
-    own: torch.Tensor
-    target: torch.Tensor
+    own_: Lazy
+    target_: Lazy
     route: str
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def own(self) -> torch.Tensor:
+        if not isinstance(self.own_, torch.Tensor):
+            self.own_ = self.own_()
+        return self.own_
+
+    @property
+    def target(self) -> torch.Tensor:
+        if not isinstance(self.target_, torch.Tensor):
+            self.target_ = self.target_()
+        return self.target_
 
 
 class Aggregator:
@@ -54,6 +76,9 @@ class Aggregator:
         self.comm = comm
         self.fine_bits = fine_bits
         self.network = network
+        # whether Outcome.own will be read (error feedback); when False the summable route skips keeping a copy
+        # of this rank's own lane words
+        self.need_own = True
 
     def local_stats(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -65,7 +90,8 @@ class Aggregator:
         """Bytes of payload this rank hands to the collective for an n-element bucket (cost model)."""
         raise NotImplementedError
 
-    def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: torch.Generator, route: str) -> Outcome:
+    def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: Generator, route: str) -> Outcome:
+        """Aggregate one bucket; ``gen`` is the rank's randomness (a ``RandKey`` in the hook)."""
         raise NotImplementedError
 
 
@@ -109,30 +135,40 @@ class SharedCodebook(Aggregator):
         }
         return min(costs, key=lambda r: (costs[r], r != "allreduce"))
 
-    def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: torch.Generator, route: str) -> Outcome:
+    def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: Generator, route: str) -> Outcome:
         assert stats is not None
         cb: Codebook | None = self.comp.codebook_from_stats(stats)  # type: ignore[attr-defined]
         if cb is None:  # every rank's bucket is zero: nothing to send
             return _zeros(x, route, zero=True)
         n, N = x.numel(), self.comm.n
-        target = cb.truncate(x)
+        bits, lanes = self.bits, self.lanes
         if route == "allreduce":
             snapped = cb.snap(self.grid)
-            codes = snapped.encode_fine(x, gen)
-            words = pack_lanes(codes, self.lanes, check=False)
+            words = snapped.encode_lanes(x, gen, lanes)  # round + fine index + lanes, one pass with a RandKey
+            mine = words.clone() if self.need_own else None
             self.comm.all_reduce(words, "payload")
-            total = unpack_lanes(words, self.lanes, n, check=False)
-            mean = snapped.decode_sum(total, N)
-            own = snapped.decode_sum(codes, 1)
+            mean = snapped.decode_lanes(words, lanes, n, N)
             info = {"alpha": cb.high, "grid": self.grid, "levels": snapped.codebook.levels}
-            return Outcome(mean, own, target, route, info)
-        codes = cb.encode(x, gen)
-        packed = pack_bits(codes, self.bits, check=False)
+            return Outcome(mean, _own_lanes(snapped, mine, lanes, n), lambda: cb.truncate(x), route, info)
+        packed = cb.encode_packed(x, gen, bits)  # round + dense pack, one pass with a RandKey
         gathered = self.comm.all_gather(packed, "payload")
-        mean = torch.zeros(n, dtype=torch.float32, device=x.device)
-        for r in range(N):
-            mean += cb.decode(unpack_bits(gathered[r], self.bits, n).to(torch.int64))
-        return Outcome(mean / N, cb.decode(codes), target, route, {"alpha": cb.high, "levels": cb.levels})
+        mean = cb.decode_mean_packed(list(gathered), bits, n)
+        return Outcome(
+            mean,
+            lambda: cb.decode_packed(packed, bits, n),
+            lambda: cb.truncate(x),
+            route,
+            {"alpha": cb.high, "levels": cb.levels},
+        )
+
+
+def _own_lanes(snapped: Any, mine: torch.Tensor | None, lanes: LanePlan, n: int) -> Callable[[], torch.Tensor]:
+    def own() -> torch.Tensor:
+        if mine is None:
+            raise RuntimeError("this rank's own decode was not kept (aggregator.need_own is False)")
+        return snapped.decode_lanes(mine, lanes, n, 1)  # type: ignore[no-any-return]
+
+    return own
 
 
 class MultiScaleAgg(Aggregator):
@@ -168,7 +204,7 @@ class MultiScaleAgg(Aggregator):
         }
         return min(costs, key=lambda r: (costs[r], r != "allreduce"))
 
-    def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: torch.Generator, route: str) -> Outcome:
+    def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: Generator, route: str) -> Outcome:
         assert stats is not None
         comp: Any = self.comp
         m = float(stats.reshape(-1)[0])
@@ -211,9 +247,10 @@ class Gathered(Aggregator):
         tmpl = self._template(n)
         return 8 * len(tmpl) + sum(nb for _, _, nb in tmpl)
 
-    def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: torch.Generator, route: str) -> Outcome:
+    def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: Generator, route: str) -> Outcome:
         n, N = x.numel(), self.comm.n
-        enc = self.comp.encode(x, generator=gen)
+        # per-rank-scaled compressors draw with torch.rand: a RandKey seeds their generator (same seed as before)
+        enc = self.comp.encode(x, generator=gen.torch_generator(x.device) if isinstance(gen, RandKey) else gen)
         own = self.comp.decode(enc).reshape(-1)
         tmpl = self._template(n)
         gathered = self.comm.all_gather(self._serialize(enc.tensors, tmpl), "payload")

@@ -100,11 +100,32 @@ def run(cfg: RunConfig) -> dict[str, Any] | None:
     if world != cfg.workers:
         raise RuntimeError(f"WORLD_SIZE={world} but the configuration asks for {cfg.workers} workers")
     torch.set_num_threads(cfg.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    init_group(rank, world, datetime.timedelta(seconds=300))
     try:
         return _train(cfg, rank, world)
     finally:
         dist.destroy_process_group()
+
+
+def init_group(rank: int, world: int, timeout: datetime.timedelta) -> None:
+    """``init_process_group("gloo")``, with the store namespaced by torchrun's restart count when restarted.
+
+    Under ``torchrun --max-restarts`` the workers of every attempt share the agent's TCPStore (torch >= 2.4 shares
+    the rendezvous store by default), and the keys Gloo publishes its listening addresses under carry no attempt
+    number: a restarted rank could read a dead peer's address from the previous attempt and fail with
+    "connectFullMesh ... Connection refused" (pytorch/pytorch#135712; reproduced here on torch 2.13 about one
+    restart in three). A prefix per attempt (``TORCHELASTIC_RESTART_COUNT``, the same on every worker of one
+    agent) keeps attempts apart.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+        return
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=timeout)  # fmt: skip
+    prefixed = dist.PrefixStore(f"tailq/attempt{restart}", store)
+    dist.init_process_group("gloo", store=prefixed, rank=rank, world_size=world, timeout=timeout)
 
 
 def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:

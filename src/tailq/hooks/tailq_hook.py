@@ -1,9 +1,11 @@
 """The tailq DDP communication hook: one gradient bucket, end to end (ARCHITECTURE.md "path of a bucket").
 
 ``GradBucket.buffer()`` → (+ error-feedback residual) → local statistics → agree them across ranks (a small
-all-reduce, or last step's) → codebook (cached, deterministic) → encode (truncate + stochastic rounding with a
-generator keyed by (seed, rank, step, bucket)) → pack (headroom lanes or dense) → all-reduce SUM or all-gather →
-unpack → decode to the mean → (update residual) → the future completes with the averaged bucket.
+all-reduce, or last step's) → codebook (cached, deterministic) → encode (truncate + stochastic rounding with
+counter-based randomness keyed by (seed, rank, step, bucket), :class:`~tailq.kernels.RandKey`) → pack (headroom
+lanes or dense) → all-reduce SUM or all-gather → unpack → decode to the mean → (update residual) → the future
+completes with the averaged bucket. Round + pack and unpack + decode run as fused kernels where available
+(:mod:`tailq.kernels`), with the same bits as the plain-torch reference.
 
 Every bucket runs on the state's :class:`~tailq.comm.worker.OrderedWorker`, so all ranks issue their collectives
 in the same order. Cost per bucket: one statistics all-reduce (a few hundred float64 at most; skipped from the
@@ -28,6 +30,7 @@ from tailq.codec import Compressor, ErrorFeedback, compressor
 from tailq.comm.aggregate import ROUTES, Aggregator, aggregator_for
 from tailq.comm.wire import Comm, NetworkModel, WireLog
 from tailq.comm.worker import OrderedWorker
+from tailq.kernels import RandKey, dispatch
 
 __all__ = ["TailqState", "tailq_hook"]
 
@@ -35,7 +38,11 @@ STATE_VERSION = 1
 
 
 def _seed_for(seed: int, rank: int, step: int, bucket: int) -> int:
-    """A 63-bit generator seed keyed by (seed, rank, step, bucket): reproducible and restorable."""
+    """A 63-bit generator seed keyed by (seed, rank, step, bucket): reproducible and restorable.
+
+    Equal to ``RandKey(seed, rank, step, bucket).torch_seed()`` (the seed of the generator that compressors drawing
+    with ``torch.rand`` get from the hook's key).
+    """
     digest = hashlib.blake2b(struct.pack("<4q", seed, rank, step, bucket), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -122,6 +129,7 @@ class TailqState:
                 f"{name}: route {route!r} is not available; routes: {', '.join(self.agg.routes)}"
             )
         self.ef = ErrorFeedback(self.comp, feedback=error_feedback) if error_feedback else None
+        self.agg.need_own = self.ef is not None  # only error feedback reads a rank's own decoded contribution
         self.step = 0
         self.stale: dict[str, torch.Tensor] = {}
         self.vnmse: list[dict[str, float]] = []
@@ -238,9 +246,10 @@ class TailqState:
         route = self.route if self.route != "auto" else self._routes.setdefault(n, agg.plan(n))
         self.comm.ctx = (step, idx, n, route)
         x = self.ef.compensate(key, g) if self.ef is not None else g
-        bad = int((~torch.isfinite(x)).sum())
+        fast = dispatch.nonfinite_count(x)  # one fused reduction where a fast path exists
+        bad = int((~torch.isfinite(x)).sum()) if fast is None else fast
         xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if bad else x
-        gen = torch.Generator(device=x.device).manual_seed(_seed_for(self.seed, self.comm.rank, step, idx))
+        rkey = RandKey(self.seed, self.comm.rank, step, idx)  # counter-based randomness for this bucket and step
         pending = None
         stats = None
         local = None
@@ -260,7 +269,7 @@ class TailqState:
             self.comm.all_reduce(flag, "stats", op="max")
             if flag[0] > 0:
                 return self._fallback(g, step, idx, "non-finite gradient on some rank")
-        out = agg.run(xs, None if stats is None else stats[1:], gen, route)
+        out = agg.run(xs, None if stats is None else stats[1:], rkey, route)
         if self.stale_stats and local is not None:
             if pending is not None:
                 self.comm.wait(pending, "all_reduce(stats)")

@@ -1,0 +1,111 @@
+"""Fast histogram statistics: the exponent/mantissa bin index equals the log2 one, the vector equals the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tailq
+from tailq.codec.stats import histogram_stats
+from tailq.kernels import cpu as kcpu
+from tailq.kernels import use
+from tailq.theory import HIST_K, HIST_LO, hist_bin_index, hist_edges
+
+
+def _fast_bins(a: np.ndarray) -> np.ndarray:
+    """Bins of float32 magnitudes by the fast rule, evaluated with plain (eager) torch ops."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    b = t.view(torch.int32) & 0x7FFFFFFF
+    thr = torch.tensor(kcpu.mantissa_thresholds(), dtype=torch.int32)
+    return kcpu.bins_from_bits(b >> 23, b & 0x7FFFFF, thr).numpy()
+
+
+def _edge_values() -> np.ndarray:
+    """Every float32 at or next to a bin edge, subnormals, 0, the zero-bin and overflow boundaries, extremes."""
+    edges = hist_edges()  # LO * 2^(i/4), i = 0..K, in float64
+    f = edges.astype(np.float32)
+    vals = [f, np.nextafter(f, np.float32(0)), np.nextafter(f, np.float32(np.inf))]
+    # the float32 neighbours of the *exact* irrational edges: the first float32 at or above, and the one below
+    above = np.where(f.astype(np.float64) < edges, np.nextafter(f, np.float32(np.inf)), f)
+    vals += [above, np.nextafter(above, np.float32(0))]
+    special = np.array(
+        [0.0, -0.0, 1e-45, 2e-45, 1.17e-38, 1.1754942e-38, 2.0**-126, 2.0**-40, 2.0**-41, 2.0**16, 2.0**15,
+         65535.996, 65536.004, 1.0, 2.0**0.25, 2.0**0.5, 2.0**0.75, 3.4028235e38, 1e30, 7e-20],
+        dtype=np.float32,
+    )  # fmt: skip
+    sub = np.arange(1, 2000, dtype=np.uint32).view(np.float32)  # subnormals
+    up = np.nextafter(special[special < 3e38], np.float32(np.inf))
+    out = np.concatenate([*vals, special, sub, up])
+    return np.concatenate([out, -out]).astype(np.float32)
+
+
+def test_fast_bin_index_equals_log2_bin_on_edges() -> None:
+    a = _edge_values()
+    np.testing.assert_array_equal(_fast_bins(a), hist_bin_index(a.astype(np.float64)))
+
+
+def test_fast_bin_index_equals_log2_bin_on_every_mantissa_near_thresholds() -> None:
+    """All float32 within 4096 ulps of 2^(k/4) for k = 1..3 (the only non-power-of-two edges), at many octaves."""
+    out = []
+    for k in (1, 2, 3):
+        c = np.float32(2.0 ** (k / 4))
+        base = int(np.array(c).view(np.int32))
+        bits = np.arange(base - 4096, base + 4096, dtype=np.int32)
+        m = bits.view(np.float32)
+        for e in (-40, -39, -20, -1, 0, 1, 10, 15):
+            out.append(np.ldexp(m, e).astype(np.float32))
+    a = np.concatenate(out)
+    np.testing.assert_array_equal(_fast_bins(a), hist_bin_index(a.astype(np.float64)))
+
+
+def test_fast_bin_index_on_random_magnitudes() -> None:
+    rng = np.random.default_rng(0)
+    a = np.exp2(rng.uniform(-60, 30, 200_000)).astype(np.float32)
+    np.testing.assert_array_equal(_fast_bins(a), hist_bin_index(a.astype(np.float64)))
+    assert _fast_bins(np.array([HIST_LO], dtype=np.float32))[0] == 1
+    assert _fast_bins(np.array([2.0**16], dtype=np.float32))[0] == HIST_K + 1
+
+
+@pytest.mark.parametrize("n", [1, 7, 1001, (1 << 20) + 4099])
+def test_fast_statistics_equal_the_reference_bit_for_bit(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x = torch.from_numpy((rng.standard_cauchy(n) * 1e-3).astype(np.float32))
+    special = torch.tensor([0.0, -0.0, 1e-45, -3e-42, 2.0**-40, 7e5, -2.0**16, 1e-30], dtype=torch.float32)
+    k = min(n, special.numel())
+    x[:k] = special[:k]
+    ref = histogram_stats(x, with_logs=False)
+    got, bad = kcpu.histogram_stats(x)
+    assert bad == 0
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
+
+
+def test_nonfinite_detected_and_reported_as_before() -> None:
+    x = torch.randn(5000)
+    x[17], x[99] = float("nan"), float("inf")
+    _, bad = kcpu.histogram_stats(x)
+    assert bad == 2 and kcpu.nonfinite_count(x) == 2
+    comp = tailq.compressor("tnq", bits=3)
+    for path in ("reference", "compiled"):
+        with use(path), pytest.raises(ValueError, match="1 NaN, 1 Inf"):
+            comp.local_stats(x)
+        with use(path), pytest.raises(ValueError, match="non-finite"):
+            comp.encode(x, stats=comp.local_stats(torch.randn(100)))
+
+
+def test_compressor_statistics_and_encoding_identical_on_both_paths() -> None:
+    x = torch.from_numpy(np.random.default_rng(3).standard_t(3.5, 50_001).astype(np.float32))
+    key = tailq.kernels.RandKey(1, 0, 4, 2)
+    for name in ("tuq", "tnq", "tbq"):
+        comp = tailq.compressor(name, bits=3)
+        with use("reference"):
+            st, enc = comp.local_stats(x), comp.encode(x, generator=key)
+            dec = comp.decode(enc)
+        with use("compiled"):
+            st2, enc2 = comp.local_stats(x), comp.encode(x, generator=key)
+            dec2 = comp.decode(enc2)
+        assert torch.equal(st, st2), name
+        assert enc.tensors.keys() == enc2.tensors.keys()
+        for k in enc.tensors:
+            assert torch.equal(enc.tensors[k], enc2.tensors[k]), (name, k)
+        assert torch.equal(dec, dec2), name
