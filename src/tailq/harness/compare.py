@@ -117,6 +117,7 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> d
             "codec_s": mean("codec_s"),
             "comm_s": mean("comm_s"),
             "stopped_early": r.get("stopped_early", False),
+            "kernel_warmup_s": r.get("kernel_warmup_s"),
         })
     net = parse_net(results[0]["network"]["spec"])
     return {

@@ -223,6 +223,11 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         "|" + "---|" * len(HEADER),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    warm = [f"{r['name']} {r['kernel_warmup_s']:.1f} s" for r in summary["runs"] if r.get("kernel_warmup_s")]
+    if warm:
+        lines += ["", "One-time compilation of the fused codec kernels before training (not in the training clock, "
+                  "once per process; inductor's on-disk cache shortens it in later processes): " + ", ".join(warm)
+                  + "."]
     lines += ["", *[f"> note: {n}" for n in summary.get("notes", [])], ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS]
     tails = []

@@ -6,11 +6,12 @@ emulated) or directly by ``torchrun`` (which sets RANK, WORLD_SIZE, MASTER_ADDR,
     torchrun --nproc-per-node 2 --max-restarts 1 -m tailq.harness.worker --config runs/x/config.json
 
 The training clock counts only training steps (forward, backward including the gradient exchange, optimizer);
-evaluation, checkpoints and measurement probes run with the clock paused. With ``--net model:RATE`` the clock
-counts the step's measured compute and codec time plus the cost model's communication time for the bytes the
-hook handed to its collectives (every output is then labelled *modeled*). A checkpoint (model, optimizer, hook
-state, step, clock, history) is written every ``checkpoint_every`` steps; a restarted worker resumes from the
-latest complete one.
+evaluation, checkpoints, measurement probes and the one-time compilation of the fused codec kernels
+(:func:`tailq.hooks.warm_kernels`, reported as ``kernel_warmup_s``) run with the clock paused. With
+``--net model:RATE`` the clock counts the step's measured compute and codec time plus the cost model's
+communication time for the bytes the hook handed to its collectives (every output is then labelled *modeled*).
+A checkpoint (model, optimizer, hook state, step, clock, history) is written every ``checkpoint_every`` steps; a
+restarted worker resumes from the latest complete one.
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
         opts.setdefault("seed", cfg.seed)
     state, hook = tailq.ddp_hook(cfg.hook, **opts)
     ddp.register_comm_hook(state, hook)
+    # compile the fused codec kernels now, outside the training clock (reported as kernel_warmup_s)
+    kernel_warmup_s = tailq.hooks.warm_kernels(cfg.hook, sum(p.numel() for p in model.parameters()), **opts)
     opt = wl.make_optimizer(ddp.parameters())
     netmodel = NetworkModel(bandwidth_bps=net.rate_bps or 1e12, latency_s=net.delay_s) if net.kind == "model" else None
 
@@ -232,6 +235,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             "steps_done": step,
             "stopped_early": stop,
             "resumed_from": resumed_from,
+            "kernel_warmup_s": kernel_warmup_s,
             "wire": log.summary(),
             "vnmse": getattr(state, "vnmse", []),
             "fallbacks": getattr(state, "fallbacks", []),

@@ -17,7 +17,7 @@ import torch
 from .builtin import BUILTINS, BuiltinState, builtin_hook
 from .tailq_hook import TailqState, tailq_hook
 
-__all__ = ["BUILTINS", "BuiltinState", "TailqState", "ddp_hook", "hook_names", "prime_buckets"]
+__all__ = ["BUILTINS", "BuiltinState", "TailqState", "ddp_hook", "hook_names", "prime_buckets", "warm_kernels"]
 
 
 def hook_names() -> list[str]:
@@ -64,3 +64,52 @@ def prime_buckets(ddp: Any, state: Any, forward_backward: Callable[[], Any]) -> 
     with torch.no_grad():
         for k, v in ddp.module.named_buffers():
             v.copy_(buffers[k])
+
+
+class _WarmBucket:
+    """The part of ``dist.GradBucket`` a :class:`TailqState` reads (one throwaway bucket)."""
+
+    def __init__(self, buf: torch.Tensor) -> None:
+        self._buf = buf
+
+    def buffer(self) -> torch.Tensor:
+        return self._buf
+
+    def index(self) -> int:
+        return 0
+
+    def is_last(self) -> bool:
+        return True
+
+    def gradients(self) -> list[torch.Tensor]:
+        return [self._buf]
+
+
+def warm_kernels(name: str, numel: int, steps: int = 2, **options: Any) -> float:
+    """Compile the fused codec kernels a tailq hook will use, before training starts; returns the seconds spent.
+
+    The CPU fast path compiles each kernel on its first call (seconds per kernel with inductor, once per process;
+    inductor's on-disk cache makes later processes faster). Called at the start of a run, that cost would land in
+    the first compressed step. This runs ``steps`` throwaway buckets of ``numel`` heavy-tailed values through a
+    fresh :class:`TailqState` with the same options (compression from the first step, no vNMSE probes), then
+    closes it: the real hook state is untouched, and kernels compile for any length (dynamic shapes), so one size
+    serves every bucket. Every rank must call it (it runs the hook's collectives). Builtins need nothing: 0.0.
+    """
+    import time
+
+    if name in BUILTINS:
+        return 0.0
+    from tailq.kernels.dispatch import AUTO_MIN_NUMEL
+
+    t0 = time.perf_counter()
+    opts = {**options, "warmup_steps": 0, "min_bucket": 0, "measure_every": 0}
+    state = TailqState(name, **opts)
+    try:
+        gen = torch.Generator().manual_seed(12345)
+        n = max(int(numel), AUTO_MIN_NUMEL)
+        for _ in range(steps):
+            x = torch.randn(n, generator=gen) / torch.rand(n, generator=gen).add_(0.05).sqrt()  # heavy-tailed
+            state.process(_WarmBucket(x * 1e-3))  # type: ignore[arg-type]
+    finally:
+        state.close()
+    return time.perf_counter() - t0
