@@ -202,9 +202,12 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
                 entry = {"step": step, "clock": clock, "accuracy": acc, "test_loss": test_loss,
                          "train_loss": float(loss.detach())}
                 # the local (uncompressed) gradient of one probe batch, for tail statistics: no DDP sync
+                # through the plain module, not ddp(...): DDP's forward broadcasts the module's buffers (a causal
+                # mask, BatchNorm statistics), a collective the other ranks, waiting at the broadcast below, would
+                # match against the wrong message; under no_sync the reducer's gradient hooks stay idle
                 with ddp.no_sync():
                     opt.zero_grad(set_to_none=True)
-                    wl.loss(ddp(xb), yb).backward()
+                    wl.loss(model(xb), yb).backward()
                 grad_sample = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
                 opt.zero_grad(set_to_none=True)
                 entry["tail"] = _tail_stats(grad_sample)
