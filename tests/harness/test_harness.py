@@ -179,6 +179,22 @@ def test_two_worker_synthetic_comparison_over_an_emulated_network(tmp_path: Path
 
 
 @pytest.mark.slow
+def test_model_with_buffers_trains_with_evaluation_probes(tmp_path: Path) -> None:
+    """charlm's transformer has a buffer (its causal mask): DDP's forward broadcasts buffers, so the evaluation's
+    gradient probe on rank 0 must not go through DDP (it once did: a Gloo collective mismatch, SIGABRT). Also:
+    the fused kernels are compiled before the training clock starts and the time is reported."""
+    from tailq.harness.launch import launch_run
+
+    cfg = RunConfig(workload="charlm", hook="tnq", hook_options={"bits": 3}, workers=2, steps=6, eval_every=2,
+                    net="none", run_dir=str(tmp_path / "charlm"))
+    res = launch_run(cfg, timeout_s=600)
+    assert res["steps_done"] == 6 and len(res["history"]) == 3
+    assert all(0 <= h["accuracy"] <= 1 and "tail" in h for h in res["history"])
+    assert res["kernel_warmup_s"] > 0
+    assert res["wire"]["by_kind"]["payload"]["handed_bytes"] > 0  # compressed steps happened (after warm-up)
+
+
+@pytest.mark.slow
 def test_killed_worker_resumes_under_torchrun_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     def run(name: str, fault: bool) -> dict[str, torch.Tensor]:
         cfg = RunConfig(workload="synthetic", hook="tnq", hook_options={"bits": 3, "error_feedback": True},

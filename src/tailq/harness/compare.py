@@ -77,6 +77,14 @@ def _tta(history: list[dict[str, Any]], target: float) -> float | None:
     return None
 
 
+def _tta_step(history: list[dict[str, Any]], target: float) -> int | None:
+    """The step of the first evaluation reaching the target (TTA = step time × this, at eval granularity)."""
+    for h in history:
+        if h["accuracy"] >= target:
+            return int(h["step"])
+    return None
+
+
 def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> dict[str, Any]:
     """The comparison's summary (SPEC §7 metrics) from the per-run results; bf16 must be among them."""
     base = next((r for r in results if r["config"]["hook"] == "bf16"), None)
@@ -103,6 +111,7 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> d
             "bits": r["config"]["hook_options"].get("bits"),
             "options": r["config"]["hook_options"],
             "tta_s": tta,
+            "tta_step": _tta_step(hist, target),
             "speedup_vs_bf16": (tta_bf16 / tta) if (tta and tta_bf16) else None,
             "best_accuracy": max(h["accuracy"] for h in hist),
             "final_accuracy": hist[-1]["accuracy"],

@@ -28,6 +28,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
         rows.append([
             r["name"],
             _fmt(r["tta_s"], ".1f", "not reached"),
+            _fmt(r.get("tta_step"), "d"),
             _fmt(r["speedup_vs_bf16"], ".2f") + ("×" if r["speedup_vs_bf16"] else ""),
             f"{r['best_accuracy']:.4f}",
             f"{r['final_accuracy']:.4f}",
@@ -41,7 +42,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-HEADER = ["method", "TTA (s)", "speedup vs bf16", "best acc", "final acc", "bits/coord (hook)",
+HEADER = ["method", "TTA (s)", "at step", "speedup vs bf16", "best acc", "final acc", "bits/coord (hook)",
           "bits/coord (NIC)", "vNMSE", "step ms", "codec ms", "comm ms"]
 
 
@@ -213,8 +214,9 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         "bf16's best",
         f"- machine: {summary.get('machine', {})}, date {summary.get('date', '')}",
         "",
-        "TTA = training clock (evaluation excluded) at the first evaluation reaching the target; speedup = TTA_bf16 / "
-        "TTA. bits/coord (hook) = bytes handed to collectives by the hook, metadata included; bits/coord (NIC) = "
+        "TTA = training clock (evaluation excluded) at the first evaluation reaching the target (at step: that "
+        "evaluation's step, so TTA ≈ step time × steps); speedup = TTA_bf16 / TTA. bits/coord (hook) = bytes "
+        "handed to collectives by the hook, metadata included; bits/coord (NIC) = "
         "bytes sent on the worker's emulated interface (TCP/IP headers and vNMSE measurement traffic included). "
         "step/codec/comm = mean wall time per step / in the hook's encode+decode / waiting on collectives (the "
         "hook's work overlaps backward).",

@@ -169,7 +169,7 @@ def _decode_dense_kernel(
         for r in range(count):  # payloads in order, summed from 0.0, then divided (the reference's order)
             code = _code_at(words_ptr + r * stride, rows_c, cols, BITS)
             acc = acc + _value(code, vals_ptr, step, low, DEC_AFFINE)
-        acc = acc / count.to(tl.float32)
+        acc = acc / count  # (not count.to(...): Triton specializes an int argument equal to 1 as a constexpr)
     else:
         acc = _value(_code_at(words_ptr, rows_c, cols, BITS), vals_ptr, step, low, DEC_AFFINE)
     tl.store(out_ptr + offs, acc, mask=mask)
