@@ -355,31 +355,13 @@ def _write(report: dict[str, Any], json_out: str | None, con: Any) -> None:
 # hook
 
 
-class _Bucket:
-    """The part of ``dist.GradBucket`` the hooks use."""
-
-    def __init__(self, buf: torch.Tensor) -> None:
-        self.buf = buf
-
-    def buffer(self) -> torch.Tensor:
-        return self.buf
-
-    def index(self) -> int:
-        return 0
-
-    def is_last(self) -> bool:
-        return True
-
-    def gradients(self) -> list[torch.Tensor]:
-        return [self.buf]
-
-
 def _hook_worker(
     rank: int, world: int, init: str, numel: int, steps: int, threads: int, paths: list[str], out: str
 ) -> None:
     import torch.distributed as dist
 
     import tailq
+    from tailq.hooks import LocalBucket
 
     torch.set_num_threads(threads)
     dist.init_process_group(
@@ -395,7 +377,7 @@ def _hook_worker(
             for _ in range(steps + 2):  # two warm-up steps (compilation, design caches)
                 dist.barrier()
                 t0 = time.perf_counter()
-                hook(state, _Bucket(g.clone())).wait()
+                hook(state, LocalBucket(g.clone())).wait()  # type: ignore[arg-type]
                 times.append(time.perf_counter() - t0)
         row = {"hook": name, **opts, "path": path, "ms": 1e3 * statistics.median(times[2:]), "first_ms": 1e3 * times[0]}
         if name != "bf16":

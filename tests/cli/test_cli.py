@@ -221,3 +221,19 @@ def test_console_script_help() -> None:
     assert r.returncode == 0
     for cmd in ("list", "design", "fit", "demo", "bench"):
         assert cmd in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_hook_json_shape(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`tailq bench hook`: every case timed against an adjacent bf16 run on real Gloo ranks; ratios consistent."""
+    out = tmp_path / "h.json"
+    rc, _, _ = run(capsys, "bench", "hook", "--world", "2", "--numel", "20000", "--steps", "1", "--paths",
+                   "compiled", "--json", str(out))
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert d["world"] == 2 and d["numel"] == 20000 and d["rows"]
+    assert {(r["hook"], r.get("route")) for r in d["rows"]} >= {("tnq", "allreduce"), ("single-scale", "allgather")}
+    for r in d["rows"]:
+        assert r["path"] == "compiled" and r["ms"] > 0 and r["bf16_ms"] > 0
+        assert r["x_bf16"] == pytest.approx(r["ms"] / r["bf16_ms"])
+        assert r["overhead_ms_vs_bf16"] == pytest.approx(r["ms"] - r["bf16_ms"])

@@ -17,7 +17,8 @@ import torch
 from .builtin import BUILTINS, BuiltinState, builtin_hook
 from .tailq_hook import TailqState, tailq_hook
 
-__all__ = ["BUILTINS", "BuiltinState", "TailqState", "ddp_hook", "hook_names", "prime_buckets", "warm_kernels"]
+__all__ = ["BUILTINS", "BuiltinState", "LocalBucket", "TailqState", "ddp_hook", "hook_names", "prime_buckets",
+           "warm_kernels"]
 
 
 def hook_names() -> list[str]:
@@ -66,8 +67,8 @@ def prime_buckets(ddp: Any, state: Any, forward_backward: Callable[[], Any]) -> 
             v.copy_(buffers[k])
 
 
-class _WarmBucket:
-    """The part of ``dist.GradBucket`` a :class:`TailqState` reads (one throwaway bucket)."""
+class LocalBucket:
+    """One flat tensor posing as a ``dist.GradBucket`` (the part the hooks read): for warm-ups and benchmarks."""
 
     def __init__(self, buf: torch.Tensor) -> None:
         self._buf = buf
@@ -110,7 +111,7 @@ def warm_kernels(name: str, numel: int, steps: int = 2, **options: Any) -> float
         n = max(int(numel), AUTO_MIN_NUMEL)
         for _ in range(steps + 1):
             x = torch.randn(n, generator=gen) / torch.rand(n, generator=gen).add_(0.05).sqrt()  # heavy-tailed
-            state.process(_WarmBucket(x * 1e-3))  # type: ignore[arg-type]
+            state.process(LocalBucket(x * 1e-3))  # type: ignore[arg-type]
     finally:
         state.close()
     return time.perf_counter() - t0
