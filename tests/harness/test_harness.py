@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -223,7 +224,9 @@ def test_killed_worker_resumes_under_torchrun_and_matches_an_uninterrupted_run(t
 def test_namespaces_are_gone_after_a_worker_crash_and_after_the_launcher_is_killed(tmp_path: Path) -> None:
     def ours(pid: int) -> set[str]:
         out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        return {line.split()[0] for line in out.splitlines() if line.startswith(f"tq-{pid}-")}
+        # the run's network, not the launcher's throwaway capability probe (tq-PID-probeK)
+        names = {line.split()[0] for line in out.splitlines() if line.strip()}
+        return {n for n in names if re.fullmatch(rf"tq-{pid}-n\d+-(sw|w\d+)", n)}
 
     train = [sys.executable, "-m", "tailq.cli", "train", "--workload", "synthetic", "--workers", "2", "--net",
              "50mbit"]
@@ -235,12 +238,15 @@ def test_namespaces_are_gone_after_a_worker_crash_and_after_the_launcher_is_kill
     assert p.returncode == 1 and "rank 1 exited with status 17" in err
     assert not ours(p.pid)
     # 2. the launcher itself is killed (SIGKILL: no cleanup can run); the next start sweeps the leftovers
-    p = subprocess.Popen([*train, "--steps", "100000", "--run-dir", str(tmp_path / "killed")],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while not ours(p.pid) and time.time() < deadline:
+    log = tmp_path / "killed.log"
+    with open(log, "w") as fh:
+        p = subprocess.Popen([*train, "--steps", "100000", "--run-dir", str(tmp_path / "killed")],
+                             stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while not ours(p.pid) and p.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert ours(p.pid), "the run never created its namespaces"
+    assert ours(p.pid), (f"the run never created its namespaces (exit status {p.poll()}, "
+                         f"{time.time() - deadline + 240:.0f} s); its output:\n{log.read_text()[-3000:]}")
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert ours(p.pid)  # nothing could clean up after SIGKILL ...

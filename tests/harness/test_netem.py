@@ -542,3 +542,25 @@ def test_teardown_at_interpreter_exit(tag: str) -> None:
         assert not (set(names) & _netns())
     finally:
         _kill([proc])
+
+
+def test_namespace_changes_are_serialised_across_processes_and_the_lock_is_reentrant() -> None:
+    """Concurrent `ip netns add` from several processes can race inside iproute2, so tailq serialises its own
+    namespace changes with one host-wide advisory lock: while one process holds it another cannot take it, and the
+    same process may take it again (a SIGINT handler's teardown during set-up)."""
+    from tailq.harness import netem
+
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+             "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+             "except BlockingIOError:\n    print('held')")
+    path = netem._lock_path()
+
+    def other() -> str:
+        return subprocess.run([sys.executable, "-c", probe, path], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+
+    with netem._host_lock():
+        with netem._host_lock():
+            assert other() == "held"
+        assert other() == "held"
+    assert other() == "free"

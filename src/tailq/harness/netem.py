@@ -46,6 +46,8 @@ transports (NCCL over NVLink or shared memory) bypass it, so use this with Gloo.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -54,10 +56,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from types import FrameType, TracebackType
@@ -256,6 +260,63 @@ def _run(args: Sequence[str], *, stdin: str | None = None, check: bool = True) -
     return proc
 
 
+# Creating and deleting named namespaces from several processes at once is not safe in every iproute2: the first
+# `ip netns add` makes /run/netns a shared bind mount, and concurrent first calls can race (stacked mounts, "mount
+# --make-shared failed"). All of tailq's namespace changes on a host are serialised through one advisory lock
+# (released by the kernel if the holder dies), and `ip netns add` is retried on failure.
+_host_lock_depth = 0
+_host_lock_mutex = threading.RLock()
+_host_lock_fd: int | None = None
+_host_lock_waiting = False
+
+
+def _lock_path() -> str:
+    base = "/run/lock" if os.path.isdir("/run/lock") and os.access("/run/lock", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, "tailq-netns.lock")
+
+
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    """Hold the host-wide namespace lock (re-entrant within a process, e.g. a signal handler during set-up)."""
+    global _host_lock_depth, _host_lock_fd, _host_lock_waiting
+    with _host_lock_mutex:
+        # _host_lock_waiting: a signal handler interrupted this thread while it waited for the lock; a second flock
+        # on a new descriptor would wait for ourselves, so the handler's teardown goes ahead unserialised
+        if _host_lock_depth == 0 and not _host_lock_waiting:
+            fd = -1
+            try:
+                fd = os.open(_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+                _host_lock_waiting = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                _host_lock_fd, fd = fd, -1
+            except OSError:
+                _host_lock_fd = None  # no lock file possible: carry on unserialised (the retries still apply)
+            finally:
+                _host_lock_waiting = False
+                if fd >= 0:
+                    os.close(fd)
+        _host_lock_depth += 1
+        try:
+            yield
+        finally:
+            _host_lock_depth -= 1
+            if _host_lock_depth == 0 and _host_lock_fd is not None:
+                os.close(_host_lock_fd)  # closing drops the flock
+                _host_lock_fd = None
+
+
+def _add_netns(name: str, *, attempts: int = 3) -> subprocess.CompletedProcess[str]:
+    """``ip netns add NAME``, retried (after removing any half-made leftover) if it fails."""
+    proc = _run([_IP, "netns", "add", name], check=False)
+    for i in range(1, attempts):
+        if proc.returncode == 0:
+            break
+        _run([_IP, "netns", "delete", name], check=False)
+        time.sleep(0.25 * i)
+        proc = _run([_IP, "netns", "add", name], check=False)
+    return proc
+
+
 def _list_netns() -> list[str]:
     """Names of all named network namespaces (``ip netns list``)."""
     proc = _run([_IP, "netns", "list"], check=False)
@@ -294,15 +355,16 @@ def sweep_stale() -> list[str]:
     """
     me = os.getpid()
     removed: list[str] = []
-    for name in _list_netns():
-        match = _NAME.match(name)
-        if match is None:
-            continue
-        pid = int(match.group(1))
-        if pid == me or _pid_alive(pid):
-            continue
-        if _delete_netns(name):
-            removed.append(name)
+    with _host_lock():
+        for name in _list_netns():
+            match = _NAME.match(name)
+            if match is None:
+                continue
+            pid = int(match.group(1))
+            if pid == me or _pid_alive(pid):
+                continue
+            if _delete_netns(name):
+                removed.append(name)
     return removed
 
 
@@ -336,8 +398,13 @@ def _probe() -> _Capabilities:
         if shutil.which(tool) is None:
             return _Capabilities(False, False, f"network emulation needs the `{tool}` command ({package})")
     name = f"tq-{os.getpid()}-probe{next(_probe_counter)}"
+    with _host_lock():
+        return _probe_in(name)
+
+
+def _probe_in(name: str) -> _Capabilities:
     try:
-        proc = _run([_IP, "netns", "add", name], check=False)
+        proc = _add_netns(name)
         if proc.returncode != 0:
             return _Capabilities(False, False, f"creating a network namespace failed: {proc.stderr.strip()}")
         steps = [
@@ -568,7 +635,8 @@ class EmulatedNetwork:
             _install_handlers()
         self._state = "up"
         try:
-            self._build()
+            with _host_lock():
+                self._build()
         except BaseException:
             self.teardown()
             raise
@@ -579,9 +647,17 @@ class EmulatedNetwork:
             raise EmulationError(f"network {self.tag} was torn down while it was being set up")
         _run(args, stdin=None if lines is None else "\n".join(lines) + "\n")
 
+    def _add(self, namespace: str) -> None:
+        if self._state != "up":
+            raise EmulationError(f"network {self.tag} was torn down while it was being set up")
+        proc = _add_netns(namespace)
+        if proc.returncode != 0:
+            raise EmulationError(f"`ip netns add {namespace}` failed with exit code {proc.returncode}: "
+                                 f"{(proc.stderr or proc.stdout).strip()}")
+
     def _build(self) -> None:
         sw, br, ifname = self.switch_namespace, self.BRIDGE, self.IFNAME
-        self._step([_IP, "netns", "add", sw])
+        self._add(sw)
         # addrgenmode none: no IPv6 link-local addresses, so no IPv6 chatter and Gloo picks the IPv4 address
         self._step([_IP, "-n", sw, "-b", "-"],
                    ["link set lo up", f"link add {br} type bridge", f"link set {br} addrgenmode none"])  # fmt: skip
@@ -589,7 +665,7 @@ class EmulatedNetwork:
         sw_tc: list[str] = []
         for rank, host in enumerate(self.workers):
             port = f"p{rank}"
-            self._step([_IP, "netns", "add", host.namespace])
+            self._add(host.namespace)
             self._step([_IP, "-n", host.namespace, "-b", "-"], [
                 "link set lo up",
                 f"link add {ifname} type veth peer name {port} netns {sw}",
@@ -628,8 +704,9 @@ class EmulatedNetwork:
             return  # never entered
         # look every time: a command interrupted by a signal during set-up may have created a namespace after
         # the first pass
-        existing = set(_list_netns())
-        failed = [name for name in self.namespaces if name in existing and not _delete_netns(name)]
+        with _host_lock():
+            existing = set(_list_netns())
+            failed = [name for name in self.namespaces if name in existing and not _delete_netns(name)]
         if failed:
             warnings.warn(f"could not delete network namespaces {failed}; `ip netns delete` them by hand",
                           RuntimeWarning, stacklevel=2)  # fmt: skip
