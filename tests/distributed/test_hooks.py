@@ -19,6 +19,7 @@ import pytest
 import torch
 from workers import (
     launch,
+    w_bad_options,
     w_bf16_parity,
     w_checkpoint,
     w_ddp_statistics,
@@ -28,6 +29,7 @@ from workers import (
     w_modes,
     w_nonfinite,
     w_powersgd_parity,
+    w_redesign,
     w_stale,
     w_statistics,
     w_train,
@@ -115,6 +117,40 @@ def test_stale_stats_use_the_previous_steps_codebook(stale: bool) -> None:
             assert a1 == pytest.approx(10 * a0, rel=1e-6) and a2 == a1
 
 
+@pytest.mark.parametrize("name", ["tnq", "tuq"])
+def test_redesign_every_k_steps_rescales_the_kept_design_by_the_agreed_scale(name: str) -> None:
+    """Design on steps 0, 3, 6; in between the levels are the last design's times Σ|g_t| / Σ|g_design| (powers of
+    two here, so exactly), only [non-finite count, Σ|g|] is all-reduced (16 bytes), a zero step decodes to zero
+    and a NaN step falls back to the exact fp32 mean like plain DDP."""
+    res = launch(w_redesign, 2, name, 3)
+    r = res[0]
+    lv, fresh = r["levels"], r["fresh"]
+    assert torch.equal(lv[0], fresh[0]) and torch.equal(lv[3], fresh[3])  # design steps: a fresh design
+    assert torch.equal(lv[1], lv[0] * 2) and torch.equal(lv[2], lv[0] * 0.5)
+    assert torch.equal(lv[5], lv[3] * 2) and torch.equal(lv[7], lv[3] * 0.5)  # step 6 fell back: 3's design kept
+    # the empirical design is scale-equivariant (log-binned histogram): for a pure rescaling of the gradients the
+    # kept design, rescaled, is what a fresh design would have given
+    for i in (1, 2, 5, 7):
+        assert torch.allclose(lv[i], fresh[i], rtol=1e-5, atol=0), i
+    assert lv[4] is None and float(r["results"][4].abs().max()) == 0.0  # all-zero step: exactly zero
+    assert [f["step"] for f in r["fallbacks"]] == [6]
+    got, plain = r["results"][6], r["plain_nan_step"]
+    assert torch.equal(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(plain, nan=7.0))
+    assert [b for i, b in enumerate(r["stats_bytes"]) if i in (1, 2, 4, 5, 7)] == [16] * 5
+    assert all(r["stats_bytes"][i] > 16 * 100 for i in (0, 3, 6))
+    for a, b in zip(res[0]["levels"], res[1]["levels"], strict=True):  # every rank used the same codebook
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert len(r["saved_designs"]) == 1
+
+
+def test_redesign_every_rejects_what_it_cannot_do() -> None:
+    msgs = launch(w_bad_options, 1, [("tnq", {"redesign_every": 0}), ("qsgd", {"redesign_every": 2}),
+                                     ("tnq", {"redesign_every": 2, "stale_stats": True})])[0]
+    assert "redesign_every must be an integer >= 1" in msgs[0]
+    assert "applies to the truncated quantizers (tuq, tnq, tbq), not 'qsgd'" in msgs[1]
+    assert "choose one" in msgs[2]
+
+
 def test_summable_and_allgather_routes_agree_in_expectation() -> None:
     res = launch(w_statistics, 2, [ALL_CASES[1], ALL_CASES[2]], STEPS, D)[0]
     a, b = res
@@ -180,6 +216,8 @@ def test_training_100_steps_reaches_fp32_loss_within_a_stated_factor() -> None:
 @pytest.mark.parametrize(
     "hook, opts",
     [("tnq", {"bits": 3, "min_bucket": 0, "error_feedback": True, "stale_stats": True}),
+     # resumed mid-period (designs at steps 1, 5, 9; saved after step 5): the kept design must be restored
+     ("tbq", {"bits": 3, "min_bucket": 0, "error_feedback": True, "redesign_every": 4}),
      ("powersgd", {"start_powerSGD_iter": 2, "matrix_approximation_rank": 2})],
 )
 def test_save_restore_continue_gives_identical_parameters(tmp_path: Any, hook: str, opts: dict[str, Any]) -> None:

@@ -406,6 +406,51 @@ def w_stale(rank: int, world: int, stale: bool) -> list[float]:
     return alphas
 
 
+def w_redesign(rank: int, world: int, name: str, every: int) -> dict[str, Any]:
+    """Gradients scaled by powers of two over 8 steps (a zero step and a NaN step among them), codebook redesigned
+    every ``every`` steps: report the levels used, what a fresh design of the agreed statistics gives, the stats
+    bytes per step and the outputs of the special steps."""
+    state = TailqState(name, bits=3, warmup_steps=0, min_bucket=0, redesign_every=every, seed=3)
+    g = heavy(4096, seed=4000 + rank)
+    scales = [1.0, 2.0, 0.5, 4.0, 0.0, 8.0, 1.0, 2.0]
+    out: dict[str, Any] = {"levels": [], "fresh": [], "stats_bytes": [], "results": []}
+    for step, c in enumerate(scales):
+        x = g * c
+        if step == 6 and rank == 1:
+            x[11] = float("nan")
+        before = state.log.totals.get("stats", (0, 0))[0]
+        res = state.process(FakeBucket(x.clone()))
+        out["stats_bytes"].append(state.log.totals.get("stats", (0, 0))[0] - before)
+        out["results"].append(res.clone())
+        info = state.last.get(0, {})
+        out["levels"].append(None if info.get("zero") or "levels" not in info else info["levels"].clone())
+        # a fresh design from the statistics agreed exactly as the hook agrees them on a design step (float64)
+        own = state.agg.local_stats(torch.nan_to_num(x, nan=0.0)).double()
+        dist.all_reduce(own)
+        cb = state.comp.codebook_from_stats(own)
+        out["fresh"].append(None if cb is None else cb.levels.clone())
+    plain = g * 1.0
+    plain[11] = float("nan") if rank == 1 else plain[11]
+    dist.all_reduce(plain)
+    out["plain_nan_step"] = plain / world
+    out["fallbacks"] = state.fallbacks
+    sd = state.state_dict()
+    out["saved_designs"] = sorted(sd["designs"])
+    state.close()
+    return out
+
+
+def w_bad_options(rank: int, world: int, cases: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    out = []
+    for name, opts in cases:
+        try:
+            TailqState(name, **opts).close()
+            out.append("no error")
+        except ValueError as err:
+            out.append(str(err))
+    return out
+
+
 def w_modes(rank: int, world: int) -> dict[str, Any]:
     """Passthrough below min_bucket (bf16, like PyTorch's hook) and the vNMSE measurement mode."""
     g = heavy(3000, seed=rank)

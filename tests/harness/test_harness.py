@@ -108,6 +108,8 @@ def test_parse_method() -> None:
     assert m.hook == "tnq" and dict(m.options) == {"bits": 3, "tail": "laplace", "route": "allgather"}
     assert parse_method("powersgd:rank=2").options == (("matrix_approximation_rank", 2),)
     assert parse_method("bf16").label == "bf16"
+    r = parse_method("tnq:3:redesign=10")
+    assert dict(r.options) == {"bits": 3, "redesign_every": 10} and r.label == "tnq-3b(redesign=10)"
 
 
 # -- metrics ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from tailq.kernels import RandKey
 
 from .wire import Comm, NetworkModel
 
-__all__ = ["Outcome", "Aggregator", "SharedCodebook", "MultiScaleAgg", "Gathered", "aggregator_for"]
+__all__ = ["Outcome", "zero_outcome", "Aggregator", "SharedCodebook", "MultiScaleAgg", "Gathered", "aggregator_for"]
 
 ROUTES = ("auto", "allreduce", "allgather")
 
@@ -95,9 +95,10 @@ class Aggregator:
         raise NotImplementedError
 
 
-def _zeros(x: torch.Tensor, route: str, **info: Any) -> Outcome:
+def zero_outcome(x: torch.Tensor, route: str, **info: Any) -> Outcome:
+    """Every rank's bucket is zero: the mean, the own decode and the target are exactly zero."""
     z = torch.zeros_like(x)
-    return Outcome(z, z, z, route, dict(info))
+    return Outcome(z, z, z, route, {"zero": True, **info})
 
 
 class SharedCodebook(Aggregator):
@@ -135,11 +136,21 @@ class SharedCodebook(Aggregator):
         }
         return min(costs, key=lambda r: (costs[r], r != "allreduce"))
 
-    def run(self, x: torch.Tensor, stats: torch.Tensor | None, gen: Generator, route: str) -> Outcome:
-        assert stats is not None
-        cb: Codebook | None = self.comp.codebook_from_stats(stats)  # type: ignore[attr-defined]
+    def run(
+        self,
+        x: torch.Tensor,
+        stats: torch.Tensor | None,
+        gen: Generator,
+        route: str,
+        codebook: Codebook | None = None,
+    ) -> Outcome:
+        """``codebook``: use this shared codebook (already agreed) instead of designing one from ``stats``."""
+        cb: Codebook | None = codebook
+        if cb is None:
+            assert stats is not None
+            cb = self.comp.codebook_from_stats(stats)  # type: ignore[attr-defined]
         if cb is None:  # every rank's bucket is zero: nothing to send
-            return _zeros(x, route, zero=True)
+            return zero_outcome(x, route)
         n, N = x.numel(), self.comm.n
         bits, lanes = self.bits, self.lanes
         if route == "allreduce":
@@ -209,7 +220,7 @@ class MultiScaleAgg(Aggregator):
         comp: Any = self.comp
         m = float(stats.reshape(-1)[0])
         if m == 0.0:
-            return _zeros(x, route, zero=True)
+            return zero_outcome(x, route)
         n, N = x.numel(), self.comm.n
         target = x.clamp(-m, m)  # a stale shared scale below this rank's max clips (blocking mode never does)
         # agree the scale per element/block before rounding: the coarsest index any rank needs (MIN)

@@ -23,7 +23,7 @@ def add_parsers(sub: Any) -> None:
     s = sub.add_parser("compare", help="the main job: methods on one workload and network, TTA vs bf16, report")
     _common(s)
     s.add_argument("--methods", nargs="+", help="e.g. bf16 tnq:3 qsgd:4 tnq:3:tail=laplace powersgd:rank=2 "
-                   "(default: fp32 bf16 powersgd qsgd:4 tuq:3 tnq:3 tbq:3)")
+                   "(default: fp32 bf16 powersgd qsgd:4 tuq:3:redesign=10 tnq:3:redesign=10 tbq:3:redesign=10)")
     s.add_argument("--preset", choices=("default", "y1"), default="default",
                    help="y1: [Y1]'s comparison (MNIST, 8 workers, QSGD/NUQSGD vs TUQ/TNQ/TBQ at 3 bits)")
     s.add_argument("--target", type=float, default=0.99, help="target = this fraction of bf16's best accuracy")

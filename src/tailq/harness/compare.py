@@ -32,13 +32,19 @@ class Method:
     def label(self) -> str:
         opts = dict(self.options)
         bits = opts.get("bits")
-        extra = [f"{k}={v}" for k, v in self.options if k != "bits"]
+        extra = [f"{_SHORT.get(k, k)}={v}" for k, v in self.options if k != "bits"]
         name = self.hook if bits is None else f"{self.hook}-{bits}b"
         return name + (f"({','.join(extra)})" if extra else "")
 
 
+# short option names for --methods and labels: rank=2 (PowerSGD), redesign=10 (codebook design every 10th step)
+_ALIASES = {"rank": "matrix_approximation_rank", "redesign": "redesign_every"}
+_SHORT = {v: k for k, v in _ALIASES.items()}
+
+
 def parse_method(text: str) -> Method:
-    """``tnq:3`` (bits), ``tnq:3:tail=laplace,route=allgather``, ``powersgd:rank=2`` or a plain name."""
+    """``tnq:3`` (bits), ``tnq:3:tail=laplace,route=allgather``, ``powersgd:rank=2``, ``tnq:3:redesign=10`` or a
+    plain name."""
     parts = text.split(":")
     opts: dict[str, Any] = {}
     for part in parts[1:]:
@@ -49,7 +55,7 @@ def parse_method(text: str) -> Method:
             if "=" not in kv:
                 raise ConfigError(f"--methods: cannot parse {text!r} (use NAME, NAME:BITS or NAME:BITS:key=value,...)")
             k, v = kv.split("=", 1)
-            k = {"rank": "matrix_approximation_rank"}.get(k, k)
+            k = _ALIASES.get(k, k)
             opts[k] = _value(v)
     return Method(parts[0], tuple(sorted(opts.items())))
 
@@ -63,8 +69,11 @@ def _value(v: str) -> Any:
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
+# The truncated quantizers design their codebook every 10th step and rescale it in between (redesign_every: the
+# design is milliseconds per bucket, tens for TBQ; see BENCHMARKS.md for the per-step design's numbers).
 DEFAULT_METHODS = [Method("fp32"), Method("bf16"), Method("powersgd"), parse_method("qsgd:4"),
-                   parse_method("tuq:3"), parse_method("tnq:3"), parse_method("tbq:3")]
+                   parse_method("tuq:3:redesign=10"), parse_method("tnq:3:redesign=10"),
+                   parse_method("tbq:3:redesign=10")]
 # [Y1]'s comparison: QSGD and NUQSGD against the truncated quantizers at equal bits, 8 workers.
 Y1_METHODS = [Method("bf16"), parse_method("qsgd:3"), parse_method("nuqsgd:3"), parse_method("tuq:3"),
               parse_method("tnq:3"), parse_method("tbq:3")]

@@ -55,7 +55,7 @@ def print_table(summary: dict[str, Any]) -> None:
     t = Table(title=f"{summary['workload']}, {summary['workers']} workers, {net['rate']}{label}; "
                     f"target accuracy {summary['target_accuracy']:.4f}")
     for h in HEADER:
-        t.add_column(h, justify="left" if h == "method" else "right")
+        t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
     for row in table_rows(summary):
         t.add_row(*row)
     import sys

@@ -33,7 +33,7 @@ def ddp_hook(name: str, **options: Any) -> tuple[Any, Callable[..., Any]]:
     Builtins take ``process_group`` (and, for ``powersgd``, PyTorch's ``PowerSGDState`` options, default rank 1,
     ``start_powerSGD_iter=2``). tailq compressors take their own options (``bits``, ``tail``, …) plus
     ``process_group, route (auto|allreduce|allgather), error_feedback (False|True|'all'|'truncation'),
-    stale_stats, min_bucket, warmup_steps, fine_bits, measure_every, timeout_s, network, seed``.
+    stale_stats, redesign_every, min_bucket, warmup_steps, fine_bits, measure_every, timeout_s, network, seed``.
     """
     if name in BUILTINS:
         return BuiltinState(name, **options), builtin_hook

@@ -12,6 +12,13 @@ in the same order. Cost per bucket: one statistics all-reduce (a few hundred flo
 critical path with ``stale_stats``) and one payload collective; the ``multi-scale`` quantizer adds its index
 agreement. Buckets smaller than ``min_bucket`` and the first ``warmup_steps`` steps go as bf16.
 
+``redesign_every=k`` (truncated quantizers; our choice, beyond SPEC §6): the histogram and the codebook design
+(a numerical optimisation, milliseconds per bucket, tens for TBQ) run on every k-th compressed step only. In
+between, ranks agree just ``[non-finite count, Σ|g|]`` and rescale the kept design's levels by Σ|g_t| / Σ|g_design|:
+the empirical design is scale-equivariant (log-binned histogram), so this is exact when only the gradients'
+scale moved and tracks the scale every step when the shape moves slowly. Still unbiased for the truncated
+input; the kept designs are part of ``state_dict``.
+
 Faults: a bucket with NaN/Inf on any rank goes uncompressed in fp32 on every rank (detected through the agreed
 statistics), so non-finite values arrive exactly as with plain DDP and ``GradScaler`` skips the step. Ranks with
 different configurations fail on the first bucket with the configurations listed. Every wait has a timeout.
@@ -26,8 +33,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tailq.codec import Compressor, ErrorFeedback, compressor
-from tailq.comm.aggregate import ROUTES, Aggregator, aggregator_for
+from tailq.codec import Codebook, Compressor, ErrorFeedback, compressor
+from tailq.codec.tq import TruncatedQuantizer
+from tailq.comm.aggregate import ROUTES, Aggregator, Outcome, SharedCodebook, aggregator_for, zero_outcome
 from tailq.comm.wire import Comm, NetworkModel, WireLog
 from tailq.comm.worker import OrderedWorker
 from tailq.kernels import RandKey, dispatch
@@ -45,6 +53,11 @@ def _seed_for(seed: int, rank: int, step: int, bucket: int) -> int:
     """
     digest = hashlib.blake2b(struct.pack("<4q", seed, rank, step, bucket), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _sum_abs(x: torch.Tensor) -> torch.Tensor:
+    """Σ|x| in float64 (the scale statistic agreed between codebook redesigns)."""
+    return torch.linalg.vector_norm(x, 1, dtype=torch.float64).cpu()
 
 
 def _bucket_key(bucket: dist.GradBucket) -> str:
@@ -73,6 +86,7 @@ class TailqState:
         route: str = "auto",
         error_feedback: bool | str = False,
         stale_stats: bool = False,
+        redesign_every: int = 1,
         min_bucket: int = 8192,
         warmup_steps: int = 1,
         fine_bits: int = 2,
@@ -99,6 +113,7 @@ class TailqState:
             ("min_bucket", min_bucket, 0),
             ("warmup_steps", warmup_steps, 0),
             ("measure_every", measure_every, 0),
+            ("redesign_every", redesign_every, 1),
         ):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise ValueError(f"{key} must be an integer >= {lo}; got {val!r}")
@@ -111,10 +126,21 @@ class TailqState:
                 "error_feedback needs warmup_steps >= 1: DDP rebuilds its buckets after the first iteration, "
                 "so residuals kept per bucket during it would not match the buckets that follow"
             )
+        if redesign_every > 1 and not isinstance(self.comp, TruncatedQuantizer):
+            raise ValueError(
+                f"redesign_every applies to the truncated quantizers (tuq, tnq, tbq), not {name!r}; "
+                f"use redesign_every=1"
+            )
+        if redesign_every > 1 and stale_stats:
+            raise ValueError(
+                "redesign_every > 1 and stale_stats both take the codebook design off the critical path; "
+                "choose one (between redesigns only two floats are all-reduced)"
+            )
         self.name = name
         self.route = route
         self.error_feedback = error_feedback
         self.stale_stats = bool(stale_stats)
+        self.redesign_every = redesign_every
         self.min_bucket = min_bucket
         self.warmup_steps = warmup_steps
         self.fine_bits = fine_bits
@@ -132,6 +158,8 @@ class TailqState:
         self.agg.need_own = self.ef is not None  # only error feedback reads a rank's own decoded contribution
         self.step = 0
         self.stale: dict[str, torch.Tensor] = {}
+        # redesign_every > 1: bucket key -> (levels of the last design, agreed Σ|g| at that step, uniform?)
+        self.designs: dict[str, tuple[torch.Tensor, float, bool]] = {}
         self.vnmse: list[dict[str, float]] = []
         self.seconds = {"total": 0.0, "communicate": 0.0, "measure": 0.0}
         self.fallbacks: list[dict[str, Any]] = []
@@ -150,6 +178,7 @@ class TailqState:
             "route": self.route,
             "error_feedback": self.error_feedback,
             "stale_stats": self.stale_stats,
+            "redesign_every": self.redesign_every,
             "min_bucket": self.min_bucket,
             "warmup_steps": self.warmup_steps,
             "fine_bits": self.fine_bits,
@@ -164,6 +193,10 @@ class TailqState:
             "step": self.step,
             "error_feedback": None if self.ef is None else self.ef.state_dict(),
             "stale": {k: v.clone() for k, v in self.stale.items()},
+            "designs": {
+                k: {"levels": lv.clone(), "sum_abs": torch.tensor(sa, dtype=torch.float64), "uniform": u}
+                for k, (lv, sa, u) in self.designs.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -176,6 +209,10 @@ class TailqState:
         if self.ef is not None:
             self.ef.load_state_dict(state["error_feedback"])
         self.stale = {k: v.clone() for k, v in state["stale"].items()}
+        self.designs = {
+            k: (d["levels"].clone(), float(d["sum_abs"]), bool(d["uniform"]))
+            for k, d in state.get("designs", {}).items()
+        }
 
     def close(self) -> None:
         self.worker.close()
@@ -253,9 +290,29 @@ class TailqState:
         pending = None
         stats = None
         local = None
+        # redesign_every > 1 (truncated quantizers): design every k-th step, rescale the design in between
+        shared = agg if self.redesign_every > 1 and isinstance(agg, SharedCodebook) else None
+        amortized = shared is not None
+        due = (step - self.warmup_steps) % self.redesign_every == 0
+        if shared is not None and key in self.designs and not due:
+            # between redesigns: agree only [non-finite count, Σ|g|] and rescale the last design's levels
+            local = torch.stack([torch.tensor(float(bad), dtype=torch.float64), _sum_abs(xs)])
+            self.comm.all_reduce(local, "stats")
+            if local[0] > 0:
+                return self._fallback(g, step, idx, "non-finite gradient on some rank")
+            levels, s0, uniform = self.designs[key]
+            s1 = float(local[1])
+            if s1 == 0.0:  # every rank's bucket is zero: the mean is exactly zero, nothing else is sent
+                return self._finish(x, key, idx, zero_outcome(xs, route))
+            cb = Codebook((levels.double() * (s1 / s0)).to(torch.float32), uniform=uniform)
+            return self._finish(x, key, idx, shared.run(xs, None, rkey, route, codebook=cb))
         if agg.uses_stats:
             own = agg.local_stats(xs).cpu()
-            local = torch.cat([torch.tensor([float(bad)], dtype=own.dtype), own])  # [non-finite count, stats]
+            if amortized:  # [non-finite count, Σ|g|, stats] in float64 (Σ|g| is the reference for rescaling)
+                own = own.double()
+                local = torch.cat([torch.stack([torch.tensor(float(bad), dtype=torch.float64), _sum_abs(xs)]), own])
+            else:  # [non-finite count, stats]
+                local = torch.cat([torch.tensor([float(bad)], dtype=own.dtype), own])
             if self.stale_stats and key in self.stale:
                 stats = self.stale[key]
                 pending = self.comm.all_reduce(local, "stats", op=agg.stats_op, async_op=True)
@@ -269,7 +326,15 @@ class TailqState:
             self.comm.all_reduce(flag, "stats", op="max")
             if flag[0] > 0:
                 return self._fallback(g, step, idx, "non-finite gradient on some rank")
-        out = agg.run(xs, None if stats is None else stats[1:], rkey, route)
+        if shared is not None and stats is not None:  # a design step: keep the design for the steps until the next
+            cb_new = self.comp.codebook_from_stats(stats[2:])  # type: ignore[attr-defined]
+            if cb_new is not None and float(stats[1]) > 0:
+                self.designs[key] = (cb_new.levels.clone(), float(stats[1]), cb_new.uniform)
+            else:
+                self.designs.pop(key, None)
+            out = shared.run(xs, stats[2:], rkey, route, codebook=cb_new)
+        else:
+            out = agg.run(xs, None if stats is None else stats[1:], rkey, route)
         if self.stale_stats and local is not None:
             if pending is not None:
                 self.comm.wait(pending, "all_reduce(stats)")
@@ -278,6 +343,9 @@ class TailqState:
                 return self._fallback(
                     g, step, idx, "non-finite gradient on some rank (seen in stale-mode stats)"
                 )
+        return self._finish(x, key, idx, out)
+
+    def _finish(self, x: torch.Tensor, key: str, idx: int, out: Outcome) -> torch.Tensor:
         if self.ef is not None:
             self.ef.update(key, x, out.own, target=out.target)
         self.last[idx] = {"route": out.route, **out.info}
