@@ -182,6 +182,26 @@ def test_two_worker_synthetic_comparison_over_an_emulated_network(tmp_path: Path
 
 
 @pytest.mark.slow
+def test_a_run_short_of_the_target_gets_more_steps_up_to_its_cap(tmp_path: Path) -> None:
+    """compare judges by time: a method still below bf16's target when the step budget ends keeps training (up
+    to max_steps, within the time budget); one that reached it stops at the budget as before."""
+    from tailq.harness.launch import launch_run
+
+    def run(name: str, target: float) -> dict[str, Any]:
+        cfg = RunConfig(workload="synthetic", hook="tnq", hook_options={"bits": 3}, workers=1, steps=4, eval_every=2,
+                        net="none", run_dir=str(tmp_path / name), extend_to_target=target, max_steps=10)
+        return launch_run(cfg, timeout_s=300)
+
+    never = run("never", 1.0)  # accuracy 1.0 is not reached by this tiny run
+    assert never["steps_done"] == 10 and never["extended"] and not never["stopped_early"]
+    assert [h["step"] for h in never["history"]] == [2, 4, 6, 8, 10]
+    easy = run("easy", 0.0)
+    assert easy["steps_done"] == 4 and not easy["extended"]
+    with pytest.raises(ConfigError, match="max_steps must be an integer >= steps"):
+        RunConfig(steps=10, max_steps=5).validate()
+
+
+@pytest.mark.slow
 def test_model_with_buffers_trains_with_evaluation_probes(tmp_path: Path) -> None:
     """charlm's transformer has a buffer (its causal mask): DDP's forward broadcasts buffers, so the evaluation's
     gradient probe on rank 0 must not go through DDP (it once did: a Gloo collective mismatch, SIGABRT). Also:

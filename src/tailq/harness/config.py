@@ -34,6 +34,10 @@ class RunConfig:
     checkpoint_every: int = 0  # 0 = never
     measure_every: int = 10  # vNMSE on every k-th step (tailq hooks); 0 = never
     time_budget_s: float | None = None  # stop when the training clock passes this
+    # run past ``steps`` (up to ``max_steps``) while the best test accuracy is below this target (compare: a
+    # method still short of bf16's target when the step budget ends gets more steps, within the time budget)
+    extend_to_target: float | None = None
+    max_steps: int | None = None
     net: str = "none"
     run_dir: str = "runs/run"
     label: str = ""
@@ -61,6 +65,11 @@ class RunConfig:
             raise ConfigError(f"--lr must be > 0; got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1; got {self.batch_size}")
+        if self.extend_to_target is not None and not 0 <= self.extend_to_target <= 1:
+            raise ConfigError(f"extend_to_target must be an accuracy in [0, 1]; got {self.extend_to_target}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < self.steps):
+            raise ConfigError(f"max_steps must be an integer >= steps ({self.steps}); got {self.max_steps!r}")
         if not self.bucket_cap_mb > 0:
             raise ConfigError(f"--bucket-cap-mb must be > 0; got {self.bucket_cap_mb}")
         from .netem import parse_net

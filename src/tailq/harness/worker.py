@@ -39,6 +39,10 @@ from .workloads import Workload, load_workload
 CKPT_KEEP = 2
 
 
+
+def _reached(history: list[dict[str, Any]], target: float | None) -> bool:
+    return target is not None and any(h["accuracy"] >= target for h in history)
+
 def _batch_indices(n: int, rank: int, world: int, step: int, batch: int, seed: int) -> torch.Tensor:
     """This rank's batch at ``step``: its shard of a per-epoch permutation (deterministic, resumable)."""
     shard = n // world
@@ -169,7 +173,9 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
 
     grad_sample = None
     stop = False
-    while step < cfg.steps and not stop:
+    extend = cfg.extend_to_target is not None
+    limit = max(cfg.steps, cfg.max_steps or 0) if extend else cfg.steps
+    while step < limit and not stop:
         xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
         s0 = dict(state.seconds)
         nrec = len(state.log.records)
@@ -195,7 +201,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
                           "comm_s": comm, "loss": float(loss.detach())})
         step += 1
         _maybe_fail(rank, step)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or step in (cfg.steps, limit):
             dist.barrier()
             if rank == 0:
                 acc, test_loss = wl.evaluate(model)
@@ -217,7 +223,10 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
                     entry["alpha_max"] = float(max(alphas))
                 history.append(entry)
                 _progress(run_dir, step, cfg.steps, clock, acc)
-            flag = torch.tensor([1.0 if cfg.time_budget_s and clock > cfg.time_budget_s else 0.0])
+            over_time = bool(cfg.time_budget_s and clock > cfg.time_budget_s)
+            # past the step budget, continue only while the target is not reached (rank 0 evaluated)
+            done = step >= cfg.steps and (not extend or (rank == 0 and _reached(history, cfg.extend_to_target)))
+            flag = torch.tensor([1.0 if over_time or done else 0.0])
             dist.broadcast(flag, 0)  # every rank stops at the same step
             stop = bool(flag[0] > 0)
         if ck is not None and step % cfg.checkpoint_every == 0:
@@ -236,7 +245,8 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             "history": history,
             "steps": steps_log,
             "steps_done": step,
-            "stopped_early": stop,
+            "stopped_early": stop and step < cfg.steps,
+            "extended": step > cfg.steps,
             "resumed_from": resumed_from,
             "kernel_warmup_s": kernel_warmup_s,
             "wire": log.summary(),
