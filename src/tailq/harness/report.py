@@ -230,6 +230,11 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         lines += ["", "One-time compilation of the fused codec kernels before training (not in the training clock, "
                   "once per process; inductor's on-disk cache shortens it in later processes): " + ", ".join(warm)
                   + "."]
+    ext = [f"{r['name']} ({r['steps']} steps)" for r in summary["runs"] if r.get("extended")]
+    if ext:
+        lines += ["", f"Below the target when the {summary['steps']}-step budget ended, so trained on until "
+                  "reaching it (up to 3× the steps, within 3× bf16's clock; final accuracy is at that step): "
+                  + ", ".join(ext) + "."]
     lines += ["", *[f"> note: {n}" for n in summary.get("notes", [])], ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS]
     tails = []
