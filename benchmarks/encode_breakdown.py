@@ -37,7 +37,7 @@ def main() -> None:
     c = tailq.compressor(a.compressor, bits=a.bits)
     g = torch.Generator().manual_seed(0)
     st = c.local_stats(x)
-    cb = c.codebook_from_stats(st)
+    cb = c.codebook(st)
     codes = cb.encode(x, g)
     rows = [
         ("check_input (isfinite)", lambda: check_input(x)),

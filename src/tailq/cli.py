@@ -1,12 +1,15 @@
-"""``tailq`` command line: a thin layer over theory / codec (ARCHITECTURE.md, CLI contract).
+"""``tailq`` command line: one parser, a thin layer over theory, codec, tools and the harness.
 
-Every subcommand has ``--help``, prints human output by default and JSON with ``--json``.
-Errors in arguments exit with status 2 and one line naming the argument and the accepted range.
+Subcommands: ``list``, ``design``, ``fit``, ``demo``, ``bench codec|hook``, ``train``, ``compare``, ``report``.
+Every subcommand has ``--help``, prints human output by default and JSON with ``--json``. Bad input
+(:class:`~tailq.errors.UsageError`) exits with status 2 and one line naming the argument and the accepted range;
+a training run that fails exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from tailq.errors import UsageError
+from tailq.tools.samples import load_samples, monte_carlo_mse
+
 __all__ = ["main"]
-
-
-class UsageError(Exception):
-    """A bad argument: reported as one line, exit status 2."""
 
 
 def _console() -> Any:
@@ -79,56 +81,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# loading gradient samples (no pickle)
-def load_samples(path: str) -> np.ndarray:
-    """Flattened gradient values from a ``.npy`` file or a ``.pt`` file of tensors (``weights_only=True``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(
-            f"samples file {path!r} does not exist (expected a .npy or .pt file of gradient values)"
-        )
-    suffix = p.suffix.lower()
-    if suffix == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except ValueError as err:
-            raise UsageError(f"{path}: cannot read as a plain .npy array without pickle ({err})") from err
-        arrays = [np.asarray(arr, dtype=np.float64).ravel()]
-    elif suffix in (".pt", ".pth"):
-        import torch
-
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for bad or unsafe files
-            raise UsageError(f"{path}: cannot load with torch.load(weights_only=True): {err}") from err
-        tensors = _collect_tensors(obj)
-        if not tensors:
-            raise UsageError(f"{path}: no floating-point tensors found")
-        arrays = [t.detach().to(torch.float64).reshape(-1).numpy() for t in tensors]
-    else:
-        raise UsageError(f"samples file {path!r}: unsupported suffix {suffix!r}; accepted: .npy, .pt, .pth")
-    x = np.concatenate(arrays) if arrays else np.zeros(0)
-    if x.size == 0:
-        raise UsageError(f"{path}: contains no values")
-    bad = int((~np.isfinite(x)).sum())
-    if bad:
-        raise UsageError(f"{path}: contains {bad} non-finite values (NaN/Inf) of {x.size}")
-    return x
-
-
-def _collect_tensors(obj: Any) -> list[Any]:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return [obj] if obj.is_floating_point() else []
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _collect_tensors(v)]
-    if isinstance(obj, list | tuple):
-        return [t for v in obj for t in _collect_tensors(v)]
-    return []
-
-
-# ---------------------------------------------------------------------------------------------------------
 # tailq design
 def _tail_from_args(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, str | None]:
     """(tail model, samples or None, fallback note or None)."""
@@ -166,20 +118,6 @@ def _tail_from_args(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, s
     if samples is None:
         raise UsageError("--tail empirical needs --samples FILE")
     return theory.EmpiricalTail(theory.LogHistogram.from_samples(samples)), samples, None
-
-
-def monte_carlo_mse(levels: np.ndarray, samples: np.ndarray, seed: int = 0) -> float:
-    """Measured per-coordinate MSE of truncation + stochastic rounding onto ``levels`` (torch codec path)."""
-    import torch
-
-    from tailq.codec import Codebook
-
-    uniform = bool(np.allclose(np.diff(levels), (levels[-1] - levels[0]) / (len(levels) - 1), rtol=1e-9))
-    cb = Codebook.from_levels(levels, uniform=uniform)
-    x = torch.as_tensor(samples, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    err = cb.decode(cb.encode(x, gen)).double() - x.double()
-    return float((err * err).mean())
 
 
 def cmd_design(args: argparse.Namespace) -> int:
@@ -312,9 +250,154 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tailq.demo import run_demo
+    from tailq.tools.demo import run_demo
 
     return run_demo(json_path=args.json, n=args.n, seed=args.seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tailq bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from tailq.tools import bench
+
+    if args.numel is not None and args.numel < 1:
+        raise UsageError(f"--numel must be >= 1; got {args.numel}")
+    if args.repeat < 1:
+        raise UsageError(f"--repeat must be >= 1; got {args.repeat}")
+    if any(not 1 <= b <= 8 for b in args.bits):
+        raise UsageError(f"--bits must be in 1..8; got {args.bits}")
+    if args.world < 1 or args.steps < 1:
+        raise UsageError(f"--world and --steps must be >= 1; got {args.world}, {args.steps}")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        raise UsageError(f"--device must be cpu or cuda (with a GPU present); got {args.device!r}")
+    if args.what == "hook":
+        return bench.run_hook_bench(world=args.world, numel=args.numel or 1 << 22, steps=args.steps,
+                                    threads=args.threads, paths=args.paths, json_out=args.json)
+    return bench.run_codec_bench(numel=args.numel or 1 << 24, repeat=args.repeat, json_out=args.json,
+                                 only=args.compressors, bits=tuple(args.bits), paths=args.paths, device=args.device,
+                                 hook=args.hook, hook_numel=args.hook_numel, world=args.world, steps=args.steps,
+                                 threads=args.threads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tailq train | compare | report (the harness)
+DEFAULT_NET = "50mbit"
+
+
+def _network(text: str, notes: list[str]) -> Any:
+    """``--net`` parsed once. The default network is emulated; where emulation is impossible say so and model it;
+    an emulated network asked for explicitly must be possible."""
+    from tailq.comm.network import Network
+    from tailq.harness.netem import emulation_available, unavailable_message
+
+    try:
+        net = Network.parse(text)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if net.kind != "emulated":
+        return net
+    ok, why = emulation_available(net)
+    if ok:
+        return net
+    if text != DEFAULT_NET:
+        raise UsageError(unavailable_message(net, why))
+    notes.append(f"network emulation unavailable ({why}): the default network is MODELED (model:{text})")
+    return Network("model", net.rate_bps, net.delay_s)
+
+
+def _require_harness_extras() -> None:
+    missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"the harness needs {', '.join(missing)}: pip install 'tailq[harness]' "
+                         "(scikit-learn for the embedded digits data, matplotlib for the plots)")
+
+
+def _extra(args: argparse.Namespace) -> dict[str, Any]:
+    return {"lr": args.lr, "batch_size": args.batch_size, "data_dir": args.data_dir, "tail_df": args.tail_df,
+            "bucket_cap_mb": args.bucket_cap_mb, "measure_every": args.measure_every}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tailq.harness.config import RunConfig, parse_value
+    from tailq.harness.launch import launch_run
+    from tailq.harness.workloads import DEFAULT_STEPS, check_data
+
+    _require_harness_extras()
+    opts: dict[str, Any] = {}
+    if args.bits is not None:
+        opts["bits"] = args.bits
+    for kv in args.option:
+        if "=" not in kv:
+            raise UsageError(f"--option must be KEY=VALUE; got {kv!r}")
+        k, v = kv.split("=", 1)
+        opts[k] = parse_value(v)
+    notes: list[str] = []
+    net = _network(args.net, notes)
+    steps, every = DEFAULT_STEPS.get(args.workload, (300, 25))
+    cfg = RunConfig(workload=args.workload, hook=args.compressor, hook_options=opts, workers=args.workers,
+                    steps=args.steps or steps, eval_every=args.eval_every or every, seed=args.seed,
+                    net=net, run_dir=args.run_dir or f"runs/train-{args.compressor}",
+                    checkpoint_every=args.checkpoint_every, **_extra(args)).validate()
+    check_data(cfg.workload, cfg.data_dir)
+    con = Console()
+    for n in notes:
+        con.print(f"[yellow]note:[/yellow] {n}")
+    res = launch_run(cfg, progress=lambda s, t, i: None)
+    h = res["history"][-1]
+    con.print(f"{cfg.name}: {res['steps_done']} steps, training clock {res['steps'][-1]['clock']:.1f} s "
+              f"({res['network']['describe']}), final accuracy {h['accuracy']:.4f}, "
+              f"{res['wire']['bits_per_coord_handed']:.2f} bits/coord; results in {cfg.run_dir}/result.json")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tailq.harness.compare import DEFAULT_METHODS, Y1_METHODS, compare, parse_method
+    from tailq.harness.report import print_table
+    from tailq.harness.workloads import DEFAULT_STEPS, DataError, check_data, load_workload
+
+    _require_harness_extras()
+    notes: list[str] = []
+    workload, workers = args.workload, args.workers
+    methods = [parse_method(m) for m in args.methods] if args.methods else list(DEFAULT_METHODS)
+    if args.preset == "y1":
+        workers = 8 if args.workers == 4 else args.workers
+        methods = [parse_method(m) for m in args.methods] if args.methods else list(Y1_METHODS)
+        try:
+            load_workload("mnist", data_dir=args.data_dir)
+            workload = "mnist"
+        except DataError as err:
+            workload = "digits"
+            notes.append(f"preset y1: MNIST not found ({err}); ran on the embedded digits workload instead")
+    check_data(workload, args.data_dir)
+    net = _network(args.net, notes)
+    steps, every = DEFAULT_STEPS.get(workload, (300, 25))
+    root = compare(workload=workload, workers=workers, net=net, methods=methods, steps=args.steps or steps,
+                   eval_every=args.eval_every or every, seed=args.seed, out_dir=args.out, run_id=args.id,
+                   target_fraction=args.target, extra=_extra(args), notes=notes)
+    summary = json.loads((root / "results.json").read_text())
+    print_table(summary)
+    for n in notes:
+        print(f"note: {n}")
+    print(f"report: {root / 'report.md'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tailq.harness.report import print_table, render
+
+    root = Path(args.dir)
+    if not (root / "results.json").is_file():
+        raise UsageError(f"{root} has no results.json (is it a directory written by tailq compare?)")
+    path = render(root)
+    print_table(json.loads((root / "results.json").read_text()))
+    print(f"report: {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,23 +434,74 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     s.set_defaults(func=cmd_demo)
 
-    from tailq import bench
-    from tailq.harness import cli as harness_cli
+    s = sub.add_parser("bench", help="micro-benchmarks: codec throughput per kernel path, hook time vs bf16")
+    s.add_argument("what", choices=("codec", "hook"), help="codec: encode/decode vs a copy; hook: ms/step vs bf16")
+    s.add_argument("--numel", type=int, default=None, help="elements (default 2^24 for codec, 2^22 for hook)")
+    s.add_argument("--repeat", type=int, default=3, help="timed calls (codec) after one warm-up")
+    s.add_argument("--compressors", nargs="*", help="only these compressors")
+    s.add_argument("--bits", nargs="*", type=int, default=[2, 3, 4, 8], help="bit widths (default 2 3 4 8)")
+    s.add_argument("--paths", nargs="*", choices=("reference", "compiled", "triton"),
+                   help="kernel paths (default: every one available on the device)")  # fmt: skip
+    s.add_argument("--device", default="cpu", help="cpu or cuda (codec)")
+    s.add_argument("--hook", action="store_true", help="codec: also run the hook benchmark and include it")
+    s.add_argument("--hook-numel", type=int, default=1 << 22, help="elements per rank for --hook (2^22)")
+    s.add_argument("--world", type=int, default=4, help="hook: number of Gloo ranks")
+    s.add_argument("--steps", type=int, default=5, help="hook: timed steps after two warm-up steps")
+    s.add_argument("--threads", type=int, default=None, help="hook: torch threads per rank (default cores/world)")
+    s.add_argument("--json", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")
+    s.set_defaults(func=cmd_bench)
 
-    bench.add_parser(sub)  # `tailq bench ...` is defined next to its implementation
-    harness_cli.add_parsers(sub)  # `tailq train | compare | report`
+    s = sub.add_parser("train", help="one training run (a compressor, N workers, a workload, a network)")
+    _harness_common(s)
+    s.add_argument("--compressor", default="tnq", help="any hook name (tailq list, or fp32/fp16/bf16/powersgd)")
+    s.add_argument("--bits", type=int, help="bits per coordinate (compressors that take bits)")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="more hook options")
+    s.add_argument("--run-dir", help="where to write (default runs/train-<compressor>)")
+    s.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0 = none)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("compare", help="the main job: methods on one workload and network, TTA vs bf16, report")
+    _harness_common(s)
+    s.add_argument("--methods", nargs="+", help="e.g. bf16 tnq:3 qsgd:4 tnq:3:tail=laplace powersgd:rank=2 "
+                   "(default: fp32 bf16 powersgd qsgd:4 tuq:3:redesign=10 tnq:3:redesign=10 tbq:3:redesign=10)")
+    s.add_argument("--preset", choices=("default", "y1"), default="default",
+                   help="y1: [Y1]'s comparison (MNIST, 8 workers, QSGD/NUQSGD vs TUQ/TNQ/TBQ at 3 bits)")
+    s.add_argument("--target", type=float, default=0.99, help="target = this fraction of bf16's best accuracy")
+    s.add_argument("--out", default="runs", help="parent directory of the run directory")
+    s.add_argument("--id", help="run directory name (default: a timestamp)")
+    s.add_argument("--json", metavar="PATH", help="also write the summary JSON here")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("report", help="re-render report.md and plots of a comparison directory")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_report)
     return p
+
+
+def _harness_common(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--workload", default="digits", help="digits | charlm | synthetic | mnist | cifar10")
+    s.add_argument("--workers", type=int, default=4)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--eval-every", type=int)
+    s.add_argument("--net", default=DEFAULT_NET,
+                   help=f"RATE[,DELAY] emulated (default {DEFAULT_NET}), model:RATE[,DELAY] modeled, or none")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--data-dir", help="directory with MNIST IDX or CIFAR-10 binary files")
+    s.add_argument("--tail-df", type=float, default=3.0, help="synthetic: Student-t degrees of freedom of inputs")
+    s.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    s.add_argument("--measure-every", type=int, default=25, help="vNMSE every k-th step (0 = never)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from tailq.harness.config import ConfigError
     from tailq.harness.launch import RunFailed
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ConfigError) as err:
+    except UsageError as err:
         print(f"tailq {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RunFailed as err:

@@ -319,20 +319,20 @@ def test_single_scale_stats_codebook_and_supplied_scale() -> None:
     x = heavy_tailed(40) / 10.0
     local = comp.local_stats(x)
     assert local.dtype == torch.float64 and local.tolist() == [float(x.abs().max())]
-    cb = comp.codebook_from_stats(torch.tensor([4.0], dtype=torch.float64))
+    cb = comp.codebook(torch.tensor([4.0], dtype=torch.float64))
     assert cb is not None and cb.s == 7
     assert torch.allclose(cb.levels, torch.linspace(-4, 4, 8), atol=1e-6)
-    assert comp.codebook_from_stats(torch.zeros(1, dtype=torch.float64)) is None
+    assert comp.codebook(torch.zeros(1, dtype=torch.float64)) is None
     agreed = torch.tensor([4.0], dtype=torch.float64)
-    enc = comp.encode(x, generator=gen(0), stats=agreed)
+    enc = comp.encode_with(x, comp.codebook(agreed), generator=gen(0))
     assert float(enc.tensors["scale"][0]) == 4.0
     dec = comp.decode(enc)
     assert bool(torch.isclose(dec.unsqueeze(-1), cb.levels, atol=1e-6).any(dim=-1).all())
-    samples = sample_decodes(lambda g: comp.encode(x, generator=g, stats=agreed), comp.decode, reps=2000)
+    samples = sample_decodes(lambda g: comp.encode_with(x, comp.codebook(agreed), generator=g), comp.decode, reps=2000)
     assert_mean_matches(samples, x)
     # a float64 scale is rounded up to float32 so it still covers the value it came from
     odd = torch.tensor([1.0 + 2.0**-30], dtype=torch.float64)
-    assert float(comp.encode(x, stats=odd).tensors["scale"][0]) >= float(odd[0])
+    assert float(comp.encode_with(x, comp.codebook(odd)).tensors["scale"][0]) >= float(odd[0])
 
 
 def test_single_scale_codes_sum_to_unbiased_mean() -> None:
@@ -344,7 +344,7 @@ def test_single_scale_codes_sum_to_unbiased_mean() -> None:
     dec: list[list[torch.Tensor]] = [[], []]
     summed = []
     for i in range(2000):
-        encs = [comp.encode(x, generator=gen(2 * i + w), stats=m) for w, x in enumerate(xs)]
+        encs = [comp.encode_with(x, comp.codebook(m), generator=gen(2 * i + w)) for w, x in enumerate(xs)]
         codes = [unpack_bits(e.tensors["codes"], comp.bits, 33).long() for e in encs]
         total = codes[0] + codes[1]  # what an all-reduce SUM of the codes delivers
         summed.append((total.double() * (2.0 / s) - 2.0) * float(m[0]))  # N = 2: -N*M + K * 2M/s
@@ -384,16 +384,15 @@ def test_multi_scale_agreed_min_index_codes_sum_unbiased(granularity: str) -> No
     brute = torch.tensor([max(j for j in range(4) if j == 0 or v <= sc[j]) for v in a.tolist()])
     assert torch.equal(agreed, brute)
     with pytest.raises(ValueError, match="MIN"):
-        comp.encode(x1, stats=m, scale_index=torch.maximum(i1, i2))
+        comp.encode_with(x1, comp.agreed(comp.codebook(m), torch.maximum(i1, i2)))
     s = comp.s
-    se = sc[comp._expand(agreed, x1.numel())]
+    se = sc[comp.expand(agreed, x1.numel())]
 
     dec: list[list[torch.Tensor]] = [[], []]
     summed = []
     for i in range(1500):
-        encs = [
-            comp.encode(x, generator=gen(2 * i + w), stats=m, scale_index=agreed) for w, x in enumerate(xs)
-        ]
+        encs = [comp.encode_with(x, comp.agreed(comp.codebook(m), agreed), generator=gen(2 * i + w))
+                for w, x in enumerate(xs)]
         if i == 0:  # every worker sends the same agreed scale and indices
             assert torch.equal(encs[0].tensors["index"], encs[1].tensors["index"])
             assert torch.equal(encs[0].tensors["scale"], encs[1].tensors["scale"])
@@ -506,14 +505,14 @@ def test_bad_options_raise(factory: Callable[[], Compressor], match: str) -> Non
 def test_bad_agreed_values_raise() -> None:
     x = torch.randn(20, generator=gen(0))
     with pytest.raises(ValueError, match="stats"):
-        SingleScale().encode(x, stats=torch.tensor([math.nan], dtype=torch.float64))
+        SingleScale().encode_with(x, SingleScale().codebook(torch.tensor([math.nan], dtype=torch.float64)))
     with pytest.raises(ValueError, match="exactly one value"):
-        SingleScale().encode(x, stats=torch.ones(2, dtype=torch.float64))
+        SingleScale().encode_with(x, SingleScale().codebook(torch.ones(2, dtype=torch.float64)))
     comp = MultiScale(granularity="element")
     with pytest.raises(ValueError, match="20 entries"):
-        comp.encode(x, scale_index=torch.zeros(3, dtype=torch.int64))
+        comp.encode_with(x, comp.agreed(comp.codebook(comp.local_stats(x)), torch.zeros(3, dtype=torch.int64)))
     with pytest.raises(ValueError, match=r"\[0, 3\]"):
-        comp.encode(x, scale_index=torch.full((20,), -1, dtype=torch.int64))
+        comp.encode_with(x, comp.agreed(comp.codebook(comp.local_stats(x)), torch.full((20,), -1, dtype=torch.int64)))
 
 
 @pytest.mark.parametrize("name", sorted(ALL_FACTORIES))

@@ -28,9 +28,9 @@ def test_unbiased_for_truncated_input(scheme: str, tail: str) -> None:
     stats = comp.local_stats(base)  # the codebook is fixed by these statistics
     x = base[:48]
     reps = 4000
-    enc = comp.encode(x.repeat(reps), stats=stats, generator=torch.Generator().manual_seed(7))
+    enc = comp.encode_with(x.repeat(reps), comp.codebook(stats), generator=torch.Generator().manual_seed(7))
     dec = comp.decode(enc).reshape(reps, -1).double()
-    cb = comp.codebook_from_stats(stats)
+    cb = comp.codebook(stats)
     xt = cb.truncate(x).double()
     lv = cb.levels.double()
     j = (torch.searchsorted(lv, xt, right=True) - 1).clamp(0, cb.s - 1)
@@ -105,9 +105,9 @@ def test_powerlaw_with_infinite_variance_falls_back_to_empirical_and_says_so() -
 def test_codebook_is_a_pure_function_of_stats(tail: str) -> None:
     comp = tailq.compressor("tbq", bits=4, tail=tail)
     stats = comp.local_stats(heavy(5000, seed=11))
-    a = comp.codebook_from_stats(stats).levels.clone()
+    a = comp.codebook(stats).levels.clone()
     _design_cached.cache_clear()
-    b = comp.codebook_from_stats(stats.clone()).levels
+    b = comp.codebook(stats.clone()).levels
     assert torch.equal(a, b)
 
 

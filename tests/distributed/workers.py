@@ -113,9 +113,9 @@ def heavy(d: int, seed: int) -> torch.Tensor:
 
 def _agreed_stats(state: TailqState, x: torch.Tensor) -> torch.Tensor:
     """The statistics exactly as the hook agrees them: [non-finite count, stats] in one all-reduce."""
-    own = state.agg.local_stats(x)
+    own = state.family.local_stats(x)
     local = torch.cat([torch.zeros(1, dtype=own.dtype), own])
-    dist.all_reduce(local, op=dist.ReduceOp.MAX if state.agg.stats_op == "max" else dist.ReduceOp.SUM)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX if state.family.stats_op == "max" else dist.ReduceOp.SUM)
     return local[1:]
 
 
@@ -143,15 +143,15 @@ def w_statistics(rank: int, world: int, cases: list[tuple[str, dict[str, Any]]],
         mean = acc / steps
         std = (acc2 / steps - mean * mean).clamp_min(0).sqrt() * (steps / max(steps - 1, 1)) ** 0.5
         comp = state.comp
-        if hasattr(comp, "codebook_from_stats") and name != "multi-scale":
-            cb = comp.codebook_from_stats(_agreed_stats(state, g))
+        if hasattr(comp, "codebook") and name != "multi-scale":
+            cb = comp.codebook(_agreed_stats(state, g))
             target = cb.truncate(g)
         elif comp.unbiased:
             target = comp.target(g)
         else:  # deterministic, biased: the exact mean of the compressed vectors
             target = comp.roundtrip(g)
         expected = _mean(target)
-        info = state.last.get(0, {})
+        info = state.metrics.last.get(0, {})
         # the exact variance of the hooked mean where the rounding is onto known levels: each rank rounds its
         # target t in [l_j, l_j+1] with variance (l_j+1 - t)(t - l_j), independently of the other ranks
         exact_var = None
@@ -161,16 +161,16 @@ def w_statistics(rank: int, world: int, cases: list[tuple[str, dict[str, Any]]],
             j = (torch.searchsorted(lv, t, right=True) - 1).clamp(0, lv.numel() - 2)
             exact_var = _mean((lv[j + 1] - t) * (t - lv[j])) / world
         route = info.get("route", "")
-        stats_len = 0 if not state.agg.uses_stats else state.agg.local_stats(g).numel() + 1
-        stats_bytes = 8 if not state.agg.uses_stats else stats_len * state.agg.local_stats(g).element_size()
-        model_bytes = state.agg.predicted_payload_bytes(d, route) + stats_bytes
+        stats_len = 0 if not state.family.uses_stats else state.family.local_stats(g).numel() + 1
+        stats_bytes = 8 if not state.family.uses_stats else stats_len * state.family.local_stats(g).element_size()
+        model_bytes = state.planner.payload_bytes(route, d) + stats_bytes
         if name == "multi-scale":
             model_bytes += comp.n_indices(d)  # int8 index per element/block
         out.append({
             "name": name, "opts": opts, "mean": mean, "std": std, "expected": expected, "route": route,
             "exact_var": exact_var,
             "levels": info.get("levels"),
-            "bits_measured": state.log.bits_per_coord(),
+            "bits_measured": state.metrics.wire.bits_per_coord(),
             "bits_model": 8 * model_bytes / d,
         })
         state.close()
@@ -186,8 +186,8 @@ def w_lanes_exact(rank: int, world: int, names: list[str], d: int) -> list[tuple
             state = TailqState(name, bits=bits, route="allreduce", warmup_steps=0, min_bucket=0, seed=5)
             res = state.process(FakeBucket(g.clone()))
             stats = _agreed_stats(state, g)
-            cb = state.comp.codebook_from_stats(stats)
-            snapped = cb.snap(state.agg.grid)
+            cb = state.comp.codebook(stats)
+            snapped = cb.snap(state.family.grid)
             codes = snapped.encode_fine(g, RandKey(5, rank, 0, 0))  # the hook's counter key (seed, rank, step, bucket)
             total = codes.clone()
             dist.all_reduce(total)
@@ -212,7 +212,7 @@ def w_nonfinite(rank: int, world: int, name: str, stale: bool) -> dict[str, Any]
     plain /= world
     state.close()
     return {"equal": bool(torch.equal(torch.nan_to_num(res, nan=123.0), torch.nan_to_num(plain, nan=123.0))),
-            "inf": bool(torch.isinf(res[5])), "nan": bool(torch.isnan(res[7])), "fallbacks": state.fallbacks}
+            "inf": bool(torch.isinf(res[5])), "nan": bool(torch.isnan(res[7])), "fallbacks": state.metrics.fallbacks}
 
 
 def w_mismatch(rank: int, world: int) -> str:
@@ -387,11 +387,11 @@ def w_ddp_statistics(rank: int, world: int, name: str, opts: dict[str, Any], ste
     if name == "efsign":
         own = torch.where(flat >= 0, 1.0, -1.0) * flat.abs().sum() / flat.numel()
     else:
-        own = state.comp.codebook_from_stats(_agreed_stats(state, flat)).truncate(flat)
+        own = state.comp.codebook(_agreed_stats(state, flat)).truncate(flat)
     mean = acc / steps
     std = (acc2 / steps - mean**2).clamp_min(0).sqrt() * (steps / (steps - 1)) ** 0.5
     state.close()
-    return {"mean": mean, "std": std, "expected": _mean(own), "levels": state.last[0].get("levels")}
+    return {"mean": mean, "std": std, "expected": _mean(own), "levels": state.metrics.last[0].get("levels")}
 
 
 def w_stale(rank: int, world: int, stale: bool) -> list[float]:
@@ -401,7 +401,7 @@ def w_stale(rank: int, world: int, stale: bool) -> list[float]:
     alphas = []
     for scale in (1.0, 10.0, 10.0):
         state.process(FakeBucket(g * scale))
-        alphas.append(float(state.last[0]["alpha"]))
+        alphas.append(float(state.metrics.last[0]["alpha"]))
     state.close()
     return alphas
 
@@ -418,22 +418,22 @@ def w_redesign(rank: int, world: int, name: str, every: int) -> dict[str, Any]:
         x = g * c
         if step == 6 and rank == 1:
             x[11] = float("nan")
-        before = state.log.totals.get("stats", (0, 0))[0]
+        before = state.metrics.wire.totals.get("stats", (0, 0))[0]
         res = state.process(FakeBucket(x.clone()))
-        out["stats_bytes"].append(state.log.totals.get("stats", (0, 0))[0] - before)
+        out["stats_bytes"].append(state.metrics.wire.totals.get("stats", (0, 0))[0] - before)
         out["results"].append(res.clone())
-        info = state.last.get(0, {})
+        info = state.metrics.last.get(0, {})
         out["levels"].append(None if info.get("zero") or "levels" not in info else info["levels"].clone())
         # a fresh design from the statistics agreed exactly as the hook agrees them on a design step (float64)
-        own = state.agg.local_stats(torch.nan_to_num(x, nan=0.0)).double()
+        own = state.family.local_stats(torch.nan_to_num(x, nan=0.0)).double()
         dist.all_reduce(own)
-        cb = state.comp.codebook_from_stats(own)
+        cb = state.comp.codebook(own)
         out["fresh"].append(None if cb is None else cb.levels.clone())
     plain = g * 1.0
     plain[11] = float("nan") if rank == 1 else plain[11]
     dist.all_reduce(plain)
     out["plain_nan_step"] = plain / world
-    out["fallbacks"] = state.fallbacks
+    out["fallbacks"] = state.metrics.fallbacks
     sd = state.state_dict()
     out["saved_designs"] = sorted(sd["designs"])
     state.close()
@@ -458,7 +458,7 @@ def w_modes(rank: int, world: int) -> dict[str, Any]:
     got_small = small.process(FakeBucket(g.clone()))
     ref = g.to(torch.bfloat16).div_(world)
     dist.all_reduce(ref)
-    kinds_small = sorted({r.kind for r in small.log.records})
+    kinds_small = sorted({r.kind for r in small.metrics.wire.records})
     small.close()
     meas = TailqState("tnq", bits=2, warmup_steps=0, min_bucket=0, measure_every=2)
     outs = [meas.process(FakeBucket(g.clone())) for _ in range(4)]
@@ -466,6 +466,6 @@ def w_modes(rank: int, world: int) -> dict[str, Any]:
     manual = [float(((o.double() - exact.double()) ** 2).sum() / (exact.double() ** 2).sum()) for o in outs]
     meas.close()
     return {"passthrough_equal": bool(torch.equal(got_small, ref.float())), "kinds_small": kinds_small,
-            "vnmse": meas.vnmse, "manual": manual,
-            "measure_bits": meas.log.bits_per_coord(kinds=("measure",)),
-            "method_bits": meas.log.bits_per_coord()}
+            "vnmse": meas.metrics.vnmse, "manual": manual,
+            "measure_bits": meas.metrics.wire.bits_per_coord(kinds=("measure",)),
+            "method_bits": meas.metrics.wire.bits_per_coord()}

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from tailq.cli import main
+from tailq.errors import UsageError
 from tailq.harness.compare import parse_method, summarize
-from tailq.harness.config import ConfigError, RunConfig
+from tailq.harness.config import RunConfig
 from tailq.harness.workloads import CIFAR_FILES, MNIST_FILES, DataError, load_workload, read_cifar_batch, read_idx
 
 
@@ -136,15 +137,16 @@ def test_tta_and_speedup_follow_the_definition() -> None:
     assert runs["tnq"]["best_accuracy"] == 0.99 and runs["tnq"]["final_accuracy"] == 0.98
     assert runs["tnq"]["vnmse"] == pytest.approx(0.4)
     assert s["network"]["modeled"] and not s["network"]["emulated"]
-    with pytest.raises(ConfigError, match="bf16"):
+    with pytest.raises(UsageError, match="bf16"):
         summarize([fast], 0.99)
 
 
 # -- end to end (slow) ------------------------------------------------------------------------------------
 def _emulation() -> bool:
-    from tailq.harness.netem import emulation_available, parse_net
+    from tailq.comm.network import Network
+    from tailq.harness.netem import emulation_available
 
-    return emulation_available(parse_net("50mbit"))[0]
+    return emulation_available(Network.parse("50mbit"))[0]
 
 
 RESULT_KEYS = {"compressor", "bits", "tta_s", "speedup_vs_bf16", "best_accuracy", "final_accuracy", "vnmse",
@@ -197,7 +199,7 @@ def test_a_run_short_of_the_target_gets_more_steps_up_to_its_cap(tmp_path: Path)
     assert [h["step"] for h in never["history"]] == [2, 4, 6, 8, 10]
     easy = run("easy", 0.0)
     assert easy["steps_done"] == 4 and not easy["extended"]
-    with pytest.raises(ConfigError, match="max_steps must be an integer >= steps"):
+    with pytest.raises(UsageError, match="max_steps must be an integer >= steps"):
         RunConfig(steps=10, max_steps=5).validate()
 
 

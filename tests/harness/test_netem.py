@@ -27,24 +27,21 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tailq.comm.network import Network
 from tailq.harness.netem import (
     EmulatedNetwork,
     EmulationError,
     Host,
-    NetSpec,
     emulation_available,
-    parse_net,
     sweep_stale,
 )
 
-NETEM_PY = Path(__file__).resolve().parents[2] / "src" / "tailq" / "harness" / "netem.py"
 AVAILABLE, REASON = emulation_available()
 needs_emulation = pytest.mark.skipif(not AVAILABLE, reason=f"network emulation unavailable: {REASON}")
-DELAY_OK, DELAY_REASON = emulation_available(parse_net("100mbit,5ms")) if AVAILABLE else (False, REASON)
+DELAY_OK, DELAY_REASON = emulation_available(Network.parse("100mbit,5ms")) if AVAILABLE else (False, REASON)
 
 # ------------------------------------------------------------------------------------------------- parsing
 
@@ -74,14 +71,14 @@ DELAY_OK, DELAY_REASON = emulation_available(parse_net("100mbit,5ms")) if AVAILA
     ],
 )
 def test_parse_net_accepts(text: str, kind: str, rate: float | None, delay: float) -> None:
-    spec = parse_net(text)
+    spec = Network.parse(text)
     assert spec.kind == kind
     if rate is None:
         assert spec.rate_bps is None
     else:
         assert spec.rate_bps == pytest.approx(rate, rel=1e-12)
     assert spec.delay_s == pytest.approx(delay, rel=1e-12, abs=0)
-    assert parse_net(spec.as_arg()) == spec  # the canonical text round-trips
+    assert Network.parse(spec.as_arg()) == spec  # the canonical text round-trips
 
 
 @pytest.mark.parametrize(
@@ -92,44 +89,44 @@ def test_parse_net_accepts(text: str, kind: str, rate: float | None, delay: floa
 )  # fmt: skip
 def test_parse_net_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="--net") as info:
-        parse_net(text)
+        Network.parse(text)
     message = str(info.value)
     assert repr(text) in message  # echoes the bad text
     assert "model:RATE[,DELAY]" in message and "'none'" in message  # lists the accepted forms
 
 
 def test_describe() -> None:
-    assert parse_net("100mbit,1ms").describe() == "emulated 100 Mbit/s, 1 ms"
-    assert parse_net("model:1gbit").describe() == "modeled 1 Gbit/s"
-    assert parse_net("none").describe() == "loopback"
-    assert parse_net("10mbps,500us").describe() == "emulated 80 Mbit/s, 500 us"
-    assert parse_net("model:2.5gbit,2s").describe() == "modeled 2.5 Gbit/s, 2 s"
+    assert Network.parse("100mbit,1ms").describe() == "emulated 100 Mbit/s, 1 ms"
+    assert Network.parse("model:1gbit").describe() == "modeled 1 Gbit/s"
+    assert Network.parse("none").describe() == "loopback"
+    assert Network.parse("10mbps,500us").describe() == "emulated 80 Mbit/s, 500 us"
+    assert Network.parse("model:2.5gbit,2s").describe() == "modeled 2.5 Gbit/s, 2 s"
 
 
 def test_netspec_validates_direct_construction() -> None:
     with pytest.raises(ValueError, match="--net"):
-        NetSpec("emulated", 0.0, 0.0)
+        Network("emulated", 0.0, 0.0)
     with pytest.raises(ValueError, match="--net"):
-        NetSpec("emulated", 1e6, 11.0)
+        Network("emulated", 1e6, 11.0)
     with pytest.raises(ValueError, match="--net"):
-        NetSpec("wifi", 1e6, 0.0)
+        Network("wifi", 1e6, 0.0)
     with pytest.raises(ValueError, match="--net"):
-        EmulatedNetwork(2, parse_net("model:1gbit"))
+        EmulatedNetwork(2, Network.parse("model:1gbit"))
     with pytest.raises(ValueError, match="at least 100kbit"):
-        EmulatedNetwork(2, parse_net("99kbit"))  # parses (model: takes it), but tc cannot shape it
+        EmulatedNetwork(2, Network.parse("99kbit"))  # parses (model: takes it), but tc cannot shape it
     with pytest.raises(ValueError, match="tag"):
-        EmulatedNetwork(2, parse_net("1mbit"), tag="has-dash")
+        EmulatedNetwork(2, Network.parse("1mbit"), tag="has-dash")
 
 
 def test_tc_commands_shape_rate_and_delay() -> None:
     # 100 Mbit/s = 12.5 MB/s: a 16 KiB bucket (1 ms of tokens would be only 12.5 kB) and a 32 MiB queue
     # (one second of traffic would be only 12.5 MB)
-    assert EmulatedNetwork(2, parse_net("100mbit")).tc_commands("eth0") == [
+    assert EmulatedNetwork(2, Network.parse("100mbit")).tc_commands("eth0") == [
         "qdisc replace dev eth0 root handle 1: tbf rate 100000000bit burst 16384 limit 33554432"
     ]
     # 10 Gbit/s: 1 ms of tokens (1.25 MB) and one second of queue (1.25 GB, capped at 1 GiB); netem first,
     # room for (delay + 1 s) of full-size frames
-    assert EmulatedNetwork(2, parse_net("10gbit,2ms")).tc_commands("p1") == [
+    assert EmulatedNetwork(2, Network.parse("10gbit,2ms")).tc_commands("p1") == [
         "qdisc replace dev p1 root handle 1: netem delay 2000us limit 835000",
         "qdisc replace dev p1 parent 1:1 handle 10: tbf rate 10000000000bit burst 1250000 limit 1073741824",
     ]
@@ -269,7 +266,7 @@ def _bulk(net: EmulatedNetwork, senders: list[int], nbytes: int, port: int = 500
 @pytest.mark.parametrize("n_workers", [2, 3])
 def test_topology_and_bulk_throughput(n_workers: int, tag: str) -> None:
     rate = 50e6
-    net = EmulatedNetwork(n_workers, parse_net("50mbit"), tag=tag)
+    net = EmulatedNetwork(n_workers, Network.parse("50mbit"), tag=tag)
     try:
         with net:
             names = _netns()
@@ -326,7 +323,7 @@ def test_delay_round_trip(tag: str) -> None:
     # worker1 -> worker0 crosses worker1's uplink and worker0's downlink (2 delays); the reply crosses the two
     # other directions of the same links: a round trip adds 4 delays
     procs: list[subprocess.Popen[str]] = []
-    net = EmulatedNetwork(2, parse_net("100mbit,5ms"), tag=tag)
+    net = EmulatedNetwork(2, Network.parse("100mbit,5ms"), tag=tag)
     try:
         with net:
             addr = net.workers[0].address
@@ -349,7 +346,7 @@ def test_delay_round_trip(tag: str) -> None:
 @needs_emulation
 @pytest.mark.skipif(DELAY_OK, reason="this kernel has netem; delays are emulated")
 def test_delay_without_netem_is_a_clear_error(tag: str) -> None:
-    spec = parse_net("100mbit,5ms")
+    spec = Network.parse("100mbit,5ms")
     ok, reason = emulation_available(spec)
     assert not ok and "netem" in reason and "--net 100mbit" in reason
     with pytest.raises(EmulationError, match=r"netem.*--net model:100mbit,5ms"):
@@ -384,7 +381,7 @@ def test_gloo_all_reduce_across_the_emulated_network(tag: str) -> None:
     size = 4 * 2**20  # 2^20 float32
     bound = 2 * (n - 1) / n * size * 8 / rate  # seconds per all-reduce on the uplink, without any header
     procs: list[subprocess.Popen[str]] = []
-    net = EmulatedNetwork(n, parse_net("200mbit"), tag=tag)
+    net = EmulatedNetwork(n, Network.parse("200mbit"), tag=tag)
     try:
         with net:
             before = net.tx_bytes()
@@ -421,7 +418,7 @@ def test_gloo_all_reduce_across_the_emulated_network(tag: str) -> None:
 
 @needs_emulation
 def test_teardown_after_normal_exit_and_exception(tag: str) -> None:
-    net = EmulatedNetwork(2, parse_net("100mbit"), tag=tag)
+    net = EmulatedNetwork(2, Network.parse("100mbit"), tag=tag)
     with net:
         names = set(net.namespaces)
         assert len(names) == 3 and names <= _netns()
@@ -429,7 +426,7 @@ def test_teardown_after_normal_exit_and_exception(tag: str) -> None:
     net.teardown()  # idempotent
     net.teardown()
 
-    net2 = EmulatedNetwork(3, parse_net("100mbit"), tag=tag + "x")
+    net2 = EmulatedNetwork(3, Network.parse("100mbit"), tag=tag + "x")
     try:
         with pytest.raises(KeyError):
             with net2:
@@ -447,8 +444,8 @@ def test_teardown_after_normal_exit_and_exception(tag: str) -> None:
 @needs_emulation
 def test_signal_handlers_are_restored(tag: str) -> None:
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with EmulatedNetwork(2, parse_net("100mbit"), tag=tag) as outer:
-        with EmulatedNetwork(2, parse_net("100mbit"), tag=tag + "i"):
+    with EmulatedNetwork(2, Network.parse("100mbit"), tag=tag) as outer:
+        with EmulatedNetwork(2, Network.parse("100mbit"), tag=tag + "i"):
             pass
         # the inner network closing must not drop the handlers that still protect the outer one
         if threading.current_thread() is threading.main_thread():
@@ -459,16 +456,16 @@ def test_signal_handlers_are_restored(tag: str) -> None:
 
 
 CHILD = r"""
-import importlib.util, json, signal, sys, time
-spec = importlib.util.spec_from_file_location("tq_netem_child", sys.argv[1])
-mod = importlib.util.module_from_spec(spec); sys.modules["tq_netem_child"] = mod; spec.loader.exec_module(mod)
+import json, signal, sys, time
+from tailq.comm.network import Network
+from tailq.harness import netem as mod
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive run, whatever pytest left us
 if sys.argv[3] == "chain":
     def previous(signum, frame):
         print("previous handler called", flush=True)
         sys.exit(3)
     signal.signal(signal.SIGTERM, previous)
-net = mod.EmulatedNetwork(2, mod.parse_net("100mbit"), tag=sys.argv[2])
+net = mod.EmulatedNetwork(2, Network.parse("100mbit"), tag=sys.argv[2])
 if sys.argv[3] == "atexit":  # entered by hand and never exited: the atexit hook must clean up
     net.__enter__()
     print(json.dumps(net.namespaces), flush=True)
@@ -481,7 +478,7 @@ with net:
 
 
 def _child(tag: str, mode: str = "plain") -> tuple[subprocess.Popen[str], list[str]]:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(NETEM_PY), tag, mode], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, "-", tag, mode], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         names = json.loads(_readline(proc, 30))
@@ -548,7 +545,7 @@ def test_namespace_changes_are_serialised_across_processes_and_the_lock_is_reent
     """Concurrent `ip netns add` from several processes can race inside iproute2, so tailq serialises its own
     namespace changes with one host-wide advisory lock: while one process holds it another cannot take it, and the
     same process may take it again (a SIGINT handler's teardown during set-up)."""
-    from tailq.harness import netem
+    from tailq.harness.netem import namespaces as netem
 
     probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
              "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"

@@ -47,7 +47,7 @@ def heavy(n: int, seed: int) -> torch.Tensor:
 def _codebook(scheme: str, bits: int) -> Codebook:
     """A real design: TUQ/TNQ/TBQ from the empirical histogram of heavy-tailed data."""
     comp = tailq.compressor("tuq" if scheme == "uniform" else scheme, bits=bits)
-    cb = comp.codebook_from_stats(comp.local_stats(heavy(20000, seed=bits)))
+    cb = comp.codebook(comp.local_stats(heavy(20000, seed=bits)))
     assert cb is not None
     return cb
 

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 
 import numpy as np
 import pytest
 import torch
 
-from tailq.hooks.tailq_hook import _seed_for
 from tailq.kernels import RandKey, counter_uint24, counter_uniform
 from tailq.kernels import cpu as kcpu
 
 M32 = 0xFFFFFFFF
+
+
+def _seed_for(seed: int, rank: int, step: int, bucket: int) -> int:
+    """The hook's former per-(seed, rank, step, bucket) generator seed, which ``RandKey.torch_seed`` must equal."""
+    digest = hashlib.blake2b(struct.pack("<4q", seed, rank, step, bucket), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _lowbias32_py(v: int) -> int:

@@ -90,7 +90,7 @@ def test_nonfinite_detected_and_reported_as_before() -> None:
         with use(path), pytest.raises(ValueError, match="1 NaN, 1 Inf"):
             comp.local_stats(x)
         with use(path), pytest.raises(ValueError, match="non-finite"):
-            comp.encode(x, stats=comp.local_stats(torch.randn(100)))
+            comp.encode_with(x, comp.codebook(comp.local_stats(torch.randn(100))))
 
 
 def test_compressor_statistics_and_encoding_identical_on_both_paths() -> None:

@@ -9,22 +9,37 @@ Every compressor (ours and the baselines) is a small class with three jobs (GRAC
 
 Bits on the wire are always counted from the bytes of the tensors in :class:`Encoded`
 (codes, scales, statistics, indices: all metadata included), never from a formula.
+
+How a distributed run aggregates a compressor is declared by its ``aggregation`` class attribute
+(:class:`Aggregation`); the two families that agree something across ranks before rounding implement a protocol
+on top of the interface above: :class:`SharesCodebook` (statistics → one codebook) and :class:`AgreesScales`
+(a scale, then per element/block scale indices). A new compressor is one class in one file under ``codec/``;
+the comm layer routes it from its ``aggregation`` alone.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from tailq.options import Option
+
+if TYPE_CHECKING:
+    from .codebook import Codebook
+
 __all__ = [
+    "Aggregation",
+    "AgreesScales",
     "Compressor",
     "Encoded",
     "Option",
+    "SharesCodebook",
     "check_input",
     "compressor",
     "get_compressor_class",
@@ -63,59 +78,6 @@ class Encoded:
         return self.wire_bits() / n if n else float("nan")
 
 
-@dataclasses.dataclass(frozen=True)
-class Option:
-    """A validated keyword option of a compressor, as shown by ``tailq list``."""
-
-    type: type
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None  # math.inf admits inf itself (e.g. "no clipping")
-    choices: tuple[Any, ...] | None = None
-    low_open: bool = False  # the range is (low, high] instead of [low, high]
-
-    def range_text(self) -> str:
-        if self.choices is not None:
-            return " | ".join(map(str, self.choices))
-        if self.low is None and self.high is None:
-            return self.type.__name__
-        lo = "-inf" if self.low is None else f"{self.low:g}"
-        hi = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open else '['}{lo}, {hi}]"
-
-    def describe(self) -> str:
-        default = "auto" if self.default is None else repr(self.default)
-        return f"{self.range_text()} (default {default}): {self.help}"
-
-    def validate(self, owner: str, name: str, value: Any) -> Any:
-        where = f"{owner}: option {name!r}"
-        if value is None and self.default is None:
-            return None  # "auto": the compressor fills it in
-        if self.type is bool:
-            if not isinstance(value, bool):
-                raise TypeError(f"{where} must be a bool, got {value!r}")
-            return value
-        if self.type is int:
-            if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-                raise TypeError(f"{where} must be an integer, got {value!r}")
-            value = int(value)
-        elif self.type is float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{where} must be a number, got {value!r}")
-            value = float(value)
-            if math.isnan(value) or (math.isinf(value) and not (value > 0 and self.high == math.inf)):
-                raise ValueError(f"{where} must be in {self.range_text()}; got {value!r}")
-        elif self.type is str and not isinstance(value, str):
-            raise TypeError(f"{where} must be a string, got {value!r}")
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{where} must be one of {', '.join(map(str, self.choices))}; got {value!r}")
-        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        if below or (self.high is not None and value > self.high):
-            raise ValueError(f"{where} must be in {self.range_text()}; got {value!r}")
-        return value
-
-
 def check_input(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     """Validate a gradient tensor and return it flattened as float32 (a view when possible).
 
@@ -137,12 +99,33 @@ def check_input(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     return flat.to(torch.float32)
 
 
+class Aggregation(enum.Enum):
+    """How a compressor's outputs are combined across workers; the comm layer picks its routes from this alone.
+
+    * ``SHARED_CODEBOOK``: every rank builds the same codebook from statistics agreed by one small all-reduce
+      (:class:`SharesCodebook`); codes on it can be summed (headroom lanes) or gathered.
+    * ``AGREED_SCALES``: a shared scale, then per element or block a scale index agreed (MIN) before rounding
+      (:class:`AgreesScales`); codes on the agreed grids can be summed or gathered.
+    * ``PER_RANK``: each rank encodes with its own scales or side information (the plain :class:`Compressor`
+      interface); encodings are gathered and each is decoded.
+    """
+
+    SHARED_CODEBOOK = "shared-codebook"
+    AGREED_SCALES = "agreed-scales"
+    PER_RANK = "per-rank"
+
+
 class Compressor(abc.ABC):
     """Base class. Subclasses declare ``name``, ``unbiased`` and ``options`` and implement encode/decode.
 
     ``unbiased``: E[decode(encode(x))] == target(x) exactly (stochastic rounding).
     ``truncating``: target(x) differs from x (clipping); the bias is x - target(x).
     ``memory``: designed to be used with error feedback (EF-signSGD, top-k); see :class:`ErrorFeedback`.
+    ``aggregation``: how a distributed run combines the ranks' outputs (:class:`Aggregation`); a compressor that
+    declares ``SHARED_CODEBOOK`` or ``AGREED_SCALES`` implements the matching protocol.
+    ``counter_randomness``: ``encode`` accepts a :class:`~tailq.kernels.RandKey` as its generator (counter-based
+    rounding, bit-identical across kernel paths); others take a ``torch.Generator`` (the hook seeds one per key).
+    ``fixed_bits``: code bits per coordinate of a compressor without a ``bits`` option (ternary: 2, sign: 1).
     """
 
     name: ClassVar[str]
@@ -151,6 +134,9 @@ class Compressor(abc.ABC):
     unbiased: ClassVar[bool] = True
     truncating: ClassVar[bool] = False
     memory: ClassVar[bool] = False
+    aggregation: ClassVar[Aggregation] = Aggregation.PER_RANK
+    counter_randomness: ClassVar[bool] = False
+    fixed_bits: ClassVar[int | None] = None
     options: ClassVar[dict[str, Option]] = {}
 
     def __init__(self, **kwargs: Any) -> None:
@@ -199,6 +185,81 @@ class Compressor(abc.ABC):
         return Encoded(tensors=dict(tensors), shape=x.shape, dtype=x.dtype, info={"empty": True})
 
 
+@runtime_checkable
+class SharesCodebook(Protocol):
+    """A compressor whose ranks share one codebook built from agreed statistics (``Aggregation.SHARED_CODEBOOK``).
+
+    The distributed layer calls ``local_stats`` on every rank, all-reduces the results with ``stats_op``, and calls
+    ``codebook`` on the agreed vector: a pure, deterministic function, so every rank holds the bit-identical
+    codebook. Codes on it are then summed (non-uniform levels snapped onto a fine uniform grid) or gathered.
+    """
+
+    name: str
+    bits: int
+    """Bits per coordinate of a dense code (``s = codebook.s <= 2**bits - 1`` intervals)."""
+    stats_op: ClassVar[str]
+    """How ranks combine ``local_stats``: ``"sum"`` or ``"max"``."""
+    uniform_codebook: ClassVar[bool]
+    """Codebooks are uniform grids: summed codes use the grid itself (no fine grid to snap to)."""
+    rescalable: ClassVar[bool]
+    """``codebook`` is scale-equivariant in Σ|g|: a kept codebook may be rescaled by Σ|g_t| / Σ|g_design|
+    between redesigns (the hook's ``redesign_every``)."""
+
+    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
+        """Statistics of this rank's (finite) bucket that define the codebook, reducible with ``stats_op``."""
+        ...
+
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
+        """The shared codebook for agreed statistics; ``None`` when every rank's input was zero."""
+        ...
+
+    def encode_with(self, x: torch.Tensor, codebook: Codebook | None, *, generator: Any = None) -> Encoded:
+        """Encode ``x`` on an agreed codebook (``generator``: a ``torch.Generator`` or a ``RandKey``)."""
+        ...
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        ...
+
+
+@runtime_checkable
+class AgreesScales(Protocol):
+    """A compressor whose ranks agree a scale and per element/block scale indices (``Aggregation.AGREED_SCALES``).
+
+    The layer all-reduces ``local_stats`` with ``stats_op`` (MAX), builds ``codebook(stats)`` (the coarsest grid),
+    then all-reduces ``local_scale_index`` with MIN — decided from the values, *before* rounding — and encodes
+    with ``encode_with(x, agreed(codebook, index))``. Every rank then rounds each element onto the same grid, so
+    the integer codes sum; ``decode_sum`` turns their sum into the mean.
+    """
+
+    name: str
+    bits: int
+    stats_op: ClassVar[str]
+
+    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
+        ...
+
+    def local_scale_index(self, x: torch.Tensor, m: torch.Tensor | float) -> torch.Tensor:
+        """This rank's finest usable scale index per element or block (agree with MIN)."""
+        ...
+
+    def agreed(self, codebook: Codebook, index: torch.Tensor | None) -> Any:
+        """The agreed scales (this family's ``codebook`` plus the agreed indices) that ``encode_with`` takes."""
+        ...
+
+    def encode_with(self, x: torch.Tensor, agreed: Any, *, generator: Any = None) -> Encoded:
+        ...
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        ...
+
+    def decode_sum(self, total: torch.Tensor, agreed: Any, n_workers: int) -> torch.Tensor:
+        """The mean over ``n_workers`` from the sum of their integer codes (all on the agreed grids)."""
+        ...
+
+
 _REGISTRY: dict[str, type[Compressor]] = {}
 
 
@@ -210,18 +271,17 @@ def register(cls: type[Compressor]) -> type[Compressor]:
     return cls
 
 
-def _load_all() -> None:
-    # Importing the package registers every built-in compressor.
-    from tailq import codec  # noqa: F401
-
-
 def list_compressors() -> dict[str, type[Compressor]]:
-    _load_all()
+    """Every registered compressor by name (importing :mod:`tailq.codec` registers the built-in ones)."""
     return dict(sorted(_REGISTRY.items()))
 
 
+def registered_in_order() -> list[type[Compressor]]:
+    """The registered compressors in registration order (built-ins first, in the order their modules load)."""
+    return list(_REGISTRY.values())
+
+
 def get_compressor_class(name: str) -> type[Compressor]:
-    _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:

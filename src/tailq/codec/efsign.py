@@ -34,6 +34,7 @@ class EFSign(Compressor):
     summary = "scaled sign, 1 bit per coordinate + one float32 scale ||v||_1/d; use with error feedback"
     paper = "Karimireddy et al. 2019, Error Feedback Fixes SignSGD (ICML)"
     unbiased = False
+    fixed_bits = 1
     memory = True
     options: ClassVar[dict[str, Option]] = {}
 

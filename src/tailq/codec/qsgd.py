@@ -37,6 +37,7 @@ class _BucketNormQuantizer(Compressor):
     """Shared bucketing, norms, signs and packing; subclasses choose the magnitude levels."""
 
     unbiased = True
+    counter_randomness = True  # rounds through stochastic_round_* (a RandKey works)
     options: ClassVar[dict[str, Option]] = {
         "bits": Option(
             int, 4, "total code bits per coordinate (signed code in {-s..s}, s = 2^(bits-1) - 1)", 2, 8

@@ -5,11 +5,13 @@ arXiv 2109.12497. The point of both schemes is that every worker rounds onto the
 integer codes can be added by a plain all-reduce SUM and the sum decodes exactly to the mean of the
 workers' unbiased estimates (SPEC §6.1, route 1).
 
-Splitting for the distributed layer (the same three-method shape as the truncated quantizers in ``tq``):
+Splitting for the distributed layer: single-scale is a :class:`~tailq.codec.base.SharesCodebook` (the same
+three-method shape as the truncated quantizers in ``tq``), multi-scale an :class:`~tailq.codec.base.AgreesScales`:
 
 * ``stats_op = "max"``: ``local_stats(x)`` is ``[max|x|]`` (float64); the layer all-reduces it with MAX;
-* ``codebook_from_stats(stats)`` is the shared uniform grid (``None`` when every worker's input is zero);
-* ``encode(x, stats=agreed)`` rounds onto the grid of the *agreed* scale instead of the local one.
+* ``codebook(stats)`` is the shared uniform grid on [−M, M] (``None`` when every worker's input is zero);
+* single-scale ``encode_with(x, codebook)`` rounds onto the grid of the *agreed* scale instead of the local one;
+  multi-scale ``encode_with(x, agreed(codebook, index))`` also takes the agreed per-element/block indices.
 
 A supplied scale smaller than the local ``max|x|`` (e.g. a stale, one-step-old agreed value) clips the
 values above it before rounding: the result is then unbiased for the clipped input only. ``info`` records
@@ -21,6 +23,7 @@ falls below the values it must cover (rounding down would clip the largest value
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -28,12 +31,12 @@ import torch
 
 from tailq.kernels import RandKey
 
-from .base import Compressor, Encoded, Option, check_input, register
+from .base import Aggregation, Compressor, Encoded, Option, check_input, register
 from .codebook import Codebook, stochastic_round_uniform
 from .packing import pack_bits, unpack_bits
 from .tq import checked_input
 
-__all__ = ["MultiScale", "SingleScale", "index_dtype", "round_up_f32"]
+__all__ = ["AgreedScales", "MultiScale", "SingleScale", "index_dtype", "round_up_f32"]
 
 
 def round_up_f32(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -88,7 +91,11 @@ class SingleScale(Compressor):
     summary = "uniform b-bit grid on [-M, M] with M the max |x| agreed across workers; codes summable"
     paper = "Vineeth 2021, arXiv 2109.12497 (single-scale quantizer)"
     unbiased = True
+    aggregation = Aggregation.SHARED_CODEBOOK
+    counter_randomness = True
     stats_op: ClassVar[str] = "max"
+    uniform_codebook: ClassVar[bool] = True
+    rescalable: ClassVar[bool] = False  # M is a max, not a mean: rescaling by Σ|g| could clip
     options: ClassVar[dict[str, Option]] = {
         "bits": Option(int, 4, "bits per coordinate (s = 2^bits - 1 intervals on [-M, M])", 1, 8),
     }
@@ -102,19 +109,23 @@ class SingleScale(Compressor):
         """``[max|x|]`` as a float64 tensor (all-reduce with MAX)."""
         return _local_max(checked_input(x))
 
-    def codebook_from_stats(self, stats: torch.Tensor) -> Codebook | None:
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
         """The shared grid ``Codebook.uniform_grid(M, s)``; ``None`` when M = 0 (every input is zero)."""
         m = _scale_from_stats(stats, self.name)
         return None if m == 0.0 else Codebook.uniform_grid(m, self.s)
 
-    def encode(
-        self,
-        x: torch.Tensor,
-        *,
-        generator: torch.Generator | RandKey | None = None,
-        stats: torch.Tensor | None = None,
+    def encode(self, x: torch.Tensor, *, generator: torch.Generator | RandKey | None = None) -> Encoded:
+        """Round onto the grid of the local max|x| (see :meth:`encode_with`)."""
+        flat = checked_input(x)
+        if flat.numel() == 0:
+            return self._empty(x)
+        local = _local_max(flat)
+        return self._encode(x, flat, local, _scale_from_stats(local, self.name), False, generator)
+
+    def encode_with(
+        self, x: torch.Tensor, codebook: Codebook | None, *, generator: torch.Generator | RandKey | None = None
     ) -> Encoded:
-        """Round onto the grid of the agreed scale (``stats``) or, without it, of the local max|x|.
+        """Round onto the agreed grid [−M, M] (``codebook``, ``None``: every input is zero).
 
         With a ``RandKey`` the rounding is the uniform codebook's on [−M, M] (the fused path of
         :meth:`Codebook.encode_packed`; the same grid, its own float32 affine map).
@@ -122,9 +133,19 @@ class SingleScale(Compressor):
         flat = checked_input(x)
         if flat.numel() == 0:
             return self._empty(x)
-        local = _local_max(flat)
-        m = _scale_from_stats(local if stats is None else stats, self.name)
-        info: dict[str, Any] = {"scale": m, "local_max": float(local[0]), "agreed": stats is not None}
+        m = 0.0 if codebook is None else codebook.high
+        return self._encode(x, flat, _local_max(flat), m, True, generator)
+
+    def _encode(
+        self,
+        x: torch.Tensor,
+        flat: torch.Tensor,
+        local: torch.Tensor,
+        m: float,
+        agreed: bool,
+        generator: torch.Generator | RandKey | None,
+    ) -> Encoded:
+        info: dict[str, Any] = {"scale": m, "local_max": float(local[0]), "agreed": agreed}
         scale = torch.tensor([m], dtype=torch.float32, device=flat.device)
         if m == 0.0:
             return Encoded({"scale": scale}, x.shape, x.dtype, info)
@@ -162,8 +183,8 @@ class MultiScale(Compressor):
     the layer all-reduces ``local_stats`` with MAX (``stats_op``), then the per-element/per-block
     ``local_scale_index(x, M)`` with **MIN** (``scale_index_op``): a smaller index is a *coarser* scale,
     and the coarsest needed by any worker is the only one every worker can represent without clipping.
-    ``encode(x, stats=M, scale_index=agreed)`` then uses the agreed values, so all workers share each
-    element's grid and the integer codes are summable; the agreement never looks at rounded codes.
+    ``encode_with(x, agreed(codebook(M), index))`` then uses the agreed values, so all workers share each
+    element's grid and the integer codes are summable (``decode_sum``); the agreement never looks at rounded codes.
     A supplied index finer than this worker's own need raises ValueError (it would clip silently).
 
     **Default ratio (our choice).** ``scale_ratio`` defaults to 2^bits (= s + 1): the range of scale j + 1
@@ -186,6 +207,8 @@ class MultiScale(Compressor):
     summary = "several uniform b-bit grids M/ratio^j; per element/block the finest scale agreed by MIN"
     paper = "Vineeth 2021, arXiv 2109.12497 (multi-scale quantizer)"
     unbiased = True
+    aggregation = Aggregation.AGREED_SCALES
+    counter_randomness = True
     stats_op: ClassVar[str] = "max"
     scale_index_op: ClassVar[str] = "min"
     options: ClassVar[dict[str, Option]] = {
@@ -232,12 +255,12 @@ class MultiScale(Compressor):
         """``[max|x|]`` as a float64 tensor (all-reduce with MAX)."""
         return _local_max(checked_input(x))
 
-    def codebook_from_stats(self, stats: torch.Tensor) -> Codebook | None:
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
         """The grid of the coarsest scale M_0 = M (the finer grids are it divided by ratio^j)."""
         m = _scale_from_stats(stats, self.name)
         return None if m == 0.0 else Codebook.uniform_grid(m, self.s)
 
-    def _expand(self, idx: torch.Tensor, n: int) -> torch.Tensor:
+    def expand(self, idx: torch.Tensor, n: int) -> torch.Tensor:
         """Per-element indices from per-element or per-block ones."""
         if self.granularity == "element":
             return idx
@@ -273,33 +296,45 @@ class MultiScale(Compressor):
             return torch.zeros(0, dtype=torch.int64, device=flat.device)
         return self._index(flat, mm)
 
-    def encode(
-        self,
-        x: torch.Tensor,
-        *,
-        generator: torch.Generator | RandKey | None = None,
-        stats: torch.Tensor | None = None,
-        scale_index: torch.Tensor | None = None,
-    ) -> Encoded:
-        """Round each element on its (agreed) scale; ``stats`` = agreed [M], ``scale_index`` = agreed MIN."""
+    def agreed(self, codebook: Codebook | None, index: torch.Tensor | None = None) -> AgreedScales:
+        """The agreed scales for ``encode_with``: M from ``codebook`` (``None``: M = 0) and the agreed indices."""
+        return AgreedScales(0.0 if codebook is None else codebook.high, index)
+
+    def encode(self, x: torch.Tensor, *, generator: torch.Generator | RandKey | None = None) -> Encoded:
+        """Round each element on its own scale, from this worker's M and indices (see :meth:`encode_with`)."""
         flat = checked_input(x)
-        n = flat.numel()
-        if n == 0:
+        if flat.numel() == 0:
             return self._empty(x)
         local = _local_max(flat)
-        m = _scale_from_stats(local if stats is None else stats, self.name)
-        info: dict[str, Any] = {"scale": m, "local_max": float(local[0]), "agreed": stats is not None}
+        return self._encode(x, flat, local, AgreedScales(_scale_from_stats(local, self.name), None), False, generator)
+
+    def encode_with(
+        self, x: torch.Tensor, agreed: AgreedScales, *, generator: torch.Generator | RandKey | None = None
+    ) -> Encoded:
+        """Round each element on its agreed scale: ``agreed`` = (M agreed by MAX, indices agreed by MIN)."""
+        flat = checked_input(x)
+        if flat.numel() == 0:
+            return self._empty(x)
+        return self._encode(x, flat, _local_max(flat), agreed, True, generator)
+
+    def _encode(
+        self,
+        x: torch.Tensor,
+        flat: torch.Tensor,
+        local: torch.Tensor,
+        agreed: AgreedScales,
+        is_agreed: bool,
+        generator: torch.Generator | RandKey | None,
+    ) -> Encoded:
+        m = agreed.scale
+        info: dict[str, Any] = {"scale": m, "local_max": float(local[0]), "agreed": is_agreed}
         scale = torch.tensor([m], dtype=torch.float32, device=flat.device)
         if m == 0.0:
             return Encoded({"scale": scale}, x.shape, x.dtype, info)
         own = self._index(flat, m)
-        if scale_index is None:
-            idx = own
-        else:
-            idx = self._check_index(scale_index, own)
+        idx = own if agreed.index is None else self._check_index(agreed.index, own)
         sc = self.scales(m).to(flat.device)
-        per_elem = self._expand(idx, n)
-        se = sc[per_elem]
+        se = sc[self.expand(idx, flat.numel())]
         ratio = flat / torch.where(se > 0, se, torch.ones_like(se))  # |x| <= M_j: in [-1, 1]
         t = (ratio + 1.0) * (self.s / 2.0)
         codes = stochastic_round_uniform(t, 0.0, 1.0, self.s, self.generator if generator is None else generator)
@@ -309,6 +344,24 @@ class MultiScale(Compressor):
             "index": pack_bits(idx, self.index_bits, check=False),
         }
         return Encoded(tensors, x.shape, x.dtype, info)
+
+    def element_scales(self, agreed: AgreedScales, n: int) -> torch.Tensor:
+        """The float32 scale M_j of each of ``n`` elements under the agreed scales (indices required)."""
+        if agreed.index is None:
+            raise ValueError(f"{self.name}: element_scales needs the agreed indices")
+        return self.scales(agreed.scale).to(agreed.index.device)[self.expand(agreed.index.to(torch.int64), n)]
+
+    def decode_sum(self, total: torch.Tensor, agreed: AgreedScales, n_workers: int) -> torch.Tensor:
+        """The mean over ``n_workers`` from the element-wise sum of their codes: (2K/(sN) − 1)·M_j.
+
+        An integer sum (from an all-reduce of lanes) is decoded in float64, exactly; a float32 sum (accumulated
+        from gathered codes, exact for any realistic N) is decoded in float32.
+        """
+        scale = self.element_scales(agreed, total.numel())
+        if total.is_floating_point():
+            return (total * (2.0 / (self.s * n_workers)) - 1.0) * scale
+        t = total.to(torch.float64)
+        return ((t * (2.0 / (self.s * n_workers)) - 1.0) * scale.double()).to(torch.float32)
 
     def _check_index(self, scale_index: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         if not isinstance(scale_index, torch.Tensor) or scale_index.is_floating_point():
@@ -341,6 +394,17 @@ class MultiScale(Compressor):
         device = enc.tensors["codes"].device
         sc = self.scales(m).to(device)
         idx = unpack_bits(enc.tensors["index"], self.index_bits, self.n_indices(n)).to(torch.int64)
-        per_elem = self._expand(idx, n)
+        per_elem = self.expand(idx, n)
         k = unpack_bits(enc.tensors["codes"], self.bits, n).to(torch.float32)
         return ((k * (2.0 / self.s) - 1.0) * sc[per_elem]).reshape(enc.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class AgreedScales:
+    """What every rank of a multi-scale aggregation agreed before rounding."""
+
+    scale: float
+    """M: the float32 max |x| over ranks (agreed with MAX), as a Python float."""
+    index: torch.Tensor | None
+    """Per element or block, the finest scale every rank can represent (agreed with MIN); ``None``: this rank's
+    own (standalone use)."""

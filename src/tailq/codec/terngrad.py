@@ -38,6 +38,7 @@ class TernGrad(Compressor):
     summary = "ternary codes {-1, 0, 1} x max|g| after clipping at clip_sigma standard deviations"
     paper = "Wen et al. 2017, TernGrad (NeurIPS)"
     unbiased = True  # for the clipped input, see target()
+    fixed_bits = 2  # ternary codes
     truncating = True
     options: ClassVar[dict[str, Option]] = {
         "clip_sigma": Option(

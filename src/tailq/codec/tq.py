@@ -3,9 +3,9 @@
 Pipeline for one tensor: summable statistics → tail fit → optimal design (α*, levels) → codebook →
 truncate at α* and round each coordinate stochastically (unbiased) to the levels → pack ``bits`` bits each.
 
-The three steps before encoding are split out so the distributed layer can all-reduce the statistics and
-every rank builds the identical codebook: ``local_stats(x)`` (sum-reducible, ``stats_op = "sum"``),
-``codebook_from_stats(stats)`` (pure and cached), ``encode(x, stats=agreed)``.
+The three are the :class:`~tailq.codec.base.SharesCodebook` protocol, split out so the distributed layer can
+all-reduce the statistics and every rank builds the identical codebook: ``local_stats(x)`` (sum-reducible,
+``stats_op = "sum"``), ``codebook(stats)`` (pure and cached), ``encode_with(x, codebook, generator=key)``.
 
 Tails: ``laplace`` (stats ``[n, Σ|g|]``, closed forms of [Y2]), ``powerlaw`` (flat body + Pareto tail
 fitted by Clauset–Shalizi–Newman on the mergeable histogram; γ̂ ≤ 3 or too few tail samples falls back to
@@ -27,7 +27,7 @@ import torch
 from tailq import theory
 from tailq.kernels import RandKey, dispatch
 
-from .base import Compressor, Encoded, Option, check_input, register
+from .base import Aggregation, Compressor, Encoded, Option, check_input, register
 from .codebook import Codebook
 from .stats import histogram_stats, laplace_stats
 
@@ -133,7 +133,11 @@ class TruncatedQuantizer(Compressor):
     scheme: ClassVar[str]
     truncating = True
     unbiased = True  # unbiased for the truncated input (see target())
+    aggregation = Aggregation.SHARED_CODEBOOK
+    counter_randomness = True
     stats_op: ClassVar[str] = "sum"
+    uniform_codebook: ClassVar[bool] = False
+    rescalable: ClassVar[bool] = True  # the designs are scale-equivariant (log-binned histogram, closed forms)
     options: ClassVar[dict[str, Option]] = {
         "bits": Option(int, 3, "bits per coordinate of the code (s = 2^bits - 1 intervals)", 1, 8),
         "tail": Option(str, "empirical", "tail model the design is fitted to", choices=TAILS),
@@ -160,32 +164,44 @@ class TruncatedQuantizer(Compressor):
         key = stats.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
         return _design_cached(self.scheme, self.tail, self.bits, bool(getattr(self, "refine", False)), key)
 
-    def codebook_from_stats(self, stats: torch.Tensor) -> Codebook | None:
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
         """The codebook for these statistics (``None`` when every input was zero)."""
         return self.design_from_stats(stats).codebook
 
     # -- encode / decode ---------------------------------------------------------------------------------
-    def encode(
-        self,
-        x: torch.Tensor,
-        *,
-        generator: torch.Generator | RandKey | None = None,
-        stats: torch.Tensor | None = None,
-    ) -> Encoded:
-        """Truncate, round and pack; ``generator`` is a ``torch.Generator`` or a ``RandKey`` (counter-based,
-        fused into one pass by :mod:`tailq.kernels` where available)."""
-        if stats is None:
-            stats = self.local_stats(x)  # validates x (finite) on the way
-            flat = _flat32(x)
-        else:
-            flat = checked_input(x)
+    def encode(self, x: torch.Tensor, *, generator: torch.Generator | RandKey | None = None) -> Encoded:
+        """Design from ``x``'s own statistics, then truncate, round and pack (see :meth:`encode_with`)."""
+        stats = self.local_stats(x)  # validates x (finite) on the way
+        flat = _flat32(x)
         if flat.numel() == 0:
             return self._empty(x)
         res = self.design_from_stats(stats)
-        info = res.info()
-        if res.codebook is None:
+        return self._encode(x, flat, res.codebook, generator, res.info())
+
+    def encode_with(
+        self, x: torch.Tensor, codebook: Codebook | None, *, generator: torch.Generator | RandKey | None = None
+    ) -> Encoded:
+        """Truncate, round and pack on an agreed ``codebook`` (``None``: every rank's input is zero).
+
+        ``generator`` is a ``torch.Generator`` or a ``RandKey`` (counter-based, fused into one pass by
+        :mod:`tailq.kernels` where available).
+        """
+        flat = checked_input(x)
+        if flat.numel() == 0:
+            return self._empty(x)
+        info = {"alpha": 0.0 if codebook is None else codebook.high, "zero": codebook is None}
+        return self._encode(x, flat, codebook, generator, info)
+
+    def _encode(
+        self,
+        x: torch.Tensor,
+        flat: torch.Tensor,
+        cb: Codebook | None,
+        generator: torch.Generator | RandKey | None,
+        info: dict[str, Any],
+    ) -> Encoded:
+        if cb is None:
             return Encoded({"alpha": torch.zeros(1, dtype=torch.float32)}, x.shape, x.dtype, info)
-        cb = res.codebook
         gen = self.generator if generator is None else generator
         tensors = {"codes": cb.encode_packed(flat, gen, self.bits)}
         if cb.uniform:
@@ -210,7 +226,7 @@ class TruncatedQuantizer(Compressor):
         flat = check_input(x)
         if flat.numel() == 0:
             return flat.reshape(x.shape)
-        cb = self.codebook_from_stats(self.local_stats(flat))
+        cb = self.codebook(self.local_stats(flat))
         return (torch.zeros_like(flat) if cb is None else cb.truncate(flat)).reshape(x.shape)
 
 
@@ -234,6 +250,7 @@ def checked_input(x: torch.Tensor) -> torch.Tensor:
 class TUQ(TruncatedQuantizer):
     name = "tuq"
     scheme = "tuq"
+    uniform_codebook = True
     summary = "truncated uniform quantizer: clip at the optimal alpha*, uniform levels on [-alpha*, alpha*]"
     paper = "Yan et al. 2024, arXiv 2402.01798 (TUQSGD)"
 

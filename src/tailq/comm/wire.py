@@ -1,10 +1,10 @@
-"""Wire accounting and the cost model (SPEC §6 "Cost model", §7 "Bits per coordinate").
+"""Wire accounting (SPEC §7 "Bits per coordinate"): every collective a hook issues, counted in bytes.
 
-Every collective a hook issues goes through :class:`Comm`, which records the bytes this rank *hands* to the
-collective (payload and metadata alike, tagged by kind) and the per-worker traffic a ring algorithm would move
-for it: all-reduce 2(N − 1)/N · bytes, all-gather (N − 1) · bytes. Bits per coordinate are computed from those
-counted bytes, never from a formula; the planner's prediction uses the same cost model so the two can be
-compared.
+Every collective goes through :class:`Comm`, which records the bytes this rank *hands* to the collective
+(payload and metadata alike, by kind) under an explicit :class:`Tag` (step, bucket, route), and the per-worker
+traffic a ring algorithm would move for it (:func:`~tailq.comm.network.ring_traffic_bytes`). Bits per coordinate
+are computed from those counted bytes, never from a formula; the planner's prediction uses the same cost model
+(:class:`~tailq.comm.network.Network`) so the two can be compared.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "NetworkModel", "WireLog", "WireRecord", "ring_traffic_bytes"]
+from .network import ring_traffic_bytes
+
+__all__ = ["Comm", "Tag", "WireLog", "WireRecord"]
 
 # kinds of traffic: what the compressed method costs, and what is only measurement
 METHOD_KINDS = ("payload", "stats", "index", "passthrough", "fallback")
@@ -30,32 +32,14 @@ METHOD_KINDS = ("payload", "stats", "index", "passthrough", "fallback")
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def ring_traffic_bytes(collective: str, handed_bytes: int, n_workers: int) -> float:
-    """Bytes each worker sends (= receives) in a ring implementation of the collective."""
-    if n_workers <= 1:
-        return 0.0
-    if collective == "all_reduce":
-        return 2.0 * (n_workers - 1) / n_workers * handed_bytes
-    if collective == "all_gather":
-        return float((n_workers - 1) * handed_bytes)
-    raise ValueError(f"unknown collective {collective!r}")
-
-
 @dataclasses.dataclass(frozen=True)
-class NetworkModel:
-    """A link of ``bandwidth_bps`` bits/s with ``latency_s`` per message hop (planner and modeled reports)."""
+class Tag:
+    """What a collective belongs to: the step, the bucket (DDP index and size) and the route (or mode)."""
 
-    bandwidth_bps: float = 10e9
-    latency_s: float = 50e-6
-
-    def time(self, collective: str, handed_bytes: int, n_workers: int) -> float:
-        if n_workers <= 1:
-            return 0.0
-        hops = 2 * (n_workers - 1) if collective == "all_reduce" else n_workers - 1
-        return (
-            8 * ring_traffic_bytes(collective, handed_bytes, n_workers) / self.bandwidth_bps
-            + hops * self.latency_s
-        )
+    step: int
+    bucket: int
+    numel: int
+    route: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +63,23 @@ class WireLog:
             lambda: [0.0, 0.0]
         )  # kind -> [handed, traffic]
         self.coords = 0  # Σ numel over (step, bucket) pairs that were communicated by the method
+        self.added = 0  # records ever added (the deque keeps the newest max_records)
 
     def add(self, rec: WireRecord) -> None:
         self.records.append(rec)
+        self.added += 1
         t = self.totals[rec.kind]
         t[0] += rec.handed_bytes
         t[1] += rec.traffic_bytes
+
+    def count_bucket(self, numel: int) -> None:
+        """One bucket of ``numel`` coordinates went through the hook (the denominator of bits per coordinate)."""
+        self.coords += numel
+
+    def since(self, added: int) -> list[WireRecord]:
+        """The records added after the log held ``added`` of them (those still retained)."""
+        new = min(self.added - added, len(self.records))
+        return list(self.records)[len(self.records) - new :] if new > 0 else []
 
     def bits_per_coord(self, kinds: tuple[str, ...] = METHOD_KINDS, traffic: bool = False) -> float:
         """Σ bits handed (or ring traffic, with ``traffic=True``) over Σ bucket coordinates communicated."""
@@ -110,7 +105,11 @@ class WireLog:
 
 
 class Comm:
-    """Collectives on one process group, with accounting. Every call is blocking unless stated."""
+    """Collectives on one process group, each recorded in the wire log under its :class:`Tag` and kind.
+
+    Every call is blocking unless stated; every wait has the timeout. ``seconds`` accumulates the time spent
+    waiting for collectives.
+    """
 
     def __init__(self, group: Any, log: WireLog, timeout_s: float) -> None:
         self.group = group
@@ -118,24 +117,12 @@ class Comm:
         self.rank = dist.get_rank(group)
         self.log = log
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self.ctx = (0, 0, 0, "")  # step, bucket, numel, route
         self.seconds = 0.0  # time spent waiting for collectives
 
-    def _record(self, kind: str, collective: str, t: torch.Tensor) -> None:
-        step, bucket, numel, route = self.ctx
+    def _record(self, tag: Tag, kind: str, collective: str, t: torch.Tensor) -> None:
         handed = t.numel() * t.element_size()
-        self.log.add(
-            WireRecord(
-                step,
-                bucket,
-                numel,
-                route,
-                kind,
-                collective,
-                handed,
-                ring_traffic_bytes(collective, handed, self.n),
-            )
-        )
+        self.log.add(WireRecord(tag.step, tag.bucket, tag.numel, tag.route, kind, collective, handed,
+                                ring_traffic_bytes(collective, handed, self.n)))
 
     def _wait(self, work: Any, what: str) -> None:
         t0 = time.perf_counter()
@@ -149,10 +136,10 @@ class Comm:
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def all_reduce(self, t: torch.Tensor, kind: str, op: str = "sum", async_op: bool = False) -> Any:
+    def all_reduce(self, t: torch.Tensor, tag: Tag, kind: str, op: str = "sum", async_op: bool = False) -> Any:
         """In-place all-reduce of ``t`` (op: sum | max | min). Returns the Work when ``async_op``."""
         rop = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
-        self._record(kind, "all_reduce", t)
+        self._record(tag, kind, "all_reduce", t)
         work = dist.all_reduce(t, op=rop, group=self.group, async_op=True)
         if async_op:
             return work
@@ -162,21 +149,21 @@ class Comm:
     def wait(self, work: Any, what: str) -> None:
         self._wait(work, what)
 
-    def all_gather(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+    def all_gather(self, t: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
         """Gather a 1-D tensor from every rank: returns (N, len) in rank order."""
         flat = t.reshape(-1).contiguous()
         out = torch.empty(self.n * flat.numel(), dtype=flat.dtype, device=flat.device)
-        self._record(kind, "all_gather", flat)
+        self._record(tag, kind, "all_gather", flat)
         work = _all_gather_single(out, flat, group=self.group, async_op=True)
         self._wait(work, f"all_gather({kind})")
         return out.view(self.n, flat.numel())
 
-    def verify_same_config(self, config: dict[str, Any]) -> None:
+    def verify_same_config(self, config: dict[str, Any], tag: Tag) -> None:
         """Fail on every rank, with the differing configurations, unless all ranks hold the same config."""
         blob = json.dumps(config, sort_keys=True, default=str)
         digest = int.from_bytes(hashlib.sha256(blob.encode()).digest()[:7], "little")
         mine = torch.tensor([digest], dtype=torch.int64)
-        allv = self.all_gather(mine, "config").reshape(-1)
+        allv = self.all_gather(mine, tag, "config").reshape(-1)
         if bool((allv != allv[0]).any()):
             configs: list[Any] = [None] * self.n
             dist.all_gather_object(configs, config, group=self.group)

@@ -18,9 +18,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from tailq.comm.network import Network
+from tailq.errors import UsageError
+
+from .config import RunConfig, parse_value
 from .launch import launch_run
-from .netem import parse_net
 
 __all__ = ["Method", "DEFAULT_METHODS", "Y1_METHODS", "compare", "summarize", "parse_method"]
 
@@ -55,20 +57,11 @@ def parse_method(text: str) -> Method:
             continue
         for kv in filter(None, part.split(",")):
             if "=" not in kv:
-                raise ConfigError(f"--methods: cannot parse {text!r} (use NAME, NAME:BITS or NAME:BITS:key=value,...)")
+                raise UsageError(f"--methods: cannot parse {text!r} (use NAME, NAME:BITS or NAME:BITS:key=value,...)")
             k, v = kv.split("=", 1)
             k = _ALIASES.get(k, k)
-            opts[k] = _value(v)
+            opts[k] = parse_value(v)
     return Method(parts[0], tuple(sorted(opts.items())))
-
-
-def _value(v: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
 
 
 # The truncated quantizers design their codebook every 10th step and rescale it in between (redesign_every: the
@@ -100,7 +93,7 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> d
     """The comparison's summary (SPEC §7 metrics) from the per-run results; bf16 must be among them."""
     base = next((r for r in results if r["config"]["hook"] == "bf16"), None)
     if base is None:
-        raise ConfigError("a comparison needs the bf16 baseline among its methods (SPEC §7)")
+        raise UsageError("a comparison needs the bf16 baseline among its methods (SPEC §7)")
     best_bf16 = max(h["accuracy"] for h in base["history"])
     target = target_fraction * best_bf16
     tta_bf16 = _tta(base["history"], target)
@@ -140,11 +133,11 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> d
             "extended": r.get("extended", False),
             "kernel_warmup_s": r.get("kernel_warmup_s"),
         })
-    net = parse_net(results[0]["network"]["spec"])
+    net = Network.parse(results[0]["network"]["spec"])  # as the run recorded it
     return {
         "target_accuracy": target,
         "target_fraction_of_bf16_best": target_fraction,
-        "network": {"rate": net.describe(), "spec": results[0]["network"]["spec"], "emulated": net.kind == "emulated",
+        "network": {"rate": net.describe(), "spec": net.as_arg(), "emulated": net.kind == "emulated",
                     "modeled": net.kind == "model", "rate_bps": net.rate_bps, "delay_s": net.delay_s},
         "runs": runs,
     }
@@ -154,7 +147,7 @@ def compare(
     *,
     workload: str = "digits",
     workers: int = 4,
-    net: str = "none",
+    net: Network | str = "none",
     methods: list[Method] | None = None,
     steps: int = 300,
     eval_every: int = 25,
@@ -171,11 +164,16 @@ def compare(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     methods = list(methods or DEFAULT_METHODS)
+    if isinstance(net, str):  # --net text from a library caller
+        try:
+            net = Network.parse(net)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     if not any(m.hook == "bf16" for m in methods):
         methods.insert(0, Method("bf16"))
     methods.sort(key=lambda m: m.hook != "bf16")  # the baseline first: it sets the time budget and the target
     if not 0 < target_fraction <= 1:
-        raise ConfigError(f"--target must be in (0, 1]; got {target_fraction}")
+        raise UsageError(f"--target must be in (0, 1]; got {target_fraction}")
     run_id = run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(out_dir) / run_id
     configs = [RunConfig(workload=workload, hook=m.hook, hook_options=dict(m.options), workers=workers, steps=steps,

@@ -7,13 +7,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tailq.comm.network import Network
+from tailq.errors import UsageError
+from tailq.options import check_int
+
 from .workloads import WORKLOADS
 
-__all__ = ["RunConfig", "ConfigError"]
+__all__ = ["RunConfig", "parse_value"]
 
 
-class ConfigError(ValueError):
-    """A bad argument, named, with the accepted range; raised before anything starts."""
+def parse_value(text: str) -> Any:
+    """A ``KEY=VALUE`` option's value from the command line: int, float, true/false, or the text itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 @dataclasses.dataclass
@@ -38,51 +48,56 @@ class RunConfig:
     # method still short of bf16's target when the step budget ends gets more steps, within the time budget)
     extend_to_target: float | None = None
     max_steps: int | None = None
-    net: str = "none"
+    net: Network = dataclasses.field(default_factory=lambda: Network("none", None))  # --net text is parsed here
     run_dir: str = "runs/run"
     label: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.net, str):
+            try:
+                self.net = Network.parse(self.net)
+            except ValueError as err:
+                raise UsageError(str(err)) from err
 
     def validate(self) -> RunConfig:
         from tailq.hooks import hook_names
 
         if self.workload not in WORKLOADS:
-            raise ConfigError(f"--workload must be one of {', '.join(WORKLOADS)}; got {self.workload!r}")
+            raise UsageError(f"--workload must be one of {', '.join(WORKLOADS)}; got {self.workload!r}")
         if self.hook not in hook_names():
-            raise ConfigError(f"--compressor must be one of {', '.join(hook_names())}; got {self.hook!r}")
+            raise UsageError(f"--compressor must be one of {', '.join(hook_names())}; got {self.hook!r}")
         for key, lo in (("workers", 1), ("steps", 1), ("eval_every", 1), ("threads", 1), ("checkpoint_every", 0),
                         ("measure_every", 0)):
-            val = getattr(self, key)
-            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-                raise ConfigError(f"--{key.replace('_', '-')} must be an integer >= {lo}; got {val!r}")
+            check_int(f"--{key.replace('_', '-')}", getattr(self, key), lo, error=UsageError)
         bits = self.hook_options.get("bits")
         if bits is not None:
             from tailq.codec import get_compressor_class
 
             opt = get_compressor_class(self.hook).options.get("bits")
             if opt is not None and not (opt.low <= bits <= opt.high):
-                raise ConfigError(f"--bits for {self.hook} must be in {opt.low:g}..{opt.high:g}; got {bits}")
+                raise UsageError(f"--bits for {self.hook} must be in {opt.low:g}..{opt.high:g}; got {bits}")
         if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0; got {self.lr}")
+            raise UsageError(f"--lr must be > 0; got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1; got {self.batch_size}")
+            raise UsageError(f"--batch-size must be >= 1; got {self.batch_size}")
         if self.extend_to_target is not None and not 0 <= self.extend_to_target <= 1:
-            raise ConfigError(f"extend_to_target must be an accuracy in [0, 1]; got {self.extend_to_target}")
+            raise UsageError(f"extend_to_target must be an accuracy in [0, 1]; got {self.extend_to_target}")
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < self.steps):
-            raise ConfigError(f"max_steps must be an integer >= steps ({self.steps}); got {self.max_steps!r}")
+            raise UsageError(f"max_steps must be an integer >= steps ({self.steps}); got {self.max_steps!r}")
         if not self.bucket_cap_mb > 0:
-            raise ConfigError(f"--bucket-cap-mb must be > 0; got {self.bucket_cap_mb}")
-        from .netem import parse_net
-
-        try:
-            parse_net(self.net)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+            raise UsageError(f"--bucket-cap-mb must be > 0; got {self.bucket_cap_mb}")
+        if not isinstance(self.net, Network):
+            raise UsageError(f"net must be a tailq.comm.network.Network or --net text; got {self.net!r}")
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (the network as its ``--net`` text)."""
+        return {**dataclasses.asdict(self), "net": self.net.as_arg()}
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
@@ -90,7 +105,7 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{path}: unknown keys {unknown}")
+            raise UsageError(f"{path}: unknown keys {unknown}")
         return cls(**data)
 
     @property

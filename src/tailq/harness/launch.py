@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
-from .netem import EmulatedNetwork, NetSpec, emulation_available, parse_net
+from tailq.comm.network import Network
+
+from .config import RunConfig
+from .netem import EmulatedNetwork
 
 __all__ = ["launch_run", "RunFailed"]
 
@@ -37,29 +39,25 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _network(spec: NetSpec, workers: int) -> Iterator[EmulatedNetwork | None]:
-    if spec.kind != "emulated":
+def _network(net: Network, workers: int) -> Iterator[EmulatedNetwork | None]:
+    """The emulated network of a run (``EmulationError`` when it cannot be emulated here), or nothing."""
+    if net.kind != "emulated":
         yield None
         return
-    ok, why = emulation_available(spec)
-    if not ok:
-        raise ConfigError(f"--net {spec.describe()}: network emulation is not available here ({why}); "
-                          f"use --net model:RATE for a modeled network (outputs labelled modeled) or --net none")
-    with EmulatedNetwork(workers, spec) as net:
-        yield net
+    with EmulatedNetwork(workers, net) as emulated:
+        yield emulated
 
 
 def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.0) -> dict[str, Any]:
     """Run ``cfg`` to completion; returns rank 0's result (also in ``cfg.run_dir/result.json``)."""
     cfg.validate()
-    spec = parse_net(cfg.net)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").unlink(missing_ok=True)
     (run_dir / "progress.json").unlink(missing_ok=True)
     config_path = run_dir / "config.json"
     cfg.save(config_path)
-    with _network(spec, cfg.workers) as net:
+    with _network(cfg.net, cfg.workers) as net:
         tx0 = net.tx_bytes() if net is not None else None
         procs, logs = [], []
         port = 29500 if net is not None else _free_port()

@@ -10,6 +10,7 @@ evaluation, checkpoints, measurement probes and the one-time compilation of the 
 (:func:`tailq.hooks.warm_kernels`, reported as ``kernel_warmup_s``) run with the clock paused. With
 ``--net model:RATE`` the clock counts the step's measured compute and codec time plus the cost model's
 communication time for the bytes the hook handed to its collectives (every output is then labelled *modeled*).
+A tailq hook's route planner gets the run's network (emulated or modeled) to plan against.
 A checkpoint (model, optimizer, hook state, step, clock, history) is written every ``checkpoint_every`` steps; a
 restarted worker resumes from the latest complete one.
 """
@@ -30,18 +31,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tailq
-from tailq.comm.wire import NetworkModel
+from tailq.hooks import HookState
 
 from .config import RunConfig
-from .netem import parse_net
 from .workloads import Workload, load_workload
 
 CKPT_KEEP = 2
 
 
-
 def _reached(history: list[dict[str, Any]], target: float | None) -> bool:
     return target is not None and any(h["accuracy"] >= target for h in history)
+
 
 def _batch_indices(n: int, rank: int, world: int, step: int, batch: int, seed: int) -> torch.Tensor:
     """This rank's batch at ``step``: its shard of a per-epoch permutation (deterministic, resumable)."""
@@ -135,7 +135,7 @@ def init_group(rank: int, world: int, timeout: datetime.timedelta) -> None:
 
 def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     run_dir = Path(cfg.run_dir)
-    net = parse_net(cfg.net)
+    net = cfg.net
     wl: Workload = load_workload(cfg.workload, seed=cfg.seed, data_dir=cfg.data_dir, tail_df=cfg.tail_df)
     if cfg.lr is not None:
         wl.lr = cfg.lr
@@ -147,12 +147,14 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     if cfg.hook not in tailq.hooks.BUILTINS:
         opts.setdefault("measure_every", cfg.measure_every)
         opts.setdefault("seed", cfg.seed)
+        if net.known:  # route="auto" plans against the network the run really has
+            opts.setdefault("network", net)
+    state: HookState
     state, hook = tailq.ddp_hook(cfg.hook, **opts)
     ddp.register_comm_hook(state, hook)
     # compile the fused codec kernels now, outside the training clock (reported as kernel_warmup_s)
     kernel_warmup_s = tailq.hooks.warm_kernels(cfg.hook, sum(p.numel() for p in model.parameters()), **opts)
     opt = wl.make_optimizer(ddp.parameters())
-    netmodel = NetworkModel(bandwidth_bps=net.rate_bps or 1e12, latency_s=net.delay_s) if net.kind == "model" else None
 
     ck = Checkpoints(run_dir, rank) if cfg.checkpoint_every else None
     step, clock, history, steps_log = 0, 0.0, [], []
@@ -177,35 +179,31 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     limit = max(cfg.steps, cfg.max_steps or 0) if extend else cfg.steps
     while step < limit and not stop:
         xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
-        s0 = dict(state.seconds)
-        nrec = len(state.log.records)
+        state.metrics.lap()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = wl.loss(ddp(xb), yb)
         loss.backward()
         opt.step()
         dt = time.perf_counter() - t0
-        codec = (state.seconds["total"] - s0["total"]) - (state.seconds["communicate"] - s0["communicate"])
-        comm = state.seconds["communicate"] - s0["communicate"]
-        measure = state.seconds.get("measure", 0.0) - s0.get("measure", 0.0)
-        recs = list(state.log.records)[nrec:]
-        step_wall = dt - measure  # vNMSE measurement collectives are not part of the method
-        if netmodel is not None:
-            modeled = sum(netmodel.time(r.collective, r.handed_bytes, world) for r in recs
+        lap = state.metrics.lap()
+        step_wall = dt - lap.measure_s  # vNMSE measurement collectives are not part of the method
+        if net.kind == "model":
+            modeled = sum(net.time(r.collective, r.handed_bytes, world) for r in lap.records
                           if r.kind not in ("measure", "config"))
-            step_clock = max(step_wall - comm, 0.0) + modeled
+            step_clock = max(step_wall - lap.comm_s, 0.0) + modeled
         else:
             step_clock = step_wall
         clock += step_clock
-        steps_log.append({"step": step, "clock": clock, "step_s": step_clock, "wall_s": step_wall, "codec_s": codec,
-                          "comm_s": comm, "loss": float(loss.detach())})
+        steps_log.append({"step": step, "clock": clock, "step_s": step_clock, "wall_s": step_wall,
+                          "codec_s": lap.codec_s, "comm_s": lap.comm_s, "loss": float(loss.detach())})
         step += 1
         _maybe_fail(rank, step)
         if step % cfg.eval_every == 0 or step in (cfg.steps, limit):
             dist.barrier()
             if rank == 0:
                 acc, test_loss = wl.evaluate(model)
-                entry = {"step": step, "clock": clock, "accuracy": acc, "test_loss": test_loss,
+                entry: dict[str, Any] = {"step": step, "clock": clock, "accuracy": acc, "test_loss": test_loss,
                          "train_loss": float(loss.detach())}
                 # the local (uncompressed) gradient of one probe batch, for tail statistics: no DDP sync
                 # through the plain module, not ddp(...): DDP's forward broadcasts the module's buffers (a causal
@@ -217,8 +215,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
                 grad_sample = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
                 opt.zero_grad(set_to_none=True)
                 entry["tail"] = _tail_stats(grad_sample)
-                last = getattr(state, "last", {})
-                alphas = [v["alpha"] for v in last.values() if "alpha" in v]
+                alphas = [v["alpha"] for v in state.metrics.last.values() if "alpha" in v]
                 if alphas:
                     entry["alpha_max"] = float(max(alphas))
                 history.append(entry)
@@ -235,11 +232,11 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
                            "steps_log": json.dumps(steps_log)})
     result = None
     if rank == 0:
-        log = state.log
+        metrics = state.metrics
         result = {
-            "config": json.loads(json.dumps(cfg.__dict__)),
+            "config": cfg.to_dict(),
             "name": cfg.name,
-            "network": {"spec": cfg.net, "kind": net.kind, "describe": net.describe(), "rate_bps": net.rate_bps},
+            "network": net.summary(),
             "workload_note": wl.note,
             "parameters": sum(p.numel() for p in model.parameters()),
             "history": history,
@@ -249,17 +246,17 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             "extended": step > cfg.steps,
             "resumed_from": resumed_from,
             "kernel_warmup_s": kernel_warmup_s,
-            "wire": log.summary(),
-            "vnmse": getattr(state, "vnmse", []),
-            "fallbacks": getattr(state, "fallbacks", []),
+            "wire": metrics.wire.summary(),
+            "routes": sorted({v["route"] for v in metrics.last.values()}),
+            "vnmse": metrics.vnmse,
+            "fallbacks": metrics.fallbacks,
             "final_params_checksum": float(sum(float(p.double().sum()) for p in model.parameters())),
         }
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
         if grad_sample is not None:
             np.save(run_dir / "grad_sample.npy", grad_sample.numpy())
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, run_dir / "final_model.pt")
-    if hasattr(state, "close"):
-        state.close()
+    state.close()
     return result
 
 

@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Workload", "WORKLOADS", "load_workload", "DataError"]
+from tailq.errors import UsageError
+
+__all__ = ["DEFAULT_STEPS", "DataError", "WORKLOADS", "Workload", "check_data", "load_workload"]
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Missing or malformed data files; the message names the files expected."""
 
 
@@ -307,7 +309,18 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
 }
 
 
+DEFAULT_STEPS = {"digits": (300, 25), "charlm": (400, 50), "synthetic": (200, 20), "mnist": (600, 50),
+                 "cifar10": (2000, 200)}
+"""Per workload: (steps, evaluate every) of ``tailq train`` and ``tailq compare`` when not given."""
+
+
 def load_workload(name: str, **kwargs: Any) -> Workload:
     if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; accepted: {', '.join(WORKLOADS)}")
+        raise UsageError(f"--workload must be one of {', '.join(WORKLOADS)}; got {name!r}")
     return WORKLOADS[name](**kwargs)
+
+
+def check_data(workload: str, data_dir: str | None) -> None:
+    """Before anything starts: the data files of a workload that reads them exist (``DataError`` naming them)."""
+    if workload in ("mnist", "cifar10"):
+        load_workload(workload, data_dir=data_dir)

@@ -14,31 +14,31 @@ from typing import Any
 
 import torch
 
+from tailq.codec import list_compressors
+
 from .builtin import BUILTINS, BuiltinState, builtin_hook
+from .config import HookConfig
+from .metrics import HookMetrics, HookState, Lap
 from .tailq_hook import TailqState, tailq_hook
 
-__all__ = ["BUILTINS", "BuiltinState", "LocalBucket", "TailqState", "ddp_hook", "hook_names", "prime_buckets",
-           "warm_kernels"]
+__all__ = ["BUILTINS", "BuiltinState", "HookConfig", "HookMetrics", "HookState", "Lap", "LocalBucket", "TailqState",
+           "ddp_hook", "hook_names", "prime_buckets", "warm_kernels"]
 
 
 def hook_names() -> list[str]:
-    from tailq.codec import list_compressors
-
     return sorted(list_compressors()) + list(BUILTINS)
 
 
-def ddp_hook(name: str, **options: Any) -> tuple[Any, Callable[..., Any]]:
+def ddp_hook(name: str, **options: Any) -> tuple[HookState, Callable[..., Any]]:
     """(state, hook) for ``DistributedDataParallel.register_comm_hook``.
 
     Builtins take ``process_group`` (and, for ``powersgd``, PyTorch's ``PowerSGDState`` options, default rank 1,
-    ``start_powerSGD_iter=2``). tailq compressors take their own options (``bits``, ``tail``, …) plus
-    ``process_group, route (auto|allreduce|allgather), error_feedback (False|True|'all'|'truncation'),
-    stale_stats, redesign_every, min_bucket, warmup_steps, fine_bits, measure_every, timeout_s, network, seed``.
+    ``start_powerSGD_iter=2``). tailq compressors take their own options (``bits``, ``tail``, …), the hook's
+    (:class:`HookConfig`: ``route, error_feedback, stale_stats, redesign_every, min_bucket, warmup_steps,
+    fine_bits, measure_every, timeout_s``) and ``process_group, network, seed``.
     """
     if name in BUILTINS:
         return BuiltinState(name, **options), builtin_hook
-    from tailq.codec import list_compressors
-
     if name not in list_compressors():
         raise ValueError(f"unknown hook {name!r}; available: {', '.join(hook_names())}")
     return TailqState(name, **options), tailq_hook

@@ -12,7 +12,7 @@ wrappers here fix exactly that and nothing else:
   mismatched messages (pytorch/pytorch#58467). On Gloo the hook runs on an :class:`OrderedWorker`, one bucket
   at a time, so every rank issues the same collectives in the same order. On NCCL it runs as shipped.
 
-Every wrapper counts the bytes handed to its collectives in ``state.log`` like the tailq hooks.
+Every wrapper counts the bytes handed to its collectives in ``state.metrics`` like the tailq hooks.
 """
 
 import time
@@ -23,8 +23,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
-from tailq.comm.wire import WireLog, WireRecord, ring_traffic_bytes
+from tailq.comm.network import ring_traffic_bytes
+from tailq.comm.wire import WireRecord
 from tailq.comm.worker import OrderedWorker
+from tailq.options import check_int
+
+from .metrics import HookMetrics
 
 __all__ = ["BuiltinState", "builtin_hook", "BUILTINS"]
 
@@ -43,7 +47,7 @@ _POWERSGD_OPTIONS = (
 
 
 class BuiltinState:
-    """State for PyTorch's own hooks, with wire accounting and ``state_dict`` / ``load_state_dict``."""
+    """State for PyTorch's own hooks, with ``metrics`` (wire accounting) and ``state_dict`` / ``load_state_dict``."""
 
     def __init__(
         self, name: str, *, process_group: Any = None, ordered: bool | None = None, **options: Any
@@ -58,7 +62,7 @@ class BuiltinState:
         self.process_group = process_group
         self.n = dist.get_world_size(process_group)
         self.backend = str(dist.get_backend(process_group))
-        self.log = WireLog()
+        self.metrics = HookMetrics()
         self.step = 0
         self.powersgd: powerSGD_hook.PowerSGDState | None = None
         if name == "powersgd":
@@ -69,9 +73,7 @@ class BuiltinState:
                 )
             options.setdefault("matrix_approximation_rank", 1)
             options.setdefault("start_powerSGD_iter", 2)
-            rank = options["matrix_approximation_rank"]
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"powersgd: matrix_approximation_rank must be an integer >= 1; got {rank!r}")
+            check_int("powersgd: matrix_approximation_rank", options["matrix_approximation_rank"], 1)
             self.powersgd = powerSGD_hook.PowerSGDState(process_group=process_group, **options)
         elif options:
             raise TypeError(f"{name}: takes no options besides process_group; got {sorted(options)}")
@@ -80,8 +82,6 @@ class BuiltinState:
             ordered = name == "powersgd" and self.backend != "nccl"
         self.worker = OrderedWorker("tailq-powersgd") if ordered else None
         self.priming = False  # see tailq.hooks.prime_buckets
-        # wall time from each hook call to its future's completion (overlaps backward); no codec time to split
-        self.seconds = {"total": 0.0, "communicate": 0.0}
 
     def config(self) -> dict[str, Any]:
         opts = (
@@ -97,12 +97,12 @@ class BuiltinState:
             self._add(idx, n, "payload", n * _BYTES[self.name])
         else:
             self._add(idx, n, "payload", 4 * self._powersgd_numel(bucket))
-        self.log.coords += n
+        self.metrics.wire.count_bucket(n)
         if bucket.is_last():
             self.step += 1
 
     def _add(self, idx: int, n: int, kind: str, handed: int) -> None:
-        self.log.add(
+        self.metrics.wire.add(
             WireRecord(
                 self.step,
                 idx,
@@ -207,9 +207,10 @@ def builtin_hook(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.
     fut = state.worker.submit(_run, state, bucket) if state.worker is not None else _run(state, bucket)
 
     def done(f: Any) -> torch.Tensor:
+        # wall time from the hook call to the future's completion (overlaps backward); no codec time to split
         elapsed = time.perf_counter() - t0
-        state.seconds["total"] += elapsed
-        state.seconds["communicate"] += elapsed
+        state.metrics.seconds["total"] += elapsed
+        state.metrics.seconds["communicate"] += elapsed
         value = f.value()
         return value[0] if isinstance(value, list) else value
 

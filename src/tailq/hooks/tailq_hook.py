@@ -1,31 +1,23 @@
-"""The tailq DDP communication hook: one gradient bucket, end to end (ARCHITECTURE.md "path of a bucket").
+"""The tailq DDP communication hook: :func:`tailq_hook` and its state, :class:`TailqState`.
 
-``GradBucket.buffer()`` → (+ error-feedback residual) → local statistics → agree them across ranks (a small
-all-reduce, or last step's) → codebook (cached, deterministic) → encode (truncate + stochastic rounding with
-counter-based randomness keyed by (seed, rank, step, bucket), :class:`~tailq.kernels.RandKey`) → pack (headroom
-lanes or dense) → all-reduce SUM or all-gather → unpack → decode to the mean → (update residual) → the future
-completes with the averaged bucket. Round + pack and unpack + decode run as fused kernels where available
-(:mod:`tailq.kernels`), with the same bits as the plain-torch reference.
+The state composes four parts, each from its own layer, so a new compressor touches only ``codec/`` and a new
+route only ``comm/routes/``:
+
+* the **compressor** (:mod:`tailq.codec`), whose ``aggregation`` attribute picks its **family**
+  (:mod:`tailq.comm.families`: shared codebook, agreed scales, per rank);
+* the **codebook policy** (:mod:`tailq.comm.agree`: every step, one step stale, every k-th step rescaled);
+* the **routes** and their planner (:mod:`tailq.comm.routes`: summable all-reduce, all-gather), whose network is
+  the caller's (the harness passes its ``--net``) or :data:`~tailq.comm.network.PLANNING_DEFAULT`;
+* **error feedback** (:class:`~tailq.codec.ErrorFeedback`), keyed per bucket like the policy's cache.
 
 Every bucket runs on the state's :class:`~tailq.comm.worker.OrderedWorker`, so all ranks issue their collectives
-in the same order. Cost per bucket: one statistics all-reduce (a few hundred float64 at most; skipped from the
-critical path with ``stale_stats``) and one payload collective; the ``multi-scale`` quantizer adds its index
-agreement. Buckets smaller than ``min_bucket`` and the first ``warmup_steps`` steps go as bf16.
-
-``redesign_every=k`` (truncated quantizers; our choice, beyond SPEC §6): the histogram and the codebook design
-(a numerical optimisation, milliseconds per bucket, tens for TBQ) run on every k-th compressed step only. In
-between, ranks agree just ``[non-finite count, Σ|g|]`` and rescale the kept design's levels by Σ|g_t| / Σ|g_design|:
-the empirical design is scale-equivariant (log-binned histogram), so this is exact when only the gradients'
-scale moved and tracks the scale every step when the shape moves slowly. Still unbiased for the truncated
-input; the kept designs are part of ``state_dict``.
-
-Faults: a bucket with NaN/Inf on any rank goes uncompressed in fp32 on every rank (detected through the agreed
-statistics), so non-finite values arrive exactly as with plain DDP and ``GradScaler`` skips the step. Ranks with
-different configurations fail on the first bucket with the configurations listed. Every wait has a timeout.
+in the same order. Faults: a bucket with NaN/Inf on any rank goes uncompressed in fp32 on every rank (detected
+through the agreed statistics), so non-finite values arrive exactly as with plain DDP and ``GradScaler`` skips the
+step. Ranks with different configurations fail on the first bucket with the configurations listed. Every wait
+has a timeout.
 """
 
-import hashlib
-import struct
+import dataclasses
 import time
 import zlib
 from typing import Any
@@ -33,35 +25,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tailq.codec import Codebook, Compressor, ErrorFeedback, compressor
-from tailq.codec.tq import TruncatedQuantizer
-from tailq.comm.aggregate import ROUTES, Aggregator, Outcome, SharedCodebook, aggregator_for, zero_outcome
-from tailq.comm.wire import Comm, NetworkModel, WireLog
+from tailq.codec import Compressor, ErrorFeedback, compressor, get_compressor_class, list_compressors
+from tailq.codec.base import registered_in_order
+from tailq.comm.agree import policy_for
+from tailq.comm.families import family_for
+from tailq.comm.network import PLANNING_DEFAULT, Network
+from tailq.comm.routes import ROUTES, Planner, zero_outcome
+from tailq.comm.wire import Comm, Tag
 from tailq.comm.worker import OrderedWorker
 from tailq.kernels import RandKey, dispatch
 
-__all__ = ["TailqState", "tailq_hook"]
+from .config import HookConfig
+from .metrics import HookMetrics
+
+__all__ = ["TailqState", "bucket_key", "tailq_hook"]
 
 STATE_VERSION = 1
 
 
-def _seed_for(seed: int, rank: int, step: int, bucket: int) -> int:
-    """A 63-bit generator seed keyed by (seed, rank, step, bucket): reproducible and restorable.
-
-    Equal to ``RandKey(seed, rank, step, bucket).torch_seed()`` (the seed of the generator that compressors drawing
-    with ``torch.rand`` get from the hook's key).
-    """
-    digest = hashlib.blake2b(struct.pack("<4q", seed, rank, step, bucket), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def _sum_abs(x: torch.Tensor) -> torch.Tensor:
-    """Σ|x| in float64 (the scale statistic agreed between codebook redesigns)."""
-    return torch.linalg.vector_norm(x, 1, dtype=torch.float64).cpu()
-
-
-def _bucket_key(bucket: dist.GradBucket) -> str:
-    """Key of per-bucket state (residuals, stale statistics): index, size and the shapes of its tensors.
+def bucket_key(bucket: dist.GradBucket) -> str:
+    """The key of per-bucket state (residuals, stale statistics, kept designs): index, size and tensor shapes.
 
     DDP rebuilds its buckets after the first iteration; a bucket that keeps its index but changes its content
     gets a new key, so state can never be applied to other parameters.
@@ -71,11 +54,11 @@ def _bucket_key(bucket: dist.GradBucket) -> str:
 
 
 class TailqState:
-    """State of a tailq hook: the compressor, the options every rank must share, and what the hook measured.
+    """State of a tailq hook: the compressor, the options every rank must share, and ``metrics``.
 
-    Attributes for the harness: ``log`` (:class:`WireLog`: bytes handed to every collective, by kind),
-    ``vnmse`` (list of ``{"step", "bucket", "vnmse"}`` on sampled steps), ``seconds`` (wall time in the
-    hook: ``{"total", "communicate"}``; encode + decode = total − communicate), ``step``.
+    ``TailqState(name, *, process_group=None, network=None, seed=0, **options)``: ``options`` are the
+    compressor's own (``tailq list``) and the hook's (:class:`~tailq.hooks.config.HookConfig`). ``network``
+    (a :class:`~tailq.comm.network.Network`) is what ``route="auto"`` plans against.
     """
 
     def __init__(
@@ -83,275 +66,171 @@ class TailqState:
         name: str,
         *,
         process_group: Any = None,
-        route: str = "auto",
-        error_feedback: bool | str = False,
-        stale_stats: bool = False,
-        redesign_every: int = 1,
-        min_bucket: int = 8192,
-        warmup_steps: int = 1,
-        fine_bits: int = 2,
-        measure_every: int = 0,
-        timeout_s: float = 300.0,
-        network: NetworkModel | None = None,
+        network: Network | None = None,
         seed: int = 0,
-        **compressor_options: Any,
+        **options: Any,
     ) -> None:
         if not dist.is_initialized():
-            raise RuntimeError(
-                "tailq.ddp_hook: call torch.distributed.init_process_group before creating the hook"
-            )
-        self.comp: Compressor = compressor(name, seed=seed, **compressor_options)
-        if route not in ROUTES:
-            raise ValueError(f"route must be one of {', '.join(ROUTES)}; got {route!r}")
-        if error_feedback is True:
-            error_feedback = "all"
-        if error_feedback not in (False, "all", "truncation"):
-            raise ValueError(
-                f"error_feedback must be False, True, 'all' or 'truncation'; got {error_feedback!r}"
-            )
-        for key, val, lo in (
-            ("min_bucket", min_bucket, 0),
-            ("warmup_steps", warmup_steps, 0),
-            ("measure_every", measure_every, 0),
-            ("redesign_every", redesign_every, 1),
-        ):
-            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-                raise ValueError(f"{key} must be an integer >= {lo}; got {val!r}")
-        if isinstance(fine_bits, bool) or not isinstance(fine_bits, int) or not 0 <= fine_bits <= 8:
-            raise ValueError(f"fine_bits must be an integer in [0, 8]; got {fine_bits!r}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0; got {timeout_s!r}")
-        if error_feedback and warmup_steps < 1:
-            raise ValueError(
-                "error_feedback needs warmup_steps >= 1: DDP rebuilds its buckets after the first iteration, "
-                "so residuals kept per bucket during it would not match the buckets that follow"
-            )
-        if redesign_every > 1 and not isinstance(self.comp, TruncatedQuantizer):
-            raise ValueError(
-                f"redesign_every applies to the truncated quantizers (tuq, tnq, tbq), not {name!r}; "
-                f"use redesign_every=1"
-            )
-        if redesign_every > 1 and stale_stats:
-            raise ValueError(
-                "redesign_every > 1 and stale_stats both take the codebook design off the critical path; "
-                "choose one (between redesigns only two floats are all-reduced)"
-            )
+            raise RuntimeError("tailq.ddp_hook: call torch.distributed.init_process_group before creating the hook")
+        if name not in list_compressors():
+            raise ValueError(f"unknown compressor {name!r}; available: {', '.join(sorted(list_compressors()))}")
+        hook_names, comp_names = HookConfig.names(), set(get_compressor_class(name).options)
+        unknown = sorted(set(options) - hook_names - comp_names)
+        if unknown:
+            raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; compressor options: "
+                            f"{', '.join(sorted(comp_names | {'seed'}))}; hook options: "
+                            f"{', '.join(sorted(hook_names | {'network', 'process_group'}))}")
+        self.options = HookConfig(**{k: v for k, v in options.items() if k in hook_names})
+        self.comp: Compressor = compressor(name, seed=seed, **{k: v for k, v in options.items() if k in comp_names})
+        if network is not None and not isinstance(network, Network):
+            raise TypeError(f"network must be a tailq.comm.network.Network or None; got {type(network).__name__}")
+        opts = self.options
+        if opts.redesign_every > 1 and not getattr(self.comp, "rescalable", False):
+            which = ", ".join(c.name for c in registered_in_order() if getattr(c, "rescalable", False))
+            raise ValueError(f"redesign_every applies to the truncated quantizers ({which}), not {name!r}; "
+                             f"use redesign_every=1")
         self.name = name
-        self.route = route
-        self.error_feedback = error_feedback
-        self.stale_stats = bool(stale_stats)
-        self.redesign_every = redesign_every
-        self.min_bucket = min_bucket
-        self.warmup_steps = warmup_steps
-        self.fine_bits = fine_bits
-        self.measure_every = measure_every
-        self.timeout_s = float(timeout_s)
         self.seed = seed
-        self.log = WireLog()
-        self.comm = Comm(process_group, self.log, self.timeout_s)
-        self.agg: Aggregator = aggregator_for(self.comp, self.comm, fine_bits, network or NetworkModel())
-        if route != "auto" and route not in self.agg.routes:
-            raise ValueError(
-                f"{name}: route {route!r} is not available; routes: {', '.join(self.agg.routes)}"
-            )
-        self.ef = ErrorFeedback(self.comp, feedback=error_feedback) if error_feedback else None
-        self.agg.need_own = self.ef is not None  # only error feedback reads a rank's own decoded contribution
+        self.network = network if network is not None and network.known else PLANNING_DEFAULT
+        self.metrics = HookMetrics()
+        self.comm = Comm(process_group, self.metrics.wire, opts.timeout_s)
+        self.memory = ErrorFeedback(self.comp, feedback=str(opts.error_feedback)) if opts.error_feedback else None
+        self.family = family_for(self.comp, fine_bits=opts.fine_bits, keep_own=self.memory is not None)
+        self.planner = Planner(self.family, self.comm.n, self.network)
+        if opts.route != "auto" and opts.route not in self.planner.routes:
+            raise ValueError(f"{name}: route {opts.route!r} is not available; routes: {', '.join(self.planner.routes)}")
+        self.policy = policy_for(self.family, stale_stats=opts.stale_stats, redesign_every=opts.redesign_every,
+                                 first_step=opts.warmup_steps)
         self.step = 0
-        self.stale: dict[str, torch.Tensor] = {}
-        # redesign_every > 1: bucket key -> (levels of the last design, agreed Σ|g| at that step, uniform?)
-        self.designs: dict[str, tuple[torch.Tensor, float, bool]] = {}
-        self.vnmse: list[dict[str, float]] = []
-        self.seconds = {"total": 0.0, "communicate": 0.0, "measure": 0.0}
-        self.fallbacks: list[dict[str, Any]] = []
-        self.last: dict[int, dict[str, Any]] = {}  # bucket index -> what the last step's aggregation reported
-        self._verified = False
         self.priming = False  # see tailq.hooks.prime_buckets
-        self._routes: dict[int, str] = {}
+        self._verified = False
         self.worker = OrderedWorker()
 
     # -- configuration and persistence ---------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """Everything that must be identical on every rank (checked on the first bucket)."""
-        return {
-            "state_version": STATE_VERSION,
-            "compressor": self.comp.config(),
-            "route": self.route,
-            "error_feedback": self.error_feedback,
-            "stale_stats": self.stale_stats,
-            "redesign_every": self.redesign_every,
-            "min_bucket": self.min_bucket,
-            "warmup_steps": self.warmup_steps,
-            "fine_bits": self.fine_bits,
-            "measure_every": self.measure_every,
-            "world_size": self.comm.n,
-        }
+        """Everything that must be identical on every rank and in a checkpoint that is loaded."""
+        return {"state_version": STATE_VERSION, "compressor": self.comp.config(), **self.options.digest(),
+                "world_size": self.comm.n}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dicts, ints, strings and tensors: loadable with ``torch.load(weights_only=True)``."""
-        return {
-            "config": self.config(),
-            "step": self.step,
-            "error_feedback": None if self.ef is None else self.ef.state_dict(),
-            "stale": {k: v.clone() for k, v in self.stale.items()},
-            "designs": {
-                k: {"levels": lv.clone(), "sum_abs": torch.tensor(sa, dtype=torch.float64), "uniform": u}
-                for k, (lv, sa, u) in self.designs.items()
-            },
-        }
+        return {"config": self.config(), "step": self.step,
+                "error_feedback": None if self.memory is None else self.memory.state_dict(),
+                **self.policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("config") != self.config():
-            raise ValueError(
-                f"hook state was saved with a different configuration:\n  saved: {state.get('config')}\n"
-                f"  this:  {self.config()}"
-            )
+            raise ValueError(f"hook state was saved with a different configuration:\n  saved: {state.get('config')}\n"
+                             f"  this:  {self.config()}")
         self.step = int(state["step"])
-        if self.ef is not None:
-            self.ef.load_state_dict(state["error_feedback"])
-        self.stale = {k: v.clone() for k, v in state["stale"].items()}
-        self.designs = {
-            k: (d["levels"].clone(), float(d["sum_abs"]), bool(d["uniform"]))
-            for k, d in state.get("designs", {}).items()
-        }
+        if self.memory is not None:
+            self.memory.load_state_dict(state["error_feedback"])
+        self.policy.load_state_dict(state)
 
     def close(self) -> None:
         self.worker.close()
 
     def __repr__(self) -> str:
-        return f"TailqState({self.comp!r}, route={self.route!r}, world_size={self.comm.n}, step={self.step})"
+        return (f"TailqState({self.comp!r}, route={self.options.route!r}, world_size={self.comm.n}, "
+                f"step={self.step})")
 
     # -- one bucket ---------------------------------------------------------------------------------------
     def process(self, bucket: dist.GradBucket) -> torch.Tensor:
-        t0 = time.perf_counter()
-        comm0 = self.comm.seconds
-        meas0 = self.seconds["measure"]
+        """Average one bucket in place (runs on the ordered worker): compressed, passthrough, or priming."""
+        t0, comm0, sec = time.perf_counter(), self.comm.seconds, self.metrics.seconds
+        meas0 = sec["measure"]
         buf = bucket.buffer()
-        if not self._verified:
-            self.comm.verify_same_config(self.config())
+        idx, n, step, opts = bucket.index(), buf.numel(), self.step, self.options
+        if not self._verified:  # the planner's network too: ranks planning differently would mismatch collectives
+            self.comm.verify_same_config({**self.config(), "network": self.network.as_arg()},
+                                         Tag(step, idx, n, "config"))
             self._verified = True
-        idx, n, step = bucket.index(), buf.numel(), self.step
         g = buf.reshape(-1).to(torch.float32)
-        if self.priming:  # plain fp32 mean; step, residuals, statistics and wire log untouched
+        if self.priming:  # plain fp32 mean; step, residuals, statistics and metrics untouched
             t = g.clone()
-            self.comm.ctx = (step, idx, n, "priming")
-            self.comm.all_reduce(t, "priming")
+            self.comm.all_reduce(t, Tag(step, idx, n, "priming"), "priming")
             buf.copy_(t.div_(self.comm.n).reshape(buf.shape))
             return buf
         exact = None
-        if self.measure_every and step % self.measure_every == 0:
+        if opts.measure_every and step % opts.measure_every == 0:
             tm = time.perf_counter()
             exact = g.clone()
-            self.comm.ctx = (step, idx, n, "measure")
-            self.comm.all_reduce(exact, "measure")
+            self.comm.all_reduce(exact, Tag(step, idx, n, "measure"), "measure")
             exact /= self.comm.n
-            self.seconds["measure"] += time.perf_counter() - tm  # not part of the method: harnesses subtract it
-        if step < self.warmup_steps or n < self.min_bucket or n == 0:
-            mean = self._passthrough(g, step, idx)
+            sec["measure"] += time.perf_counter() - tm  # not part of the method: harnesses subtract it
+        if step < opts.warmup_steps or n < opts.min_bucket or n == 0:
+            mean = self._passthrough(g, Tag(step, idx, n, "passthrough"))
         else:
-            mean = self._compressed(g, step, idx, _bucket_key(bucket))
+            mean = self.compress(g, step, idx, bucket_key(bucket))
         if exact is not None:
-            denom = float((exact.double() ** 2).sum())
-            err = float(((mean.double() - exact.double()) ** 2).sum())
-            self.vnmse.append(
-                {"step": step, "bucket": idx, "vnmse": err / denom if denom > 0 else float("nan")}
-            )
-        self.log.coords += n
+            self.metrics.record_vnmse(step, idx, mean, exact)
+        self.metrics.wire.count_bucket(n)
         if bucket.is_last():
             self.step += 1
         buf.copy_(mean.reshape(buf.shape))
-        self.seconds["total"] += time.perf_counter() - t0 - (self.seconds["measure"] - meas0)
-        self.seconds["communicate"] += self.comm.seconds - comm0 - (self.seconds["measure"] - meas0)
+        measured = sec["measure"] - meas0
+        sec["total"] += time.perf_counter() - t0 - measured
+        sec["communicate"] += self.comm.seconds - comm0 - measured
         return buf
 
-    def _passthrough(self, g: torch.Tensor, step: int, idx: int) -> torch.Tensor:
+    def compress(self, g: torch.Tensor, step: int, idx: int, key: str) -> torch.Tensor:
+        """One bucket's compressed mean: compensate → agree → codebook → route → update (see :func:`tailq_hook`)."""
+        n = g.numel()
+        route = self.options.route if self.options.route != "auto" else self.planner.plan(n)
+        tag = Tag(step, idx, n, route)
+        x = self.memory.compensate(key, g) if self.memory is not None else g  # 1. + error-feedback residual
+        bad = _nonfinite_count(x)
+        xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if bad else x
+        agreed = self.policy.agree(self.comm, tag, key, xs, bad)  # 2. agree statistics across ranks
+        if agreed.nonfinite:
+            return self._fallback(g, dataclasses.replace(tag, route="fallback"), "non-finite gradient on some rank")
+        coder = self.family.coder(xs, agreed.codebook, self.comm, tag)  # 3. the shared codebook, this rank's codes
+        rkey = RandKey(self.seed, self.comm.rank, step, idx)  # counter-based randomness for this bucket and step
+        out = zero_outcome(xs, route) if coder is None else ROUTES[route].run(self.comm, tag, coder, rkey)  # 4.
+        if not self.policy.settle(self.comm, key, agreed):  # stale statistics arriving now say NaN/Inf: void
+            return self._fallback(g, dataclasses.replace(tag, route="fallback"),
+                                  "non-finite gradient on some rank (seen in stale-mode stats)")
+        if self.memory is not None:  # 5. residual of what this rank sent
+            self.memory.update(key, x, out.own, target=out.target)
+        self.metrics.last[idx] = {"route": out.route, **out.info}
+        return out.mean
+
+    def _passthrough(self, g: torch.Tensor, tag: Tag) -> torch.Tensor:
         """bf16, as PyTorch's bf16_compress_hook: divide first, all-reduce SUM, cast back."""
-        self.comm.ctx = (step, idx, g.numel(), "passthrough")
         t = g.to(torch.bfloat16).div_(self.comm.n)
-        self.comm.all_reduce(t, "passthrough")
+        self.comm.all_reduce(t, tag, "passthrough")
         return t.to(torch.float32)
 
-    def _fallback(self, g: torch.Tensor, step: int, idx: int, why: str) -> torch.Tensor:
+    def _fallback(self, g: torch.Tensor, tag: Tag, why: str) -> torch.Tensor:
         """Uncompressed fp32 mean: non-finite values reach every rank exactly as with plain DDP."""
-        self.comm.ctx = (step, idx, g.numel(), "fallback")
         t = g.clone()
-        self.comm.all_reduce(t, "fallback")
-        self.fallbacks.append({"step": step, "bucket": idx, "why": why})
+        self.comm.all_reduce(t, tag, "fallback")
+        self.metrics.fallbacks.append({"step": tag.step, "bucket": tag.bucket, "why": why})
         return t.div_(self.comm.n)
 
-    def _compressed(self, g: torch.Tensor, step: int, idx: int, key: str) -> torch.Tensor:
-        n, agg = g.numel(), self.agg
-        route = self.route if self.route != "auto" else self._routes.setdefault(n, agg.plan(n))
-        self.comm.ctx = (step, idx, n, route)
-        x = self.ef.compensate(key, g) if self.ef is not None else g
-        fast = dispatch.nonfinite_count(x)  # one fused reduction where a fast path exists
-        bad = int((~torch.isfinite(x)).sum()) if fast is None else fast
-        xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if bad else x
-        rkey = RandKey(self.seed, self.comm.rank, step, idx)  # counter-based randomness for this bucket and step
-        pending = None
-        stats = None
-        local = None
-        # redesign_every > 1 (truncated quantizers): design every k-th step, rescale the design in between
-        shared = agg if self.redesign_every > 1 and isinstance(agg, SharedCodebook) else None
-        amortized = shared is not None
-        due = (step - self.warmup_steps) % self.redesign_every == 0
-        if shared is not None and key in self.designs and not due:
-            # between redesigns: agree only [non-finite count, Σ|g|] and rescale the last design's levels
-            local = torch.stack([torch.tensor(float(bad), dtype=torch.float64), _sum_abs(xs)])
-            self.comm.all_reduce(local, "stats")
-            if local[0] > 0:
-                return self._fallback(g, step, idx, "non-finite gradient on some rank")
-            levels, s0, uniform = self.designs[key]
-            s1 = float(local[1])
-            if s1 == 0.0:  # every rank's bucket is zero: the mean is exactly zero, nothing else is sent
-                return self._finish(x, key, idx, zero_outcome(xs, route))
-            cb = Codebook((levels.double() * (s1 / s0)).to(torch.float32), uniform=uniform)
-            return self._finish(x, key, idx, shared.run(xs, None, rkey, route, codebook=cb))
-        if agg.uses_stats:
-            own = agg.local_stats(xs).cpu()
-            if amortized:  # [non-finite count, Σ|g|, stats] in float64 (Σ|g| is the reference for rescaling)
-                own = own.double()
-                local = torch.cat([torch.stack([torch.tensor(float(bad), dtype=torch.float64), _sum_abs(xs)]), own])
-            else:  # [non-finite count, stats]
-                local = torch.cat([torch.tensor([float(bad)], dtype=own.dtype), own])
-            if self.stale_stats and key in self.stale:
-                stats = self.stale[key]
-                pending = self.comm.all_reduce(local, "stats", op=agg.stats_op, async_op=True)
-            else:
-                self.comm.all_reduce(local, "stats", op=agg.stats_op)
-                if local[0] > 0:
-                    return self._fallback(g, step, idx, "non-finite gradient on some rank")
-                stats = local
-        else:
-            flag = torch.tensor([float(bad)], dtype=torch.float64)
-            self.comm.all_reduce(flag, "stats", op="max")
-            if flag[0] > 0:
-                return self._fallback(g, step, idx, "non-finite gradient on some rank")
-        if shared is not None and stats is not None:  # a design step: keep the design for the steps until the next
-            cb_new = self.comp.codebook_from_stats(stats[2:])  # type: ignore[attr-defined]
-            if cb_new is not None and float(stats[1]) > 0:
-                self.designs[key] = (cb_new.levels.clone(), float(stats[1]), cb_new.uniform)
-            else:
-                self.designs.pop(key, None)
-            out = shared.run(xs, stats[2:], rkey, route, codebook=cb_new)
-        else:
-            out = agg.run(xs, None if stats is None else stats[1:], rkey, route)
-        if self.stale_stats and local is not None:
-            if pending is not None:
-                self.comm.wait(pending, "all_reduce(stats)")
-            self.stale[key] = local
-            if local[0] > 0:  # this step's agreed statistics say some rank had NaN/Inf: the payload is void
-                return self._fallback(
-                    g, step, idx, "non-finite gradient on some rank (seen in stale-mode stats)"
-                )
-        return self._finish(x, key, idx, out)
 
-    def _finish(self, x: torch.Tensor, key: str, idx: int, out: Outcome) -> torch.Tensor:
-        if self.ef is not None:
-            self.ef.update(key, x, out.own, target=out.target)
-        self.last[idx] = {"route": out.route, **out.info}
-        return out.mean
+def _nonfinite_count(x: torch.Tensor) -> int:
+    fast = dispatch.nonfinite_count(x)  # one fused reduction where a fast path exists
+    return int((~torch.isfinite(x)).sum()) if fast is None else fast
 
 
 def tailq_hook(state: TailqState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: ``model.register_comm_hook(state, tailq_hook)``."""
+    """DDP communication hook: ``model.register_comm_hook(state, tailq_hook)``.
+
+    Each bucket, on the state's ordered worker thread (the same collective order on every rank):
+
+    1. ``GradBucket.buffer()`` as float32, plus the error-feedback residual (``error_feedback``);
+    2. agree statistics: one small all-reduce of :class:`~tailq.comm.agree.BucketStats` — the NaN/Inf count and
+       the compressor's statistics (or last step's, ``stale_stats``; or only Σ|g| between redesigns,
+       ``redesign_every``); a NaN/Inf on any rank sends the bucket in fp32 instead;
+    3. the codebook: a pure function of the agreed statistics, so bit-identical on every rank; this rank's codes on
+       it, rounded without bias with randomness keyed by (seed, rank, step, bucket);
+    4. the route: the codes summed in headroom lanes by one integer all-reduce, or gathered — the cost model's
+       pick for the bucket's size (``route="auto"``) — and decoded to the mean;
+    5. the residual update, and the future completes with the averaged bucket.
+
+    Buckets smaller than ``min_bucket`` and the first ``warmup_steps`` steps go as bf16 instead. Cost per bucket:
+    one statistics all-reduce (a few hundred values at most) and one payload collective; ``multi-scale`` adds its
+    index agreement.
+    """
     return state.worker.submit(state.process, bucket)

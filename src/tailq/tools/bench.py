@@ -37,20 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from tailq.codec import compressor, list_compressors
+from tailq.codec import Aggregation, Compressor, SharesCodebook, compressor, list_compressors
+from tailq.errors import UsageError
 from tailq.kernels import RandKey, available_paths, compile_seconds, use
 
 BENCH_BITS = (2, 3, 4, 8)
-FAST = ("tuq", "tnq", "tbq", "single-scale")  # compressors whose hot loops have fused kernels
-TRUNCATED = ("tuq", "tnq", "tbq")
-KEYED = FAST + ("multi-scale", "qsgd", "nuqsgd")  # accept a RandKey (counter-based rounding)
-
-# Compressors whose bit width is fixed or not a bit width: (name, [(label bits, options)]).
-FIXED: dict[str, list[tuple[int | None, dict[str, Any]]]] = {
-    "terngrad": [(2, {})],
-    "efsign": [(1, {})],
-    "topk": [(None, {"ratio": 0.01})],
-}
 HOOK_CASES: list[tuple[str, dict[str, Any]]] = [
     ("tuq", {"bits": 3}),
     ("tnq", {"bits": 3}),
@@ -92,13 +83,18 @@ def _time(fn: Callable[[], Any], repeat: int, device: torch.device) -> tuple[flo
     return statistics.median(times), first
 
 
+def _fast(cls: type[Compressor]) -> bool:
+    """Shared-codebook compressors round and pack through :class:`~tailq.codec.Codebook`: the fused kernels."""
+    return cls.aggregation is Aggregation.SHARED_CODEBOOK
+
+
 def _configs(only: list[str] | None, bits: tuple[int, ...]) -> list[tuple[str, int | None, dict[str, Any]]]:
-    out = []
+    out: list[tuple[str, int | None, dict[str, Any]]] = []
     for name, cls in list_compressors().items():
         if only and name not in only:
             continue
-        if name in FIXED:
-            out += [(name, b, o) for b, o in FIXED[name]]
+        if "bits" not in cls.options:  # a fixed code width (or none, top-k): its default options
+            out.append((name, cls.fixed_bits, {}))
             continue
         opt = cls.options["bits"]
         lo = 1 if opt.low is None else opt.low
@@ -128,76 +124,15 @@ def _machine() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``tailq bench`` on the CLI's subparsers (called by :mod:`tailq.cli`)."""
-    s = sub.add_parser("bench", help="micro-benchmarks: codec throughput per kernel path, hook time vs bf16")
-    s.add_argument("what", choices=("codec", "hook"), help="codec: encode/decode vs a copy; hook: ms/step vs bf16")
-    s.add_argument("--numel", type=int, default=None, help="elements (default 2^24 for codec, 2^22 for hook)")
-    s.add_argument("--repeat", type=int, default=3, help="timed calls (codec) after one warm-up")
-    s.add_argument("--compressors", nargs="*", help="only these compressors")
-    s.add_argument("--bits", nargs="*", type=int, default=list(BENCH_BITS), help="bit widths (default 2 3 4 8)")
-    s.add_argument("--paths", nargs="*", choices=("reference", "compiled", "triton"),
-                   help="kernel paths (default: every one available on the device)")  # fmt: skip
-    s.add_argument("--device", default="cpu", help="cpu or cuda (codec)")
-    s.add_argument("--hook", action="store_true", help="codec: also run the hook benchmark and include it")
-    s.add_argument("--hook-numel", type=int, default=1 << 22, help="elements per rank for --hook (2^22)")
-    s.add_argument("--world", type=int, default=4, help="hook: number of Gloo ranks")
-    s.add_argument("--steps", type=int, default=5, help="hook: timed steps after two warm-up steps")
-    s.add_argument("--threads", type=int, default=None, help="hook: torch threads per rank (default cores/world)")
-    s.add_argument("--json", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")
-    s.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args: Any) -> int:
-    from tailq.cli import UsageError
-
-    if args.numel is not None and args.numel < 1:
-        raise UsageError(f"--numel must be >= 1; got {args.numel}")
-    if args.repeat < 1:
-        raise UsageError(f"--repeat must be >= 1; got {args.repeat}")
-    if any(not 1 <= b <= 8 for b in args.bits):
-        raise UsageError(f"--bits must be in 1..8; got {args.bits}")
-    if args.world < 1 or args.steps < 1:
-        raise UsageError(f"--world and --steps must be >= 1; got {args.world}, {args.steps}")
-    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
-        raise UsageError(f"--device must be cpu or cuda (with a GPU present); got {args.device!r}")
-    if args.what == "hook":
-        return run_hook_bench(
-            world=args.world,
-            numel=args.numel or 1 << 22,
-            steps=args.steps,
-            threads=args.threads,
-            paths=args.paths,
-            json_out=args.json,
-        )
-    return run_codec_bench(
-        numel=args.numel or 1 << 24,
-        repeat=args.repeat,
-        json_out=args.json,
-        only=args.compressors,
-        bits=tuple(args.bits),
-        paths=args.paths,
-        device=args.device,
-        hook=args.hook,
-        hook_numel=args.hook_numel,
-        world=args.world,
-        steps=args.steps,
-        threads=args.threads,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
 # codec
 
 
 def _row_paths(name: str, device: torch.device, paths: list[str] | None) -> list[str]:
-    avail = available_paths(device) if name in FAST else ["reference"]
+    fast = _fast(list_compressors()[name])
+    avail = available_paths(device) if fast else ["reference"]
     if device.type == "cuda":
         avail = [p for p in avail if p != "compiled"]
-    return [p for p in avail if paths is None or p in paths or (p == "reference" and name not in FAST)]
+    return [p for p in avail if paths is None or p in paths or (p == "reference" and not fast)]
 
 
 def _codec_row(
@@ -205,7 +140,7 @@ def _codec_row(
 ) -> dict[str, Any]:
     n, dev = x.numel(), x.device
     comp = compressor(name, **opts)
-    gen: Any = RandKey(0, 0, 0, 0) if name in KEYED else torch.Generator(device=dev).manual_seed(1)
+    gen: Any = RandKey(0, 0, 0, 0) if comp.counter_randomness else torch.Generator(device=dev).manual_seed(1)
     before = set(compile_seconds())
     with use(path):
         t_enc, first_enc = _time(functools.partial(comp.encode, x, generator=gen), repeat, dev)
@@ -224,11 +159,12 @@ def _codec_row(
             "first_encode_s": first_enc,
             "first_decode_s": first_dec,
         }
-        if name in TRUNCATED and bits is not None:
-            stats = comp.local_stats(x)  # type: ignore[attr-defined]
-            cb = comp.codebook_from_stats(stats)  # type: ignore[attr-defined]
+        if isinstance(comp, SharesCodebook) and bits is not None:
+            stats = comp.local_stats(x)
+            cb = comp.codebook(stats)
+            assert cb is not None
             key = RandKey(0, 0, 0, 0)
-            t_stats, _ = _time(functools.partial(comp.local_stats, x), repeat, dev)  # type: ignore[attr-defined]
+            t_stats, _ = _time(functools.partial(comp.local_stats, x), repeat, dev)
             t_rp, _ = _time(functools.partial(cb.encode_packed, x, key, bits), repeat, dev)
             packed = cb.encode_packed(x, key, bits)
             out = torch.empty(n, dtype=torch.float32, device=dev)
@@ -269,7 +205,7 @@ def run_codec_bench(
     if only:
         unknown = sorted(set(only) - set(list_compressors()))
         if unknown:
-            raise ValueError(f"unknown compressor(s) {unknown}; available: {sorted(list_compressors())}")
+            raise UsageError(f"--compressors: unknown {unknown}; available: {sorted(list_compressors())}")
     dev = torch.device(device)
     x = torch.from_numpy(np.random.default_rng(0).standard_t(3.5, numel).astype(np.float32)).to(dev)
     dst = torch.empty_like(x)
@@ -381,7 +317,7 @@ def _hook_worker(
                 times.append(time.perf_counter() - t0)
         row = {"hook": name, **opts, "path": path, "ms": 1e3 * statistics.median(times[2:]), "first_ms": 1e3 * times[0]}
         if name != "bf16":
-            row["route"] = state.last[0]["route"]
+            row["route"] = state.metrics.last[0]["route"]
         state.close()
         return row
 

@@ -1,0 +1,317 @@
+"""Aggregation families: how a compressor's ranks agree, chosen by its ``aggregation`` attribute alone.
+
+A family turns the agreed codebook into this rank's :class:`~tailq.comm.routes.Coder` for one bucket; the routes
+(:mod:`tailq.comm.routes`) then move its payloads. Nothing here switches on compressor names:
+
+* :class:`SharedCodebook` (``Aggregation.SHARED_CODEBOOK``: tuq, tnq, tbq, single-scale, …): every rank holds the
+  same codebook. Summable codes sit on a uniform grid {0..G}: the codebook's own grid when its levels are uniform
+  (``uniform_codebook``), else the levels snapped onto a fine grid G = 2^(bits + fine_bits) − 1 (SPEC §6.1).
+  Dense codes are the b-bit indices into the codebook.
+* :class:`AgreedScales` (``Aggregation.AGREED_SCALES``: multi-scale [V]): the shared max M (its codebook), then per
+  element or block the finest scale every rank can represent — a MIN all-reduce of indices decided *before*
+  rounding — then b-bit codes on the agreed scales, summed or gathered.
+* :class:`PerRank` (``Aggregation.PER_RANK``: qsgd, nuqsgd, terngrad, efsign, topk, …): per-rank scales, so
+  nothing is summable; every rank's encoded tensors are gathered (with a tiny header giving each tensor's length)
+  and decoded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from tailq.codec import Aggregation, AgreesScales, Codebook, Compressor, Encoded, SharesCodebook
+from tailq.codec.packing import LanePlan, pack_lanes, unpack_bits, unpack_lanes
+from tailq.kernels import RandKey
+
+from .routes import Coder
+from .wire import Comm, Tag
+
+__all__ = ["AgreedScales", "Family", "PerRank", "SharedCodebook", "family_for"]
+
+GRID_CAP = 2**16 - 1  # the fine grid of snapped levels: lane plans are defined up to 16-bit codes
+
+
+class Family(Protocol):
+    """What the agreement and the routes need from a compressor's family."""
+
+    stats_op: str
+    """How ranks combine the statistics: ``"sum"`` or ``"max"``."""
+    grid: int | None
+    """Codes are integers 0..grid and summable; ``None``: gathered only."""
+    uses_stats: bool
+    """Whether the codebook comes from agreed statistics (the per-rank family agrees a non-finite flag only)."""
+
+    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
+        ...
+
+    def dense_bytes(self, numel: int) -> int:
+        """Bytes of one rank's all-gather payload for a ``numel``-element bucket."""
+        ...
+
+    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
+        """This rank's coder for bucket ``x`` (finite) on the agreed codebook; ``None``: every rank's bucket is zero."""
+        ...
+
+
+def family_for(comp: Compressor, *, fine_bits: int, keep_own: bool) -> Family:
+    """The family of ``comp``, from its ``aggregation`` attribute. ``keep_own``: error feedback will read
+    :meth:`Coder.own` (the summable route then keeps a copy of this rank's words)."""
+    if comp.aggregation is Aggregation.SHARED_CODEBOOK:
+        if not isinstance(comp, SharesCodebook):
+            raise TypeError(f"{comp.name}: declares Aggregation.SHARED_CODEBOOK but lacks the SharesCodebook methods")
+        return SharedCodebook(comp, fine_bits=fine_bits, keep_own=keep_own)
+    if comp.aggregation is Aggregation.AGREED_SCALES:
+        if not isinstance(comp, AgreesScales):
+            raise TypeError(f"{comp.name}: declares Aggregation.AGREED_SCALES but lacks the AgreesScales methods")
+        return AgreedScales(comp)
+    return PerRank(comp)
+
+
+def _dense_code_bytes(numel: int, bits: int) -> int:
+    return math.ceil(numel * bits / 8)
+
+
+# -------------------------------------------------------------------------------------------- shared codebook
+class SharedCodebook:
+    uses_stats = True
+
+    def __init__(self, comp: SharesCodebook, *, fine_bits: int, keep_own: bool) -> None:
+        self.comp = comp
+        self.bits = comp.bits
+        self.stats_op = comp.stats_op
+        s = 2**self.bits - 1
+        self.grid: int | None = s if comp.uniform_codebook else min(2 ** (self.bits + fine_bits) - 1, GRID_CAP)
+        self.keep_own = keep_own
+
+    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comp.local_stats(x)
+
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
+        return self.comp.codebook(stats)
+
+    def dense_bytes(self, numel: int) -> int:
+        return _dense_code_bytes(numel, self.bits)
+
+    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
+        if codebook is None:
+            return None
+        assert self.grid is not None
+        return _CodebookCoder(x, codebook, self.bits, self.grid, self.keep_own)
+
+
+class _CodebookCoder:
+    def __init__(self, x: torch.Tensor, cb: Codebook, bits: int, grid: int, keep_own: bool) -> None:
+        self.x, self.cb, self.bits, self.grid, self.keep_own = x, cb, bits, grid, keep_own
+        self.numel = x.numel()
+        self.info: dict[str, Any] = {}
+        self._own: Callable[[], torch.Tensor] | None = None
+
+    def encode_lanes(self, key: RandKey, plan: LanePlan) -> torch.Tensor:
+        snapped = self._snapped = self.cb.snap(self.grid)
+        words = snapped.encode_lanes(self.x, key, plan)  # round + fine index + lanes, one pass with a RandKey
+        mine = words.clone() if self.keep_own else None
+        self._own = lambda: snapped.decode_lanes(_kept(mine), plan, self.numel, 1)
+        self.info = {"alpha": self.cb.high, "grid": self.grid, "levels": snapped.codebook.levels}
+        return words
+
+    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int) -> torch.Tensor:
+        return self._snapped.decode_lanes(words, plan, self.numel, n_workers)
+
+    def encode_dense(self, key: RandKey) -> torch.Tensor:
+        packed = self.cb.encode_packed(self.x, key, self.bits)  # round + dense pack, one pass with a RandKey
+        self._own = lambda: self.cb.decode_packed(packed, self.bits, self.numel)
+        self.info = {"alpha": self.cb.high, "levels": self.cb.levels}
+        return packed
+
+    def decode_dense_mean(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.cb.decode_mean_packed(list(rows), self.bits, self.numel)
+
+    def own(self) -> torch.Tensor:
+        assert self._own is not None, "own() before an encode"
+        return self._own()
+
+    def target(self) -> torch.Tensor:
+        return self.cb.truncate(self.x)
+
+
+def _kept(mine: torch.Tensor | None) -> torch.Tensor:
+    if mine is None:
+        raise RuntimeError("this rank's own decode was not kept (the family was built with keep_own=False)")
+    return mine
+
+
+# -------------------------------------------------------------------------------------------- agreed scales
+class AgreedScales:
+    uses_stats = True
+
+    def __init__(self, comp: AgreesScales) -> None:
+        self.comp = comp
+        self.bits = comp.bits
+        self.stats_op = comp.stats_op
+        self.grid: int | None = 2**self.bits - 1
+
+    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comp.local_stats(x)
+
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
+        return self.comp.codebook(stats)
+
+    def dense_bytes(self, numel: int) -> int:
+        return _dense_code_bytes(numel, self.bits)
+
+    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
+        if codebook is None:
+            return None
+        m = codebook.high
+        target = x.clamp(-m, m)  # a stale shared scale below this rank's max clips (blocking mode never does)
+        # agree the scale per element/block before rounding: the coarsest index any rank needs (MIN)
+        idx = self.comp.local_scale_index(target, m).to(torch.int8)
+        comm.all_reduce(idx, tag, "index", op="min")
+        return _ScalesCoder(self.comp, target, self.comp.agreed(codebook, idx), self.bits)
+
+
+class _ScalesCoder:
+    def __init__(self, comp: AgreesScales, target: torch.Tensor, agreed: Any, bits: int) -> None:
+        self.comp, self.x, self.agreed, self.bits = comp, target, agreed, bits
+        self.numel = target.numel()
+        self.grid: int | None = 2**bits - 1
+        self.info: dict[str, Any] = {"scale": agreed.scale}
+        self._enc: Encoded | None = None
+
+    def _encode(self, key: RandKey) -> Encoded:
+        self._enc = self.comp.encode_with(self.x, self.agreed, generator=key)
+        return self._enc
+
+    def encode_lanes(self, key: RandKey, plan: LanePlan) -> torch.Tensor:
+        codes = unpack_bits(self._encode(key).tensors["codes"], self.bits, self.numel)
+        return pack_lanes(codes, plan, check=False)
+
+    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int) -> torch.Tensor:
+        total = unpack_lanes(words, plan, self.numel, check=False)
+        return self.comp.decode_sum(total, self.agreed, n_workers)
+
+    def encode_dense(self, key: RandKey) -> torch.Tensor:
+        return self._encode(key).tensors["codes"]
+
+    def decode_dense_mean(self, rows: torch.Tensor) -> torch.Tensor:
+        acc = torch.zeros(self.numel, dtype=torch.float32, device=self.x.device)
+        for row in rows:
+            acc += unpack_bits(row, self.bits, self.numel).to(torch.float32)
+        return self.comp.decode_sum(acc, self.agreed, rows.shape[0])
+
+    def own(self) -> torch.Tensor:
+        assert self._enc is not None
+        return self.comp.decode(self._enc).reshape(-1)
+
+    def target(self) -> torch.Tensor:
+        return self.x
+
+
+# -------------------------------------------------------------------------------------------- per rank
+class PerRank:
+    """All-gather of each rank's own encoding (per-rank scales are not summable)."""
+
+    uses_stats = False
+    stats_op = "max"  # the agreement carries the non-finite flag only
+    grid: int | None = None
+
+    def __init__(self, comp: Compressor) -> None:
+        self.comp = comp
+
+    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.float64)
+
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
+        return None
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one entry per bucket size, lives as long as the hook
+    def template(self, numel: int) -> tuple[tuple[str, torch.dtype, int], ...]:
+        """(name, dtype, largest byte size) of every tensor an encoding of ``numel`` elements may hold."""
+        enc = self.comp.encode(torch.ones(numel))
+        return tuple((k, t.dtype, t.numel() * t.element_size()) for k, t in sorted(enc.tensors.items()))
+
+    def dense_bytes(self, numel: int) -> int:
+        tmpl = self.template(numel)
+        return 8 * len(tmpl) + sum(nb for _, _, nb in tmpl)
+
+    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
+        return _PerRankCoder(self, x)
+
+
+class _PerRankCoder:
+    grid: int | None = None
+
+    def __init__(self, family: PerRank, x: torch.Tensor) -> None:
+        self.family, self.comp, self.x = family, family.comp, x
+        self.numel = x.numel()
+        self.info: dict[str, Any] = {}
+        self._enc: Encoded | None = None
+
+    def encode_dense(self, key: RandKey) -> torch.Tensor:
+        # per-rank-scaled compressors draw with torch.rand: a RandKey seeds their generator (same seed as before)
+        self._enc = self.comp.encode(self.x, generator=key.torch_generator(self.x.device))
+        return _serialize(self._enc.tensors, self.family.template(self.numel))
+
+    def decode_dense_mean(self, rows: torch.Tensor) -> torch.Tensor:
+        assert self._enc is not None
+        tmpl = self.family.template(self.numel)
+        shell = Encoded({}, self._enc.shape, self._enc.dtype)
+        mean = torch.zeros(self.numel, dtype=torch.float32, device=self.x.device)
+        for row in rows:
+            shell.tensors = _deserialize(row, tmpl)
+            mean += self.comp.decode(shell).reshape(-1)
+        return mean / rows.shape[0]
+
+    def encode_lanes(self, key: RandKey, plan: LanePlan) -> torch.Tensor:
+        raise TypeError(f"{self.comp.name}: per-rank encodings are not summable")
+
+    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int) -> torch.Tensor:
+        raise TypeError(f"{self.comp.name}: per-rank encodings are not summable")
+
+    def own(self) -> torch.Tensor:
+        assert self._enc is not None
+        return self.comp.decode(self._enc).reshape(-1)
+
+    def target(self) -> torch.Tensor:
+        return self.comp.target(self.x).reshape(-1)
+
+
+def _serialize(tensors: dict[str, torch.Tensor], tmpl: Any) -> torch.Tensor:
+    """[int64 byte length per template key] + the tensors' bytes, padded to the template's size."""
+    lengths, parts = [], []
+    keys = {k for k, _, _ in tmpl}
+    if set(tensors) - keys:
+        raise RuntimeError(f"encoded tensors {sorted(set(tensors) - keys)} are not in the wire template")
+    for key, dtype, max_bytes in tmpl:
+        t = tensors.get(key)
+        if t is None:
+            lengths.append(0)
+            continue
+        b = t.to(dtype).contiguous().reshape(-1).view(torch.uint8)
+        if b.numel() > max_bytes:
+            raise RuntimeError(f"encoded tensor {key!r} has {b.numel()} bytes, template allows {max_bytes}")
+        lengths.append(b.numel())
+        parts.append(b)
+    header = torch.tensor(lengths, dtype=torch.int64).view(torch.uint8)
+    body = torch.cat([header, *parts]) if parts else header
+    total = 8 * len(tmpl) + sum(nb for _, _, nb in tmpl)
+    return torch.nn.functional.pad(body, (0, total - body.numel()))
+
+
+def _deserialize(chunk: torch.Tensor, tmpl: Any) -> dict[str, torch.Tensor]:
+    h = 8 * len(tmpl)
+    lengths = chunk[:h].clone().view(torch.int64).tolist()
+    out, pos = {}, h
+    for (key, dtype, _), nb in zip(tmpl, lengths, strict=True):
+        if nb:
+            out[key] = chunk[pos : pos + nb].clone().view(dtype)
+            pos += nb
+    return out

@@ -1,0 +1,228 @@
+"""The network workers talk over, described once: what ``--net`` says, and the cost model that goes with it.
+
+``--net`` text is parsed once (:meth:`Network.parse`) into a :class:`Network` value, which the harness hands to
+the launcher, the emulation, the modeled clock and the hook's route planner alike. Three kinds:
+
+* ``none`` — plain loopback, nothing emulated or modeled: the planner uses :data:`PLANNING_DEFAULT`;
+* ``RATE[,DELAY]`` — an *emulated* network (network namespaces + ``tc``, :mod:`tailq.harness.netem`): every worker
+  has a symmetric full-duplex link of RATE, DELAY added one-way on each link direction;
+* ``model:RATE[,DELAY]`` — nothing emulated: communication time comes from the cost model below and every
+  output is labelled *modeled*.
+
+**Cost model** (SPEC §6): a ring all-reduce moves 2(N − 1)/N · bytes per worker, a ring all-gather (N − 1) · bytes
+(:func:`ring_traffic_bytes`), over a link of ``rate_bps``, plus one latency per message hop (2(N − 1) hops for an
+all-reduce, N − 1 for an all-gather). A hop from worker a to worker b crosses a's uplink and b's downlink, each
+with the added DELAY, so the hop latency is 2·DELAY — the same for emulated and modeled networks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+
+__all__ = ["Network", "PLANNING_DEFAULT", "ring_traffic_bytes"]
+
+MAX_RATE_BPS = 100e9
+"""Largest accepted link rate, bits/s (100 gbit)."""
+MAX_DELAY_S = 10.0
+"""Largest accepted one-way delay per link, seconds."""
+
+_RATE_UNITS: dict[str, Decimal] = {
+    "bit": Decimal(1),
+    "kbit": Decimal(10) ** 3,
+    "mbit": Decimal(10) ** 6,
+    "gbit": Decimal(10) ** 9,
+    "bps": Decimal(8),
+    "kbps": 8 * Decimal(10) ** 3,
+    "mbps": 8 * Decimal(10) ** 6,
+    "gbps": 8 * Decimal(10) ** 9,
+}
+_DELAY_UNITS: dict[str, Decimal] = {"s": Decimal(1), "ms": Decimal(10) ** -3, "us": Decimal(10) ** -6}
+_QUANTITY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)$")
+_KINDS = ("none", "emulated", "model")
+
+_ACCEPTED = (
+    "accepted forms: 'none' (plain loopback); 'RATE[,DELAY]' (emulated network, e.g. '100mbit,1ms'); "
+    "'model:RATE[,DELAY]' (cost model, no emulation, e.g. 'model:1gbit'). RATE is a number with a unit: "
+    "bit, kbit, mbit, gbit (bits/s) or bps, kbps, mbps, gbps (bytes/s), 0 < RATE <= 100gbit; DELAY is a number "
+    "with a unit s, ms or us, 0 <= DELAY <= 10s (one-way, added on every link)"
+)
+
+
+def ring_traffic_bytes(collective: str, handed_bytes: int, n_workers: int) -> float:
+    """Bytes each worker sends (= receives) in a ring implementation of the collective."""
+    if n_workers <= 1:
+        return 0.0
+    if collective == "all_reduce":
+        return 2.0 * (n_workers - 1) / n_workers * handed_bytes
+    if collective == "all_gather":
+        return float((n_workers - 1) * handed_bytes)
+    raise ValueError(f"unknown collective {collective!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """The network the workers talk over (see the module docstring).
+
+    Attributes:
+        kind: ``"none"`` (plain loopback), ``"emulated"`` (namespaces + tc) or ``"model"`` (no emulation; the cost
+            model gives communication time and outputs are labelled modeled).
+        rate_bps: link rate of each worker in bits/s (``None`` for ``"none"``).
+        delay_s: one-way delay added on each link direction, seconds (0 if not given).
+    """
+
+    kind: str
+    rate_bps: float | None
+    delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"--net: unknown kind {self.kind!r}; expected one of {', '.join(_KINDS)}")
+        if self.kind == "none":
+            if self.rate_bps is not None or self.delay_s != 0:
+                raise ValueError("--net: 'none' (loopback) takes no rate or delay")
+            return
+        if self.rate_bps is None or not 0 < self.rate_bps <= MAX_RATE_BPS:
+            raise ValueError(f"--net: rate must be > 0 and <= 100gbit, got {self.rate_bps!r} bit/s")
+        if not 0 <= self.delay_s <= MAX_DELAY_S:
+            raise ValueError(f"--net: delay must be >= 0 and <= 10s, got {self.delay_s!r} s")
+
+    # -- text ------------------------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> Network:
+        """Parse a ``--net`` value: ``none``, ``RATE[,DELAY]`` (emulated) or ``model:RATE[,DELAY]`` (modeled).
+
+        RATE uses tc's units, case-insensitive: ``bit``, ``kbit``, ``mbit``, ``gbit`` are bits per second and
+        ``bps``, ``kbps``, ``mbps``, ``gbps`` are **bytes** per second (``10mbps`` = 80 Mbit/s). DELAY is ``s``,
+        ``ms`` or ``us``. Raises ``ValueError`` naming ``--net`` for anything else, or for a rate outside
+        (0, 100gbit] or a delay outside [0, 10s].
+        """
+        if not isinstance(text, str):
+            raise _net_error(repr(text), "expected a string")
+        body = text.strip().lower()
+        if body == "none":
+            return cls("none", None, 0.0)
+        kind = "emulated"
+        if body.startswith("model:"):
+            kind, body = "model", body[len("model:") :].strip()
+        parts = [p.strip() for p in body.split(",")]
+        if not body or len(parts) > 2:
+            raise _net_error(text, "expected RATE or RATE,DELAY")
+        rate = _parse_quantity(text, parts[0], _RATE_UNITS, "rate")
+        delay = _parse_quantity(text, parts[1], _DELAY_UNITS, "delay") if len(parts) == 2 else Decimal(0)
+        if not 0 < rate <= Decimal(int(MAX_RATE_BPS)):
+            raise _net_error(text, f"rate {parts[0]!r} is outside (0, 100gbit]")
+        if not 0 <= delay <= Decimal(int(MAX_DELAY_S)):
+            raise _net_error(text, f"delay {parts[1]!r} is outside [0, 10s]")
+        return cls(kind, float(rate), float(delay))
+
+    def describe(self) -> str:
+        """Human description, e.g. ``"emulated 100 Mbit/s, 1 ms"``, ``"modeled 1 Gbit/s"``, ``"loopback"``."""
+        if self.kind == "none" or self.rate_bps is None:
+            return "loopback"
+        text = f"{'emulated' if self.kind == 'emulated' else 'modeled'} {_format_rate(self.rate_bps)}"
+        if self.delay_s > 0:
+            text += f", {format_delay(self.delay_s)}"
+        return text
+
+    def as_arg(self) -> str:
+        """The canonical ``--net`` text for this network (``Network.parse(net.as_arg()) == net``)."""
+        if self.kind == "none" or self.rate_bps is None:
+            return "none"
+        text = ("model:" if self.kind == "model" else "") + rate_arg(self.rate_bps)
+        if self.delay_s > 0:
+            text += f",{_delay_arg(self.delay_s)}"
+        return text
+
+    def __str__(self) -> str:
+        return self.as_arg()
+
+    def summary(self) -> dict[str, object]:
+        """What results and reports record about the network (no re-parsing needed to read them)."""
+        return {"spec": self.as_arg(), "kind": self.kind, "describe": self.describe(), "rate_bps": self.rate_bps,
+                "delay_s": self.delay_s, "emulated": self.kind == "emulated", "modeled": self.kind == "model"}
+
+    # -- the cost model ----------------------------------------------------------------------------------------
+    @property
+    def known(self) -> bool:
+        """Whether this network has a rate the cost model can use (not plain loopback)."""
+        return self.rate_bps is not None
+
+    @property
+    def hop_latency_s(self) -> float:
+        """Latency of one message hop: the sender's uplink delay plus the receiver's downlink delay."""
+        return 2.0 * self.delay_s
+
+    def time(self, collective: str, handed_bytes: int, n_workers: int) -> float:
+        """Seconds a ring ``collective`` (``all_reduce`` | ``all_gather``) of ``handed_bytes`` per worker takes."""
+        if self.rate_bps is None:
+            raise ValueError("the loopback network ('none') has no cost model; use PLANNING_DEFAULT or a rate")
+        if n_workers <= 1:
+            return 0.0
+        hops = 2 * (n_workers - 1) if collective == "all_reduce" else n_workers - 1
+        return 8 * ring_traffic_bytes(collective, handed_bytes, n_workers) / self.rate_bps + hops * self.hop_latency_s
+
+
+PLANNING_DEFAULT = Network("model", 10e9, 25e-6)
+"""What the route planner assumes when the caller knows nothing about the network: 10 Gbit/s, 50 µs per hop."""
+
+
+def _plain(x: float) -> str:
+    """``x`` as a plain decimal without exponent or trailing zeros."""
+    text = f"{x:.6f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def _compact(value: float, units: Sequence[tuple[str, float]]) -> str:
+    """``value`` in the largest unit that writes it exactly (to 1e-9), e.g. ``2.5gbit`` or ``500us``."""
+    for unit, scale in units:
+        text = _plain(value / scale)
+        if value >= scale and abs(float(text) * scale - value) <= 1e-9 * value:
+            return text + unit
+    return _plain(value / units[-1][1]) + units[-1][0]
+
+
+def rate_arg(bps: float) -> str:
+    """A rate as ``--net`` text, e.g. ``50mbit``."""
+    return _compact(bps, (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)))
+
+
+def _delay_arg(seconds: float) -> str:
+    return _compact(seconds, (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)))
+
+
+def plain_number(x: float) -> str:
+    """``x`` as a plain decimal (for ``tc`` arguments)."""
+    return _plain(x)
+
+
+def _format_rate(bps: float) -> str:
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bps >= scale:
+            return f"{bps / scale:.4g} {unit}"
+    return f"{bps:.4g} bit/s"
+
+
+def format_delay(seconds: float) -> str:
+    """A delay for people, e.g. ``"500 us"``, ``"1 ms"``."""
+    if seconds >= 1:
+        return f"{seconds:.4g} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.4g} ms"
+    return f"{seconds * 1e6:.4g} us"
+
+
+def _net_error(text: str, why: str) -> ValueError:
+    return ValueError(f"--net: cannot use {text!r}: {why}; {_ACCEPTED}")
+
+
+def _parse_quantity(text: str, part: str, units: dict[str, Decimal], what: str) -> Decimal:
+    match = _QUANTITY.match(part)
+    if match is None or match.group(2) not in units:
+        raise _net_error(text, f"{part!r} is not a {what} with a unit ({', '.join(units)})")
+    try:
+        return Decimal(match.group(1)) * units[match.group(2)]
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals
+        raise _net_error(text, f"{part!r} is not a number") from exc

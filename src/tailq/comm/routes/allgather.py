@@ -1,0 +1,31 @@
+"""Route ``allgather`` (SPEC §6.2): every rank's payload gathered, every rank decodes all N and averages.
+
+Works for every family (dense b-bit codes on a shared codebook, or each rank's own encoding with its side
+information). Cost: (N − 1) · payload bytes of ring traffic per worker.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from tailq.kernels import RandKey
+
+from ..wire import Comm, Tag
+from .base import Coder, Outcome, register
+
+
+@register
+class AllGather:
+    name: ClassVar[str] = "allgather"
+    collective: ClassVar[str] = "all_gather"
+    preference: ClassVar[int] = 1
+
+    def supports(self, grid: int | None) -> bool:
+        return True
+
+    def payload_bytes(self, numel: int, n_workers: int, grid: int | None, dense_bytes: int) -> int:
+        return dense_bytes
+
+    def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey) -> Outcome:
+        rows = comm.all_gather(coder.encode_dense(key), tag, "payload")
+        return Outcome(coder.decode_dense_mean(rows), coder.own, coder.target, self.name, coder.info)

@@ -1,0 +1,267 @@
+"""An emulated network: one namespace per worker on a bridge, each link shaped with ``tc`` in both directions."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from tailq.comm.network import Network, plain_number
+from tailq.options import check_int
+
+from . import cleanup
+from .namespaces import _IP, _TC, EmulationError, _add_netns, _delete_netns, _host_lock, _list_netns, _run, sweep_stale
+from .probe import require_emulation
+
+__all__ = ["MIN_EMULATED_RATE_BPS", "EmulatedNetwork", "Host"]
+
+MIN_EMULATED_RATE_BPS = 100e3
+"""Slowest link :class:`EmulatedNetwork` shapes, bits/s (100 kbit); ``model:`` takes any rate > 0."""
+_TAG = re.compile(r"^[A-Za-z0-9_]{1,24}$")
+
+
+@dataclass(frozen=True)
+class Host:
+    """One emulated host: the namespace a rank runs in, its interface and its IPv4 address."""
+
+    namespace: str
+    ifname: str
+    address: str
+
+
+_tag_counter = itertools.count()
+_SUBNET_PREFIX = "10.213"
+
+
+class EmulatedNetwork:
+    """``n_workers`` hosts on a switch, each with a symmetric link of ``spec.rate_bps`` (+ ``spec.delay_s``).
+
+    Use as a context manager; the namespaces exist between ``__enter__`` and ``__exit__`` (teardown happens even
+    on exceptions, SIGINT/SIGTERM and normal interpreter exit; see :func:`sweep_stale` for SIGKILL)::
+
+        with EmulatedNetwork(4, Network.parse("100mbit")) as net:
+            procs = [subprocess.Popen(net.command_prefix(r) + argv, env={**os.environ, **net.env(r)})
+                     for r in range(4)]
+            ...
+            wire = net.tx_bytes()
+
+    Args:
+        n_workers: number of hosts (ranks), 1..250.
+        spec: an ``"emulated"`` :class:`~tailq.comm.network.Network`.
+        tag: short name ([A-Za-z0-9_], up to 24 characters) in the namespace names; unique per process.
+            Default: ``n<counter>``.
+        master_port: ``MASTER_PORT`` put in :meth:`env` (each network is its own set of hosts, so any port is free).
+    """
+
+    IFNAME = "eth0"
+    BRIDGE = "br0"
+
+    def __init__(self, n_workers: int, spec: Network, *, tag: str | None = None, master_port: int = 29500) -> None:
+        check_int("n_workers", n_workers, 1, 250)
+        if not isinstance(spec, Network) or spec.kind != "emulated" or spec.rate_bps is None:
+            shown = spec.describe() if isinstance(spec, Network) else repr(spec)
+            raise ValueError(f"--net: EmulatedNetwork needs an emulated network (RATE[,DELAY]), got {shown}")
+        if spec.rate_bps < MIN_EMULATED_RATE_BPS:
+            raise ValueError(
+                f"--net {spec.as_arg()}: an emulated link needs at least 100kbit (tc's token bucket "
+                f"cannot hold a 16 KiB burst at lower rates); use --net model:{spec.as_arg()}"
+            )
+        if tag is None:
+            tag = f"n{next(_tag_counter)}"
+        if not _TAG.match(tag):
+            raise ValueError(f"tag must match [A-Za-z0-9_]{{1,24}}, got {tag!r}")
+        if not 1 <= master_port <= 65535:
+            raise ValueError(f"master_port must be in [1, 65535], got {master_port!r}")
+        self.n_workers = n_workers
+        self.spec = spec
+        self.tag = tag
+        self.master_port = master_port
+        self.subnet_id = 1 + zlib.crc32(tag.encode()) % 254
+        self.subnet = f"{_SUBNET_PREFIX}.{self.subnet_id}.0/24"
+        self.workers: list[Host] = []
+        self.switch_namespace = ""
+        self._owner_pid = 0
+        self._state = "new"  # new -> up -> closed
+
+    # --- naming ------------------------------------------------------------------------------------------
+
+    @property
+    def namespaces(self) -> list[str]:
+        """All namespace names of this network (workers, then the switch); empty before ``__enter__``."""
+        return [h.namespace for h in self.workers] + ([self.switch_namespace] if self.switch_namespace else [])
+
+    def _plan(self) -> None:
+        self._owner_pid = os.getpid()
+        base = f"tq-{self._owner_pid}-{self.tag}"
+        self.switch_namespace = f"{base}-sw"
+        self.workers = [
+            Host(f"{base}-w{r}", self.IFNAME, f"{_SUBNET_PREFIX}.{self.subnet_id}.{r + 1}")
+            for r in range(self.n_workers)
+        ]
+
+    # --- shaping parameters --------------------------------------------------------------------------------
+
+    def tc_commands(self, dev: str) -> list[str]:
+        """The ``tc`` batch lines (without the leading ``tc``) that shape ``dev``'s egress for this spec."""
+        rate = self.spec.rate_bps or 0.0
+        rate_bytes = rate / 8
+        burst = int(max(16 * 1024, rate_bytes * 1e-3))  # ≥ 1 ms of tokens, ≥ 10 full-size frames
+        limit = int(min(max(32 * 2**20, rate_bytes * 1.0), 2**30))  # deep queue: no drops under bulk or incast
+        tbf = f"tbf rate {int(round(rate))}bit burst {burst} limit {limit}"
+        if self.spec.delay_s <= 0:
+            return [f"qdisc replace dev {dev} root handle 1: {tbf}"]
+        # netem holds every packet in flight for the delay: room for one second plus the delay of full-rate
+        # traffic counted in full-size frames (GSO skbs are larger, ACKs are few)
+        packets = int(max(10_000, rate_bytes * (self.spec.delay_s + 1.0) / 1500))
+        delay_us = plain_number(self.spec.delay_s * 1e6)
+        return [
+            f"qdisc replace dev {dev} root handle 1: netem delay {delay_us}us limit {packets}",
+            f"qdisc replace dev {dev} parent 1:1 handle 10: {tbf}",
+        ]
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def __enter__(self) -> EmulatedNetwork:
+        if self._state != "new":
+            raise EmulationError("an EmulatedNetwork can be entered once; create a new one")
+        sweep_stale()
+        require_emulation(self.spec)
+        self._plan()
+        cleanup.register(self)
+        self._state = "up"
+        try:
+            with _host_lock():
+                self._build()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def _step(self, args: Sequence[str], lines: Sequence[str] | None = None) -> None:
+        if self._state != "up":
+            raise EmulationError(f"network {self.tag} was torn down while it was being set up")
+        _run(args, stdin=None if lines is None else "\n".join(lines) + "\n")
+
+    def _add(self, namespace: str) -> None:
+        if self._state != "up":
+            raise EmulationError(f"network {self.tag} was torn down while it was being set up")
+        proc = _add_netns(namespace)
+        if proc.returncode != 0:
+            raise EmulationError(f"`ip netns add {namespace}` failed with exit code {proc.returncode}: "
+                                 f"{(proc.stderr or proc.stdout).strip()}")
+
+    def _build(self) -> None:
+        sw, br, ifname = self.switch_namespace, self.BRIDGE, self.IFNAME
+        self._add(sw)
+        # addrgenmode none: no IPv6 link-local addresses, so no IPv6 chatter and Gloo picks the IPv4 address
+        self._step([_IP, "-n", sw, "-b", "-"],
+                   ["link set lo up", f"link add {br} type bridge", f"link set {br} addrgenmode none"])  # fmt: skip
+        sw_ip: list[str] = []
+        sw_tc: list[str] = []
+        for rank, host in enumerate(self.workers):
+            port = f"p{rank}"
+            self._add(host.namespace)
+            self._step([_IP, "-n", host.namespace, "-b", "-"], [
+                "link set lo up",
+                f"link add {ifname} type veth peer name {port} netns {sw}",
+                f"link set {ifname} addrgenmode none",
+                f"addr add {host.address}/24 dev {ifname}",
+            ])  # fmt: skip
+            self._step([_TC, "-n", host.namespace, "-b", "-"], self.tc_commands(ifname))
+            self._step([_IP, "-n", host.namespace, "link", "set", ifname, "up"])
+            sw_ip += [f"link set {port} addrgenmode none", f"link set {port} master {br}", f"link set {port} up"]
+            sw_tc += self.tc_commands(port)
+        self._step([_TC, "-n", sw, "-b", "-"], sw_tc)
+        self._step([_IP, "-n", sw, "-b", "-"], sw_ip + [f"link set {br} up"])
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.teardown()
+
+    def teardown(self) -> None:
+        """Delete this network's namespaces (idempotent; a no-op in a forked child of the owner).
+
+        Processes still running inside a namespace keep it alive (unnamed) until they exit; stop them first.
+        """
+        if self._owner_pid and os.getpid() != self._owner_pid:
+            return  # a forked child must not destroy its parent's network
+        self._state = "closed"
+        cleanup.unregister(self)
+        if not self.workers:
+            return  # never entered
+        # look every time: a command interrupted by a signal during set-up may have created a namespace after
+        # the first pass
+        with _host_lock():
+            existing = set(_list_netns())
+            failed = [name for name in self.namespaces if name in existing and not _delete_netns(name)]
+        if failed:
+            warnings.warn(f"could not delete network namespaces {failed}; `ip netns delete` them by hand",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+
+    # --- using it ------------------------------------------------------------------------------------------
+
+    def _check_up(self, rank: int | None = None) -> None:
+        if self._state != "up":
+            raise EmulationError(f"network {self.tag} is not up (state: {self._state})")
+        if rank is not None and not 0 <= rank < self.n_workers:
+            raise ValueError(f"rank must be in [0, {self.n_workers}), got {rank}")
+
+    def command_prefix(self, rank: int) -> list[str]:
+        """Argv prefix that runs a command inside ``rank``'s namespace: ``["ip", "netns", "exec", ns]``."""
+        self._check_up(rank)
+        return [_IP, "netns", "exec", self.workers[rank].namespace]
+
+    def env(self, rank: int) -> dict[str, str]:
+        """Variables to add to ``rank``'s environment.
+
+        ``GLOO_SOCKET_IFNAME`` (Gloo otherwise binds to the address the host name resolves to, usually loopback,
+        which inside a namespace reaches nobody), ``MASTER_ADDR``/``MASTER_PORT`` (the TCPStore listens on rank
+        0's emulated address), ``RANK`` and ``WORLD_SIZE``.
+        """
+        self._check_up(rank)
+        return {
+            "GLOO_SOCKET_IFNAME": self.workers[rank].ifname,
+            "MASTER_ADDR": self.workers[0].address,
+            "MASTER_PORT": str(self.master_port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(self.n_workers),
+        }
+
+    def _link_stats(self, namespace: str, dev: str) -> dict[str, Any]:
+        proc = _run([_IP, "-j", "-s", "-n", namespace, "link", "show", "dev", dev])
+        data: dict[str, Any] = json.loads(proc.stdout)[0]
+        return data
+
+    def tx_bytes(self) -> list[int]:
+        """Bytes each rank has sent on its interface so far (the kernel's ``tx_bytes`` counter, as in sysfs).
+
+        Counts Ethernet frames as handed to the interface (with GSO, one set of headers per super-packet), so it
+        is the payload plus a few percent of headers.
+        """
+        self._check_up()
+        return [int(self._link_stats(h.namespace, h.ifname)["stats64"]["tx"]["bytes"]) for h in self.workers]
+
+    def qdisc_drops(self) -> list[int]:
+        """Packets dropped by the shaping qdiscs of each rank's link (uplink + downlink); should stay 0."""
+        self._check_up()
+        drops = [0] * self.n_workers
+        sides = [(h.namespace, h.ifname, r) for r, h in enumerate(self.workers)]
+        sides += [(self.switch_namespace, f"p{r}", r) for r in range(self.n_workers)]
+        for namespace, dev, rank in sides:
+            proc = _run([_TC, "-j", "-s", "-n", namespace, "qdisc", "show", "dev", dev])
+            drops[rank] += sum(int(q.get("drops", 0)) for q in json.loads(proc.stdout))
+        return drops
+
+    def __repr__(self) -> str:
+        return f"EmulatedNetwork({self.n_workers}, {self.spec.describe()!r}, tag={self.tag!r}, state={self._state})"
