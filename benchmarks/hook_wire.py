@@ -75,19 +75,19 @@ def worker(rank: int, world: int, init: str, numel: int, steps: int, out: str) -
         del res
         last = state.step - 1  # steady state: the last step (PowerSGD's first two steps are uncompressed)
         row = {"hook": name, **opts, "ms": 1e3 * statistics.median(times[2:]),
-               "measured": state.log.step_bits_per_coord(last)}
+               "measured": state.metrics.wire.step_bits_per_coord(last)}
         ratio = 2 * (world - 1) / world  # ring all-reduce traffic per handed byte
         if isinstance(state, TailqState):
-            route = state.last[0]["route"]
+            route = state.metrics.last[0]["route"]
             row["ring"] = row["measured"] * (ratio if route == "allreduce" else world - 1)
             stats_bytes = 0
-            if state.agg.uses_stats:
-                own = state.agg.local_stats(g)
+            if state.family.uses_stats:
+                own = state.family.local_stats(g)
                 stats_bytes = (own.numel() + 1) * own.element_size()
             else:
                 stats_bytes = 8  # the non-finite flag
             index_bytes = state.comp.n_indices(numel) if name == "multi-scale" else 0
-            row["model"] = 8 * (state.agg.predicted_payload_bytes(numel, route) + stats_bytes + index_bytes) / numel
+            row["model"] = 8 * (state.planner.payload_bytes(route, numel) + stats_bytes + index_bytes) / numel
             row["route"] = route
         else:
             row["ring"] = row["measured"] * ratio

@@ -47,7 +47,7 @@ def main() -> None:
         acc = float((model.module(x).argmax(1) == y).float().mean())
         loss = float(torch.nn.functional.cross_entropy(model.module(x), y))
     if rank == 0:
-        bits = state.log.bits_per_coord()
+        bits = state.metrics.wire.bits_per_coord()
         print(f"{args.hook}: final loss {loss:.4f}, accuracy {acc:.3f}, {bits:.2f} bits/coordinate handed")
     dist.destroy_process_group()
 

@@ -278,3 +278,20 @@ def test_namespaces_are_gone_after_a_worker_crash_and_after_the_launcher_is_kill
 
     sweep_stale()
     assert not ours(p.pid)  # ... until the next start's sweep
+
+
+@pytest.mark.slow
+def test_the_runs_network_reaches_the_hooks_route_planner(tmp_path: Path) -> None:
+    """`--net` is handed to the hook: route="auto" plans against it (it used to plan against 10 Gbit/s, 50 us
+    whatever --net said). TUQ 3-bit, 4 workers, one ~101k-element bucket: the cost model picks the summable
+    all-reduce at 10 Mbit/s and the all-gather at 10 Gbit/s with 50 us per hop (tests/comm has the arithmetic)."""
+    from tailq.harness.launch import launch_run
+
+    routes = {}
+    for net in ("model:10mbit", "model:10gbit,25us"):
+        cfg = RunConfig(workload="synthetic", hook="tuq", hook_options={"bits": 3}, workers=4, steps=3, eval_every=3,
+                        measure_every=0, net=net, run_dir=str(tmp_path / net.replace(":", "_").replace(",", "_")))
+        res = launch_run(cfg, timeout_s=300)
+        routes[net] = res["routes"]
+        assert res["network"]["spec"] == net and res["network"]["modeled"]
+    assert routes == {"model:10mbit": ["allreduce"], "model:10gbit,25us": ["allgather"]}

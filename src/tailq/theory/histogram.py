@@ -37,7 +37,6 @@ __all__ = [
     "hist_edges",
     "hist_bin_index",
 ]
-# laplace_from_hist and fit_powerlaw_hist are also importable from here (see __getattr__ at the end).
 
 HIST_LO: float = 2.0**-40
 HIST_HI: float = 2.0**16
@@ -221,12 +220,3 @@ class LogHistogram:
             f"zero_bin={self.counts[0]:.0f}, overflow={self.counts[HIST_K + 1]:.0f})"
         )
 
-
-def __getattr__(name: str) -> object:
-    # laplace_from_hist / fit_powerlaw_hist live in fit.py (they need the tail classes); re-exported lazily
-    # here to avoid an import cycle.
-    if name in ("laplace_from_hist", "fit_powerlaw_hist"):
-        from . import fit
-
-        return getattr(fit, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,68 @@
+"""The one network description and the route planner's cost model (SPEC §6 "Cost model")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tailq.codec import compressor
+from tailq.comm.families import family_for
+from tailq.comm.network import PLANNING_DEFAULT, Network, ring_traffic_bytes
+from tailq.comm.routes import ROUTES, Planner, route_names
+
+
+def test_cost_model_is_ring_traffic_over_the_rate_plus_a_latency_per_hop() -> None:
+    net = Network.parse("model:100mbit,1ms")
+    assert net.hop_latency_s == pytest.approx(2e-3)  # the sender's uplink plus the receiver's downlink
+    n, b = 4, 1_000_000
+    assert net.time("all_reduce", b, n) == pytest.approx(8 * 2 * 3 / 4 * b / 1e8 + 6 * 2e-3)
+    assert net.time("all_gather", b, n) == pytest.approx(8 * 3 * b / 1e8 + 3 * 2e-3)
+    assert ring_traffic_bytes("all_reduce", b, 1) == 0.0 and net.time("all_gather", b, 1) == 0.0
+    # what the planner assumed before networks were passed in: 10 Gbit/s, 50 us per hop
+    assert PLANNING_DEFAULT.rate_bps == 10e9 and PLANNING_DEFAULT.hop_latency_s == pytest.approx(50e-6)
+    with pytest.raises(ValueError, match="loopback"):
+        Network.parse("none").time("all_reduce", b, n)
+    assert not Network.parse("none").known and Network.parse("50mbit").known
+
+
+def test_summary_records_the_network_without_reparsing() -> None:
+    s = Network.parse("model:2.5gbit,2ms").summary()
+    assert s == {"spec": "model:2.5gbit,2ms", "kind": "model", "describe": "modeled 2.5 Gbit/s, 2 ms",
+                 "rate_bps": 2.5e9, "delay_s": 2e-3, "emulated": False, "modeled": True}
+
+
+def _planner(name: str, bits: int, n_workers: int, net: Network) -> Planner:
+    return Planner(family_for(compressor(name, bits=bits), fine_bits=2, keep_own=False), n_workers, net)
+
+
+def test_route_auto_picks_differently_at_10_mbit_and_10_gbit_where_the_model_says_they_differ() -> None:
+    """TUQ 3-bit at N = 4: summable lanes of w = ceil(log2(4·7 + 1)) = 5 bits, 6 to an int32 word, so the
+    all-reduce hands 32/6 bits per coordinate and moves 2·(3/4)·32/6 = 8 on the ring against the all-gather's
+    3·3 = 9, but costs 6 hops instead of 3. At 10 Mbit/s (no added delay) the bytes decide: all-reduce. At
+    10 Gbit/s with 50 us per hop, 1 bit per coordinate of 100k coordinates (10 us) is worth less than three
+    more hops (150 us): all-gather."""
+    n = 100_000
+    slow, fast = Network.parse("model:10mbit"), Network.parse("model:10gbit,25us")
+    words = math.ceil(n / 6)
+    lanes_bytes, dense_bytes = 4 * words, math.ceil(3 * n / 8)
+    for net, expected in ((slow, "allreduce"), (fast, "allgather")):
+        p = _planner("tuq", 3, 4, net)
+        assert p.payload_bytes("allreduce", n) == lanes_bytes and p.payload_bytes("allgather", n) == dense_bytes
+        t_ar = net.time("all_reduce", lanes_bytes, 4)
+        t_ag = net.time("all_gather", dense_bytes, 4)
+        assert (t_ar < t_ag) == (expected == "allreduce")  # the formulas above, independently of the planner
+        assert p.plan(n) == expected
+    # the planner without a network plans against PLANNING_DEFAULT (what the hook used to do for every run)
+    assert _planner("tuq", 3, 4, PLANNING_DEFAULT).plan(n) == "allgather"
+
+
+def test_families_get_their_routes_from_the_aggregation_attribute() -> None:
+    assert route_names() == ("auto", "allreduce", "allgather")
+    assert _planner("tnq", 3, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather")
+    assert _planner("multi-scale", 4, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather")
+    assert Planner(family_for(compressor("qsgd"), fine_bits=2, keep_own=False), 4, PLANNING_DEFAULT).routes == (
+        "allgather",)
+    # ties go to the summable route (N = 1: every collective is free)
+    assert _planner("tuq", 3, 1, PLANNING_DEFAULT).plan(50_000) == "allreduce"
+    assert set(ROUTES) == {"allreduce", "allgather"}
