@@ -75,30 +75,33 @@ def family_for(comp: Compressor, *, fine_bits: int, keep_own: bool) -> Family:
     return PerRank(comp)
 
 
-def _dense_code_bytes(numel: int, bits: int) -> int:
-    return math.ceil(numel * bits / 8)
+class _Agreeing:
+    """What the two families that agree statistics share: the compressor's statistics, codebook and code width."""
+
+    uses_stats = True
+
+    def __init__(self, comp: SharesCodebook | AgreesScales) -> None:
+        self.bits = comp.bits
+        self.stats_op = comp.stats_op
+        self._stats, self._codebook = comp.local_stats, comp.codebook
+
+    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
+        return self._stats(x)
+
+    def codebook(self, stats: torch.Tensor) -> Codebook | None:
+        return self._codebook(stats)
+
+    def dense_bytes(self, numel: int) -> int:
+        return math.ceil(numel * self.bits / 8)
 
 
 # -------------------------------------------------------------------------------------------- shared codebook
-class SharedCodebook:
-    uses_stats = True
-
+class SharedCodebook(_Agreeing):
     def __init__(self, comp: SharesCodebook, *, fine_bits: int, keep_own: bool) -> None:
-        self.comp = comp
-        self.bits = comp.bits
-        self.stats_op = comp.stats_op
+        super().__init__(comp)
         s = 2**self.bits - 1
         self.grid: int | None = s if comp.uniform_codebook else min(2 ** (self.bits + fine_bits) - 1, GRID_CAP)
         self.keep_own = keep_own
-
-    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comp.local_stats(x)
-
-    def codebook(self, stats: torch.Tensor) -> Codebook | None:
-        return self.comp.codebook(stats)
-
-    def dense_bytes(self, numel: int) -> int:
-        return _dense_code_bytes(numel, self.bits)
 
     def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
         if codebook is None:
@@ -149,23 +152,11 @@ def _kept(mine: torch.Tensor | None) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------- agreed scales
-class AgreedScales:
-    uses_stats = True
-
+class AgreedScales(_Agreeing):
     def __init__(self, comp: AgreesScales) -> None:
+        super().__init__(comp)
         self.comp = comp
-        self.bits = comp.bits
-        self.stats_op = comp.stats_op
         self.grid: int | None = 2**self.bits - 1
-
-    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comp.local_stats(x)
-
-    def codebook(self, stats: torch.Tensor) -> Codebook | None:
-        return self.comp.codebook(stats)
-
-    def dense_bytes(self, numel: int) -> int:
-        return _dense_code_bytes(numel, self.bits)
 
     def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
         if codebook is None:
