@@ -87,6 +87,22 @@ def test_snap_to_fine_grid_is_unbiased_and_sums() -> None:
     assert float((mean.mean(0) - target).abs().max()) <= 4 * se_bound
 
 
+def test_a_uniform_codebook_snapped_off_its_grid_rounds_by_the_real_distances() -> None:
+    """A uniform codebook of s = 7 on a fine grid of 31 lands unequally spaced (31/7 is no integer): it must
+    not keep the affine (equal-spacing) rounding, which would be biased for the snapped levels. (A TNQ bucket whose
+    every |g| is below the histogram's zero bin falls back to such a uniform grid.)"""
+    sn = Codebook.uniform_grid(1.0, 7).snap(31)
+    assert not sn.codebook.uniform
+    assert Codebook.uniform_grid(1.0, 7).snap(7).codebook.uniform  # on its own grid (TUQ, single-scale) it is
+    x = torch.linspace(-1, 1, 41)
+    gen = torch.Generator().manual_seed(1)
+    dec = torch.stack([sn.codebook.decode(sn.codebook.encode(x, gen)) for _ in range(R)]).double()
+    lv = sn.codebook.levels.double()
+    j = (torch.searchsorted(lv, x.double(), right=True) - 1).clamp(0, lv.numel() - 2)
+    se = ((lv[j + 1] - x.double()) * (x.double() - lv[j]) / R).sqrt()
+    assert bool(((dec.mean(0) - x.double()).abs() <= 5 * se + 1e-6).all())
+
+
 def test_snap_merges_colliding_levels() -> None:
     cb = Codebook.from_levels([-1.0, -0.001, 0.0, 0.001, 1.0])
     sn = cb.snap(7)

@@ -236,7 +236,11 @@ class Codebook:
         frac = (self.levels.double() - lo) / (hi - lo)
         idx = torch.unique(torch.round(frac * grid).to(torch.int64))  # sorted, endpoints 0 and grid kept
         values = lo + idx.double() * ((hi - lo) / grid)
-        return SnappedCodebook(Codebook(values.to(torch.float32), uniform=self.uniform), idx, grid)
+        # a uniform codebook stays uniform only if its levels land equally spaced on the fine grid (grid = k·s);
+        # otherwise its rounding must use the snapped levels' real distances
+        gaps = idx[1:] - idx[:-1]
+        uniform = self.uniform and bool((gaps == gaps[0]).all())
+        return SnappedCodebook(Codebook(values.to(torch.float32), uniform=uniform), idx, grid)
 
     def __repr__(self) -> str:
         kind = "uniform" if self.uniform else "non-uniform"
