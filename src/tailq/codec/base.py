@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from tailq.options import Option
+from tailq.options import Option, check_int
 
 if TYPE_CHECKING:
     from .codebook import Codebook
@@ -144,10 +144,8 @@ class Compressor(abc.ABC):
         if unknown:
             accepted = ", ".join(sorted(set(self.options) | {"seed"}))
             raise TypeError(f"{self.name}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
-        seed = kwargs.pop("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{self.name}: option 'seed' must be a non-negative integer; got {seed!r}")
-        self.seed: int = seed
+        self.seed: int = check_int(f"{self.name}: option 'seed'", kwargs.pop("seed", 0), 0)
+        seed = self.seed
         self.generator = torch.Generator().manual_seed(seed)
         for key, opt in self.options.items():
             setattr(self, key, opt.validate(self.name, key, kwargs.get(key, opt.default)))

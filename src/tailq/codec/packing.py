@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tailq.options import check_int
+
 __all__ = [
     "LanePlan",
     "pack_bits",
@@ -71,8 +73,7 @@ def _check_range(codes: torch.Tensor, high: int, what: str) -> None:
 
 
 def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    check_int("n", n, 0)
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -255,9 +256,8 @@ def plan_lanes(n_workers: int, grid: int, word_bits: int | None = None) -> LaneP
     ``word_bits`` 32 or 64; ``None`` picks whichever gives fewer bits per coordinate (tie -> 32).
     Example: ``plan_lanes(4, 7)`` -> w = 5, 6 lanes per int32 word, 5.33 bits per coordinate.
     """
-    for name, val in (("n_workers", n_workers), ("grid", grid)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
+    check_int("n_workers", n_workers, 1)
+    check_int("grid", grid, 1)
     if word_bits is not None and word_bits not in (32, 64):
         raise ValueError(f"word_bits must be 32, 64 or None, got {word_bits!r}")
     total = n_workers * grid
