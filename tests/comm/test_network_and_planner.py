@@ -9,7 +9,7 @@ import pytest
 from tailq.codec import compressor
 from tailq.comm.families import family_for
 from tailq.comm.network import PLANNING_DEFAULT, Network, ring_traffic_bytes
-from tailq.comm.routes import ROUTES, Planner, route_names
+from tailq.comm.routes import PASSTHROUGH, ROUTES, CodecCost, Planner, route_names, shard_numel
 
 
 def test_cost_model_is_ring_traffic_over_the_rate_plus_a_latency_per_hop() -> None:
@@ -48,21 +48,63 @@ def test_route_auto_picks_differently_at_10_mbit_and_10_gbit_where_the_model_say
     lanes_bytes, dense_bytes = 4 * words, math.ceil(3 * n / 8)
     for net, expected in ((slow, "allreduce"), (fast, "allgather")):
         p = _planner("tuq", 3, 4, net)
+        p.candidates = ("allreduce", "allgather")  # the two one-collective routes only
         assert p.payload_bytes("allreduce", n) == lanes_bytes and p.payload_bytes("allgather", n) == dense_bytes
         t_ar = net.time("all_reduce", lanes_bytes, 4)
         t_ag = net.time("all_gather", dense_bytes, 4)
         assert (t_ar < t_ag) == (expected == "allreduce")  # the formulas above, independently of the planner
         assert p.plan(n) == expected
-    # the planner without a network plans against PLANNING_DEFAULT (what the hook used to do for every run)
-    assert _planner("tuq", 3, 4, PLANNING_DEFAULT).plan(n) == "allgather"
+
+
+def test_two_phase_cost_is_an_all_to_all_of_b_bit_shards_and_an_all_gather_of_requantized_ones() -> None:
+    """TUQ 3-bit, gather_bits 5 (the default bits + 2), N = 4, 100 001 values: shards of m = ceil(100001/4) = 25001
+    rounded up to 25008 (a multiple of 8); phase 1 hands 4 shards of 3·m/8 bytes, phase 2 a 2-float header and
+    5·m/8 bytes. Ring traffic (N − 1)/N·3 + (N − 1)·(5/N) bits per coordinate ≈ 6 at N = 4 — below the all-reduce's
+    8 and the all-gather's 9, so at 10 Mbit/s it wins; on a link where hops dominate it does not."""
+    n, N = 100_001, 4
+    m = shard_numel(n, N)
+    assert m == 25008 and shard_numel(3, 4) == 8 and shard_numel(64, 4) == 16
+    p = _planner("tuq", 3, N, Network.parse("model:10mbit"))
+    assert p.phases("twophase", n) == (("all_to_all", N * 3 * m // 8), ("all_gather", 8 + 5 * m // 8))
+    traffic = ring_traffic_bytes("all_to_all", N * 3 * m // 8, N) + ring_traffic_bytes("all_gather", 8 + 5 * m // 8, N)
+    assert 8 * traffic / n == pytest.approx(0.75 * 3 + 3 * (5 / 4), rel=2e-3)
+    assert p.plan(n) == "twophase"
+    # TNQ's header is its 2^5 float32 levels
+    assert _planner("tnq", 3, N, PLANNING_DEFAULT).phases("twophase", n)[1] == ("all_gather", 4 * 32 + 5 * m // 8)
+    slow_hops = Network.parse("model:10gbit,5ms")  # 10 ms per hop: six hops of two-phase lose to the gather's three
+    assert _planner("tuq", 3, N, slow_hops).plan(n) == "allgather"
+
+
+@pytest.mark.parametrize("net", ["model:10mbit", "model:1gbit,1ms", "model:10gbit,25us", "model:100gbit"])
+@pytest.mark.parametrize("n", [8192, 100_000, 1 << 22])
+@pytest.mark.parametrize("name", ["tuq", "tnq", "multi-scale", "qsgd"])
+def test_the_plan_is_the_cost_models_minimum_including_passthrough_and_codec_time(net: str, n: int, name: str) -> None:
+    """Independently of the planner: every candidate's time is Σ Network.time over its collectives plus measured
+    codec seconds per element × (1 + the route's passes); passthrough is bf16 (2 bytes) plus its cast."""
+    network = Network.parse(net)
+    cost = CodecCost(per_pass_s=2e-9, cast_s=0.5e-9)
+    fam = family_for(compressor(name, bits=4), fine_bits=2, keep_own=False)
+    p = Planner(fam, 8, network, cost, passthrough=True)
+    times = {PASSTHROUGH: network.time("all_reduce", 2 * n, 8) + 0.5e-9 * n}
+    for r in p.routes:
+        phases = ROUTES[r].phases(n, 8, fam)
+        times[r] = sum(network.time(c, b, 8) for c, b in phases) + 2e-9 * n * (1 + ROUTES[r].codec_passes(n, 8))
+    best = min(times.values())
+    assert times[p.plan(n)] == best
+    assert p.explain(n)["route"] == p.plan(n)
+    if net == "model:100gbit":  # a fast network: nothing pays for its codec time
+        assert p.plan(n) == PASSTHROUGH
+    if net == "model:10mbit" and name in ("tuq", "tnq") and n >= 100_000:
+        assert p.plan(n) == "twophase"  # the fewest bytes at N = 8
 
 
 def test_families_get_their_routes_from_the_aggregation_attribute() -> None:
-    assert route_names() == ("auto", "allreduce", "allgather")
-    assert _planner("tnq", 3, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather")
+    assert route_names() == ("auto", "allreduce", "allgather", "twophase")
+    assert _planner("tnq", 3, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather", "twophase")
     assert _planner("multi-scale", 4, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather")
     assert Planner(family_for(compressor("qsgd"), fine_bits=2, keep_own=False), 4, PLANNING_DEFAULT).routes == (
         "allgather",)
     # ties go to the summable route (N = 1: every collective is free)
     assert _planner("tuq", 3, 1, PLANNING_DEFAULT).plan(50_000) == "allreduce"
-    assert set(ROUTES) == {"allreduce", "allgather"}
+    assert set(ROUTES) == {"allreduce", "allgather", "twophase"}
+    assert _planner("tuq", 3, 4, PLANNING_DEFAULT).candidates == ("allreduce", "allgather", "twophase")  # no bf16

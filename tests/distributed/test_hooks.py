@@ -28,11 +28,14 @@ from workers import (
     w_mismatch,
     w_modes,
     w_nonfinite,
+    w_plan,
     w_powersgd_parity,
     w_redesign,
     w_stale,
     w_statistics,
     w_train,
+    w_twophase_phases,
+    w_twophase_wire,
 )
 
 pytestmark = pytest.mark.slow
@@ -54,8 +57,13 @@ ALL_CASES: list[tuple[str, dict[str, Any]]] = [
     ("terngrad", {}),
     ("efsign", {}),
     ("topk", {"ratio": 0.1}),
+    ("tuq", {"bits": 3, "route": "twophase"}),
+    ("tnq", {"bits": 3, "route": "twophase", "gather_bits": 4}),
+    ("tbq", {"bits": 2, "route": "twophase", "owner_feedback": True}),
+    ("single-scale", {"bits": 3, "route": "twophase"}),
 ]
-SMALL_CASES = [c for c in ALL_CASES if c[0] in ("tuq", "multi-scale", "qsgd", "efsign")][:4] + [ALL_CASES[1]]
+SMALL_CASES = ([c for c in ALL_CASES if c[0] in ("tuq", "multi-scale", "qsgd", "efsign")][:4] + [ALL_CASES[1]]
+               + [c for c in ALL_CASES if c[1].get("route") == "twophase"][:2])
 
 
 def check_statistics(results: list[list[dict[str, Any]]]) -> None:
@@ -77,7 +85,10 @@ def check_statistics(results: list[list[dict[str, Any]]]) -> None:
             assert ratio < 1.6, (name, ratio)
             # coordinates that never moved: their level was hit every time; any bias there is below one
             # level gap times the chance of never moving in R steps — bounded by the aggregate test above
-        # codebooks are bit-identical on every rank
+        # every rank holds the same mean, bit for bit, and the same codebook
+        for other in results[1:]:
+            mine = next(c for c in other if c["name"] == case["name"] and c["opts"] == case["opts"])
+            assert torch.equal(mine["last"], case["last"]), name
         if case["levels"] is not None:
             for other in results[1:]:
                 mine = next(c for c in other if c["name"] == case["name"] and c["opts"] == case["opts"])
@@ -215,9 +226,14 @@ def test_training_100_steps_reaches_fp32_loss_within_a_stated_factor() -> None:
 
 @pytest.mark.parametrize(
     "hook, opts",
-    [("tnq", {"bits": 3, "min_bucket": 0, "error_feedback": True, "stale_stats": True}),
+    # routes fixed: route="auto" plans from timings, which two separate runs need not share (a resumed run
+    # restores its saved plan: test_auto_plans_from_the_warm_up_and_a_fast_network_means_passthrough)
+    [("tnq", {"bits": 3, "min_bucket": 0, "error_feedback": True, "stale_stats": True, "route": "allreduce"}),
      # resumed mid-period (designs at steps 1, 5, 9; saved after step 5): the kept design must be restored
-     ("tbq", {"bits": 3, "min_bucket": 0, "error_feedback": True, "redesign_every": 4}),
+     ("tbq", {"bits": 3, "min_bucket": 0, "error_feedback": True, "redesign_every": 4, "route": "allgather"}),
+     # two-phase: the owner's residuals and its kept phase-2 designs must be restored too
+     ("tnq", {"bits": 3, "min_bucket": 0, "error_feedback": True, "route": "twophase", "owner_feedback": True,
+              "redesign_every": 3}),
      ("powersgd", {"start_powerSGD_iter": 2, "matrix_approximation_rank": 2})],
 )
 def test_save_restore_continue_gives_identical_parameters(tmp_path: Any, hook: str, opts: dict[str, Any]) -> None:
@@ -257,3 +273,57 @@ def test_passthrough_and_vnmse_measurement() -> None:
         # 2-bit codes (all-gather at N = 2) + the empirical statistics: 453 float32 (non-finite count, 226
         # counts, 226 |g| sums) per step; at d = 3000 the statistics cost more than the codes
         assert r["method_bits"] == pytest.approx((8 * math.ceil(3000 * 2 / 8) + 32 * 453) / 3000)
+
+
+def test_two_phase_on_a_bucket_shorter_than_the_world_and_on_odd_lengths() -> None:
+    # 3 values on 4 ranks: one padded shard of 8 per rank, three of them all padding
+    check_statistics(launch(w_statistics, 4, [("tnq", {"bits": 3, "route": "twophase"}),
+                                              ("tuq", {"bits": 2, "route": "twophase"})], STEPS, 3))
+
+
+@pytest.mark.parametrize("world, d", [(2, 5000), (3, 1001), (4, 777)])
+def test_two_phase_hands_the_bytes_of_the_cost_model(world: int, d: int) -> None:
+    for name, opts in (("tnq", {"bits": 3}), ("tuq", {"bits": 4, "gather_bits": 6})):
+        for r in launch(w_twophase_wire, world, name, d, opts):
+            assert [c for c, _ in r["handed"]] == ["all_to_all", "all_gather"]
+            for (_, got), (_, model) in zip(r["handed"], r["model"], strict=True):
+                assert got == pytest.approx(model, rel=0.02)
+
+
+def test_two_phase_records_the_error_of_each_phase() -> None:
+    for gather_bits in (2, 8):
+        res = launch(w_twophase_phases, 3, 6001, gather_bits)
+        for r in res:
+            rec = r["rec"]
+            # phase 1 is reproduced exactly by hand; phase 2 to the float32 rounding of the decoded mean
+            assert rec["vnmse_phase1"] == pytest.approx(r["phase1"], rel=1e-6)
+            assert rec["vnmse_phase2"] == pytest.approx(r["phase2"], rel=1e-3)
+            # the two phases' errors are independent given phase 1: the total is their sum up to a cross term
+            assert rec["vnmse"] == pytest.approx(rec["vnmse_phase1"] + rec["vnmse_phase2"], rel=0.25)
+            assert torch.equal(r["out"], res[0]["out"])
+        if gather_bits == 8:  # 8-bit requantization adds little to 3-bit codes averaged over 3 ranks
+            assert res[0]["rec"]["vnmse_phase2"] < 0.1 * res[0]["rec"]["vnmse_phase1"]
+        else:  # 2 bits for the mean is coarser than the 3-bit inputs: phase 2 dominates
+            assert res[0]["rec"]["vnmse_phase2"] > res[0]["rec"]["vnmse_phase1"]
+
+
+def test_two_phase_nonfinite_goes_uncompressed_like_the_other_routes() -> None:
+    for r in launch(w_nonfinite, 3, "tnq", False, {"route": "twophase", "owner_feedback": True}):
+        assert r["equal"] and r["inf"] and r["nan"]
+        assert [f["step"] for f in r["fallbacks"]] == [1]
+
+
+def test_auto_plans_from_the_warm_up_and_a_fast_network_means_passthrough() -> None:
+    # loopback, network fitted from the warm-up's timed bf16 all-reduces: nothing pays for its codec time
+    for r in launch(w_plan, 2, None, 1):  # 2 ranks on 2 cores: 4 would time CPU contention, not the network
+        assert r["plan"]["network_source"] == "fitted" and r["plan"]["timed_warmup_allreduces"] == 2
+        assert r["routes"] == {0: "passthrough", 1: "passthrough"}, r["plan"]
+        assert r["restored"]
+    # a given 50 Mbit/s network at N = 4: the fewest bytes win, the two-phase route
+    for r in launch(w_plan, 4, "model:50mbit", 1):
+        assert r["plan"]["network_source"] == "given"
+        assert r["routes"] == {0: "twophase", 1: "twophase"}, r["plan"]
+        for why in r["plan"]["buckets"].values():
+            costs = {k: v["comm_s"] + v["codec_s"] for k, v in why["candidates"].items()}
+            assert why["route"] == min(costs, key=costs.__getitem__)
+        assert r["restored"]

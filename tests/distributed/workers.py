@@ -154,8 +154,8 @@ def w_statistics(rank: int, world: int, cases: list[tuple[str, dict[str, Any]]],
         info = state.metrics.last.get(0, {})
         # the exact variance of the hooked mean where the rounding is onto known levels: each rank rounds its
         # target t in [l_j, l_j+1] with variance (l_j+1 - t)(t - l_j), independently of the other ranks
-        exact_var = None
-        if info.get("levels") is not None and name != "multi-scale":
+        exact_var = None  # two-phase: the owner's second rounding adds variance the formula below omits
+        if info.get("levels") is not None and name != "multi-scale" and info.get("route") != "twophase":
             lv = info["levels"].double()
             t = target.double().clamp(float(lv[0]), float(lv[-1]))
             j = (torch.searchsorted(lv, t, right=True) - 1).clamp(0, lv.numel() - 2)
@@ -172,6 +172,7 @@ def w_statistics(rank: int, world: int, cases: list[tuple[str, dict[str, Any]]],
             "levels": info.get("levels"),
             "bits_measured": state.metrics.wire.bits_per_coord(),
             "bits_model": 8 * model_bytes / d,
+            "last": res.float(),
         })
         state.close()
     return out
@@ -197,9 +198,9 @@ def w_lanes_exact(rank: int, world: int, names: list[str], d: int) -> list[tuple
     return out
 
 
-def w_nonfinite(rank: int, world: int, name: str, stale: bool) -> dict[str, Any]:
+def w_nonfinite(rank: int, world: int, name: str, stale: bool, opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step 0 normal; step 1 rank 1 has +Inf and NaN: every rank's result must equal plain fp32 DDP's."""
-    state = TailqState(name, warmup_steps=0, min_bucket=0, stale_stats=stale)
+    state = TailqState(name, warmup_steps=0, min_bucket=0, stale_stats=stale, **(opts or {}))
     g = heavy(4096, seed=3000 + rank)
     state.process(FakeBucket(g.clone()))
     bad = g.clone()
@@ -469,3 +470,53 @@ def w_modes(rank: int, world: int) -> dict[str, Any]:
             "vnmse": meas.metrics.vnmse, "manual": manual,
             "measure_bits": meas.metrics.wire.bits_per_coord(kinds=("measure",)),
             "method_bits": meas.metrics.wire.bits_per_coord()}
+
+
+def w_twophase_phases(rank: int, world: int, d: int, gather_bits: int) -> dict[str, Any]:
+    """Two-phase with measure_every=1: the recorded per-phase errors against a manual reproduction of phase 1."""
+    from tailq.comm.routes import shard_numel
+
+    g = heavy(d, seed=4000 + rank)
+    state = TailqState("tnq", bits=3, route="twophase", gather_bits=gather_bits, warmup_steps=0, min_bucket=0,
+                       measure_every=1, seed=9)
+    out = state.process(FakeBucket(g.clone()))
+    # phase 1 by hand: every rank's dense codes of the zero-padded bucket on the agreed codebook, decoded, averaged
+    cb = state.comp.codebook(_agreed_stats(state, g))
+    m = shard_numel(d, world)
+    padded = torch.nn.functional.pad(g, (0, world * m - d))
+    mine = cb.decode_packed(cb.encode_packed(padded, RandKey(9, rank, 0, 0), 3), 3, world * m)[:d]
+    mean1 = _mean(mine)
+    exact = _mean(g)
+    state.close()
+    return {"rec": state.metrics.vnmse[0], "out": out,
+            "phase1": float(((mean1 - exact) ** 2).sum() / (exact**2).sum()),
+            "phase2": float(((out.double() - mean1) ** 2).sum() / (exact**2).sum())}
+
+
+def w_twophase_wire(rank: int, world: int, name: str, d: int, opts: dict[str, Any]) -> dict[str, Any]:
+    """Bytes handed to the two collectives of one two-phase bucket against the planner's cost model."""
+    state = TailqState(name, route="twophase", warmup_steps=0, min_bucket=0, **opts)
+    state.process(FakeBucket(heavy(d, seed=rank)))
+    recs = [r for r in state.metrics.wire.records if r.kind == "payload"]
+    state.close()
+    return {"handed": [(r.collective, r.handed_bytes) for r in recs],
+            "model": list(state.planner.phases("twophase", d))}
+
+
+def w_plan(rank: int, world: int, net: str | None, warmup: int) -> dict[str, Any]:
+    """route=auto on real buckets: the plan, where its network came from, and the route each bucket took."""
+    from tailq.comm.network import Network
+
+    network = Network.parse(net) if net else None
+    state = TailqState("tnq", bits=3, warmup_steps=warmup, min_bucket=0, network=network)
+    for _ in range(warmup + 2):
+        for i, d in enumerate((20_000, 300_000)):
+            state.process(FakeBucket(heavy(d, seed=rank + 10 * i), index=i, last=i == 1))
+    saved = state.state_dict()
+    routes = {i: state.metrics.last[i]["route"] for i in (0, 1)}
+    state.close()
+    again = TailqState("tnq", bits=3, warmup_steps=warmup, min_bucket=0, network=network)
+    again.load_state_dict(saved)
+    restored = again.planner.codec == state.planner.codec and again.network == state.network
+    again.close()
+    return {"plan": state.metrics.plan, "routes": routes, "restored": restored}

@@ -6,7 +6,8 @@ A family turns the agreed codebook into this rank's :class:`~tailq.comm.routes.C
 * :class:`SharedCodebook` (``Aggregation.SHARED_CODEBOOK``: tuq, tnq, tbq, single-scale, …): every rank holds the
   same codebook. Summable codes sit on a uniform grid {0..G}: the codebook's own grid when its levels are uniform
   (``uniform_codebook``), else the levels snapped onto a fine grid G = 2^(bits + fine_bits) − 1 (SPEC §6.1).
-  Dense codes are the b-bit indices into the codebook.
+  Dense codes are the b-bit indices into the codebook; they split into byte-aligned shards that an owner decodes
+  and requantizes (``shardable``, the two-phase route; phase 2 in :mod:`tailq.comm.owner`).
 * :class:`AgreedScales` (``Aggregation.AGREED_SCALES``: multi-scale [V]): the shared max M (its codebook), then per
   element or block the finest scale every rank can represent — a MIN all-reduce of indices decided *before*
   rounding — then b-bit codes on the agreed scales, summed or gathered.
@@ -28,7 +29,8 @@ from tailq.codec import Aggregation, AgreesScales, Codebook, Compressor, Encoded
 from tailq.codec.packing import LanePlan, pack_lanes, unpack_bits, unpack_lanes
 from tailq.kernels import RandKey
 
-from .routes import Coder
+from .owner import OwnerRequantizer, default_gather_bits
+from .routes import Coder, shard_numel
 from .wire import Comm, Tag
 
 __all__ = ["AgreedScales", "Family", "PerRank", "SharedCodebook", "family_for"]
@@ -43,6 +45,8 @@ class Family(Protocol):
     """How ranks combine the statistics: ``"sum"`` or ``"max"``."""
     grid: int | None
     """Codes are integers 0..grid and summable; ``None``: gathered only."""
+    shardable: bool
+    """Codes on one shared codebook that owners can decode per shard and requantize (the two-phase route)."""
     uses_stats: bool
     """Whether the codebook comes from agreed statistics (the per-rank family agrees a non-finite flag only)."""
 
@@ -56,18 +60,34 @@ class Family(Protocol):
         """Bytes of one rank's all-gather payload for a ``numel``-element bucket."""
         ...
 
-    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
-        """This rank's coder for bucket ``x`` (finite) on the agreed codebook; ``None``: every rank's bucket is zero."""
+    def gather_bytes(self, m: int) -> int:
+        """Bytes of an owner's phase-2 payload for a shard of ``m`` elements (shardable families)."""
+        ...
+
+    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag, key: str) -> Coder | None:
+        """This rank's coder for bucket ``x`` (finite) on the agreed codebook; ``None``: every rank's bucket is zero.
+        ``key``: the bucket's state key (the owner's residuals and kept designs are filed under it)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         ...
 
 
-def family_for(comp: Compressor, *, fine_bits: int, keep_own: bool) -> Family:
+def family_for(comp: Compressor, *, fine_bits: int, keep_own: bool, gather_bits: int | None = None,
+               owner_feedback: bool = False, redesign_every: int = 1) -> Family:
     """The family of ``comp``, from its ``aggregation`` attribute. ``keep_own``: error feedback will read
-    :meth:`Coder.own` (the summable route then keeps a copy of this rank's words)."""
+    :meth:`Coder.own` (the summable route then keeps a copy of this rank's words). ``gather_bits``,
+    ``owner_feedback`` and ``redesign_every`` configure the two-phase owner (shared-codebook families)."""
     if comp.aggregation is Aggregation.SHARED_CODEBOOK:
         if not isinstance(comp, SharesCodebook):
             raise TypeError(f"{comp.name}: declares Aggregation.SHARED_CODEBOOK but lacks the SharesCodebook methods")
-        return SharedCodebook(comp, fine_bits=fine_bits, keep_own=keep_own)
+        gb = default_gather_bits(comp.bits) if gather_bits is None else gather_bits
+        owner = (OwnerRequantizer(comp, gb, owner_feedback=owner_feedback, redesign_every=redesign_every)
+                 if "bits" in getattr(comp, "options", {}) else None)
+        return SharedCodebook(comp, fine_bits=fine_bits, keep_own=keep_own, owner=owner)
     if comp.aggregation is Aggregation.AGREED_SCALES:
         if not isinstance(comp, AgreesScales):
             raise TypeError(f"{comp.name}: declares Aggregation.AGREED_SCALES but lacks the AgreesScales methods")
@@ -79,6 +99,7 @@ class _Agreeing:
     """What the two families that agree statistics share: the compressor's statistics, codebook and code width."""
 
     uses_stats = True
+    shardable = False
 
     def __init__(self, comp: SharesCodebook | AgreesScales) -> None:
         self.bits = comp.bits
@@ -94,25 +115,51 @@ class _Agreeing:
     def dense_bytes(self, numel: int) -> int:
         return math.ceil(numel * self.bits / 8)
 
+    def gather_bytes(self, m: int) -> int:
+        raise TypeError("this family is not shardable")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
 
 # -------------------------------------------------------------------------------------------- shared codebook
 class SharedCodebook(_Agreeing):
-    def __init__(self, comp: SharesCodebook, *, fine_bits: int, keep_own: bool) -> None:
+    def __init__(self, comp: SharesCodebook, *, fine_bits: int, keep_own: bool,
+                 owner: OwnerRequantizer | None = None) -> None:
         super().__init__(comp)
         s = 2**self.bits - 1
         self.grid: int | None = s if comp.uniform_codebook else min(2 ** (self.bits + fine_bits) - 1, GRID_CAP)
         self.keep_own = keep_own
+        self.owner = owner
+        self.shardable = owner is not None
 
-    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
+    def gather_bytes(self, m: int) -> int:
+        if self.owner is None:
+            raise TypeError("this compressor has no bits option: it cannot be requantized by an owner")
+        return self.owner.payload_bytes(m)
+
+    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag, key: str) -> Coder | None:
         if codebook is None:
             return None
         assert self.grid is not None
-        return _CodebookCoder(x, codebook, self.bits, self.grid, self.keep_own)
+        return _CodebookCoder(x, codebook, self.bits, self.grid, self.keep_own, self.owner, key)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.owner is None else {"owner": self.owner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.owner is not None and "owner" in state:
+            self.owner.load_state_dict(state["owner"])
 
 
 class _CodebookCoder:
-    def __init__(self, x: torch.Tensor, cb: Codebook, bits: int, grid: int, keep_own: bool) -> None:
+    def __init__(self, x: torch.Tensor, cb: Codebook, bits: int, grid: int, keep_own: bool,
+                 owner: OwnerRequantizer | None = None, key: str = "") -> None:
         self.x, self.cb, self.bits, self.grid, self.keep_own = x, cb, bits, grid, keep_own
+        self.owner, self.key = owner, key
         self.numel = x.numel()
         self.info: dict[str, Any] = {}
         self._own: Callable[[], torch.Tensor] | None = None
@@ -137,6 +184,33 @@ class _CodebookCoder:
     def decode_dense_mean(self, rows: torch.Tensor) -> torch.Tensor:
         return self.cb.decode_mean_packed(list(rows), self.bits, self.numel)
 
+    # -- the shard interface (two-phase) --------------------------------------------------------------------
+    def encode_shards(self, key: RandKey, n_workers: int) -> tuple[torch.Tensor, int]:
+        m = shard_numel(self.numel, n_workers)
+        x = torch.nn.functional.pad(self.x, (0, n_workers * m - self.numel))  # padding is encoded, then dropped
+        packed = self.cb.encode_packed(x, key, self.bits)
+        self._own = lambda: self.cb.decode_packed(packed, self.bits, n_workers * m)[: self.numel]
+        assert self.owner is not None
+        self.info = {"alpha": self.cb.high, "levels": self.cb.levels, "gather_bits": self.owner.bits}
+        return packed, m
+
+    def decode_shard_mean(self, rows: torch.Tensor, m: int) -> torch.Tensor:
+        return self.cb.decode_mean_packed(list(rows), self.bits, m)
+
+    def requantize(self, mean: torch.Tensor, shard: int, key: RandKey) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.owner is not None
+        m = mean.numel()
+        valid = max(0, min(m, self.numel - shard * m))
+        payload = self.owner.requantize(f"{self.key}/{shard}", mean, valid, key)
+        return payload, self.owner.decode(payload, m)
+
+    def dequantize(self, rows: torch.Tensor, m: int) -> torch.Tensor:
+        assert self.owner is not None
+        out = torch.empty(rows.shape[0] * m, dtype=torch.float32, device=self.x.device)
+        for r, row in enumerate(rows):
+            self.owner.decode(row, m, out[r * m : (r + 1) * m])
+        return out[: self.numel]
+
     def own(self) -> torch.Tensor:
         assert self._own is not None, "own() before an encode"
         return self._own()
@@ -158,7 +232,7 @@ class AgreedScales(_Agreeing):
         self.comp = comp
         self.grid: int | None = 2**self.bits - 1
 
-    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
+    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag, key: str) -> Coder | None:
         if codebook is None:
             return None
         m = codebook.high
@@ -211,6 +285,7 @@ class PerRank:
     """All-gather of each rank's own encoding (per-rank scales are not summable)."""
 
     uses_stats = False
+    shardable = False
     stats_op = "max"  # the agreement carries the non-finite flag only
     grid: int | None = None
 
@@ -233,7 +308,16 @@ class PerRank:
         tmpl = self.template(numel)
         return 8 * len(tmpl) + sum(nb for _, _, nb in tmpl)
 
-    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag) -> Coder | None:
+    def gather_bytes(self, m: int) -> int:
+        raise TypeError(f"{self.comp.name}: per-rank encodings are not shardable")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def coder(self, x: torch.Tensor, codebook: Codebook | None, comm: Comm, tag: Tag, key: str) -> Coder | None:
         return _PerRankCoder(self, x)
 
 

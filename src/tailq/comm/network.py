@@ -9,9 +9,10 @@ the launcher, the emulation, the modeled clock and the hook's route planner alik
 * ``model:RATE[,DELAY]`` — nothing emulated: communication time comes from the cost model below and every
   output is labelled *modeled*.
 
-**Cost model** (SPEC §6): a ring all-reduce moves 2(N − 1)/N · bytes per worker, a ring all-gather (N − 1) · bytes
-(:func:`ring_traffic_bytes`), over a link of ``rate_bps``, plus one latency per message hop (2(N − 1) hops for an
-all-reduce, N − 1 for an all-gather). A hop from worker a to worker b crosses a's uplink and b's downlink, each
+**Cost model** (SPEC §6): a ring all-reduce moves 2(N − 1)/N · bytes per worker, a ring all-gather (N − 1) · bytes,
+an all-to-all (N − 1)/N · bytes (:func:`ring_traffic_bytes`), over a link of ``rate_bps``, plus one latency per
+message hop (2(N − 1) hops for an all-reduce, N − 1 for an all-gather or for the N − 1 pairwise exchanges of an
+all-to-all). A hop from worker a to worker b crosses a's uplink and b's downlink, each
 with the added DELAY, so the hop latency is 2·DELAY — the same for emulated and modeled networks.
 """
 
@@ -59,6 +60,8 @@ def ring_traffic_bytes(collective: str, handed_bytes: int, n_workers: int) -> fl
         return 2.0 * (n_workers - 1) / n_workers * handed_bytes
     if collective == "all_gather":
         return float((n_workers - 1) * handed_bytes)
+    if collective == "all_to_all":  # handed: all N shards; each worker keeps its own and sends the other N - 1
+        return (n_workers - 1) / n_workers * handed_bytes
     raise ValueError(f"unknown collective {collective!r}")
 
 
@@ -156,12 +159,13 @@ class Network:
         return 2.0 * self.delay_s
 
     def time(self, collective: str, handed_bytes: int, n_workers: int) -> float:
-        """Seconds a ring ``collective`` (``all_reduce`` | ``all_gather``) of ``handed_bytes`` per worker takes."""
+        """Seconds a ``collective`` (ring ``all_reduce`` | ``all_gather``, pairwise ``all_to_all``) of
+        ``handed_bytes`` per worker takes."""
         if self.rate_bps is None:
             raise ValueError("the loopback network ('none') has no cost model; use PLANNING_DEFAULT or a rate")
         if n_workers <= 1:
             return 0.0
-        hops = 2 * (n_workers - 1) if collective == "all_reduce" else n_workers - 1
+        hops = 2 * (n_workers - 1) if collective == "all_reduce" else n_workers - 1  # all_to_all: N - 1 exchanges
         return 8 * ring_traffic_bytes(collective, handed_bytes, n_workers) / self.rate_bps + hops * self.hop_latency_s
 
 

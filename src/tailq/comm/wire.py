@@ -25,7 +25,7 @@ from .network import ring_traffic_bytes
 __all__ = ["Comm", "Tag", "WireLog", "WireRecord"]
 
 # kinds of traffic: what the compressed method costs, and what is only measurement
-METHOD_KINDS = ("payload", "stats", "index", "passthrough", "fallback")
+METHOD_KINDS = ("payload", "stats", "index", "passthrough", "fallback", "plan")
 
 
 # torch >= 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; the package supports both.
@@ -157,6 +157,20 @@ class Comm:
         work = _all_gather_single(out, flat, group=self.group, async_op=True)
         self._wait(work, f"all_gather({kind})")
         return out.view(self.n, flat.numel())
+
+    def all_to_all(self, t: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
+        """Rank r's ``i``-th of N equal chunks of the 1-D ``t`` goes to rank i: returns (N, len/N), row j from rank j.
+
+        ``dist.all_to_all_single`` (supported by Gloo and NCCL); ``t.numel()`` must divide by N.
+        """
+        flat = t.reshape(-1).contiguous()
+        if flat.numel() % self.n:
+            raise ValueError(f"all_to_all: {flat.numel()} elements do not split into {self.n} equal chunks")
+        out = torch.empty_like(flat)
+        self._record(tag, kind, "all_to_all", flat)
+        work = dist.all_to_all_single(out, flat, group=self.group, async_op=True)
+        self._wait(work, f"all_to_all({kind})")
+        return out.view(self.n, flat.numel() // self.n)
 
     def verify_same_config(self, config: dict[str, Any], tag: Tag) -> None:
         """Fail on every rank, with the differing configurations, unless all ranks hold the same config."""

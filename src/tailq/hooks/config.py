@@ -16,8 +16,13 @@ class HookConfig:
     """Hook options (``tailq.ddp_hook(name, **options)``); every rank must pass the same ones (checked)."""
 
     route: str = "auto"
-    """``auto`` (the cost model's pick per bucket size), ``allreduce`` (summable codes in headroom lanes) or
-    ``allgather`` (dense codes, or each rank's own encoding)."""
+    """``auto`` (the cost model's pick per bucket size, bf16 passthrough included), ``allreduce`` (summable codes in
+    headroom lanes), ``allgather`` (dense codes, or each rank's own encoding) or ``twophase`` (all-to-all of shards,
+    the owner's requantized mean all-gathered; shared-codebook quantizers)."""
+    gather_bits: int | None = None
+    """Two-phase: bits of the owner's requantized mean shard, 1..8; ``None``: the compressor's bits + 2 (at most 8)."""
+    owner_feedback: bool = False
+    """Two-phase: the owner adds the residual of its previous requantization of the shard (server-side EF)."""
     error_feedback: bool | str = False
     """``True``/``"all"`` feeds back the whole residual, ``"truncation"`` only the clipped part (SPEC §5)."""
     stale_stats: bool = False
@@ -43,6 +48,10 @@ class HookConfig:
             object.__setattr__(self, "error_feedback", "all")
         if self.error_feedback not in (False, "all", "truncation"):
             raise ValueError(f"error_feedback must be False, True, 'all' or 'truncation'; got {self.error_feedback!r}")
+        if self.gather_bits is not None:
+            check_int("gather_bits", self.gather_bits, 1, 8)
+        if not isinstance(self.owner_feedback, bool):
+            raise ValueError(f"owner_feedback must be True or False; got {self.owner_feedback!r}")
         if not isinstance(self.stale_stats, bool):
             raise ValueError(f"stale_stats must be True or False; got {self.stale_stats!r}")
         check_int("min_bucket", self.min_bucket, 0)

@@ -39,15 +39,24 @@ class HookMetrics:
         self.vnmse: list[dict[str, float]] = []  # {"step", "bucket", "vnmse"} on sampled steps
         self.fallbacks: list[dict[str, Any]] = []  # {"step", "bucket", "why"}: buckets sent uncompressed
         self.last: dict[int, dict[str, Any]] = {}  # bucket index -> what its last compressed step reported
+        self.plan: dict[str, Any] = {}  # route="auto": the network and codec cost planned against, each size's pick
         # cumulative wall seconds in the hook: total (measurement excluded), waiting on collectives, measurement
         self.seconds = {"total": 0.0, "communicate": 0.0, "measure": 0.0}
         self._lap = (0.0, 0.0, 0.0, 0)
 
-    def record_vnmse(self, step: int, bucket: int, mean: torch.Tensor, exact: torch.Tensor) -> None:
-        """vNMSE = ‖mean − exact‖² / ‖exact‖² (SPEC §7), NaN for an all-zero exact mean."""
+    def record_vnmse(self, step: int, bucket: int, mean: torch.Tensor, exact: torch.Tensor,
+                     phases: dict[str, float] | None = None) -> None:
+        """vNMSE = ‖mean − exact‖² / ‖exact‖² (SPEC §7), NaN for an all-zero exact mean.
+
+        ``phases`` (two-phase route): squared errors of phase 1 (its exact mean against the true mean) and of
+        phase 2 (the requantized mean against phase 1's), recorded as ``vnmse_phase1`` and ``vnmse_phase2``.
+        """
         denom = float((exact.double() ** 2).sum())
         err = float(((mean.double() - exact.double()) ** 2).sum())
-        self.vnmse.append({"step": step, "bucket": bucket, "vnmse": err / denom if denom > 0 else float("nan")})
+        rec = {"step": step, "bucket": bucket, "vnmse": err / denom if denom > 0 else float("nan")}
+        for k, v in (phases or {}).items():
+            rec[f"vnmse_{k}"] = v / denom if denom > 0 else float("nan")
+        self.vnmse.append(rec)
 
     def lap(self) -> Lap:
         """Time and collectives since the previous ``lap()`` (or since the start)."""

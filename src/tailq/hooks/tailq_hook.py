@@ -6,8 +6,10 @@ route only ``comm/routes/``:
 * the **compressor** (:mod:`tailq.codec`), whose ``aggregation`` attribute picks its **family**
   (:mod:`tailq.comm.families`: shared codebook, agreed scales, per rank);
 * the **codebook policy** (:mod:`tailq.comm.agree`: every step, one step stale, every k-th step rescaled);
-* the **routes** and their planner (:mod:`tailq.comm.routes`: summable all-reduce, all-gather), whose network is
-  the caller's (the harness passes its ``--net``) or :data:`~tailq.comm.network.PLANNING_DEFAULT`;
+* the **routes** and their planner (:mod:`tailq.comm.routes`: bf16 passthrough, summable all-reduce, all-gather,
+  two-phase), whose cost model is the caller's network (the harness passes its ``--net``) or one fitted from the
+  timed bf16 all-reduces of the warm-up steps, plus the codec's own cost measured on every rank (agreed, so every
+  rank plans the same routes; the plan and why is in ``metrics.plan``);
 * **error feedback** (:class:`~tailq.codec.ErrorFeedback`), keyed per bucket like the policy's cache.
 
 Every bucket runs on the state's :class:`~tailq.comm.worker.OrderedWorker`, so all ranks issue their collectives
@@ -18,6 +20,9 @@ has a timeout.
 """
 
 import dataclasses
+import logging
+import math
+import statistics
 import time
 import zlib
 from typing import Any
@@ -25,12 +30,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tailq.codec import Compressor, ErrorFeedback, compressor, get_compressor_class, list_compressors
+from tailq.codec import Aggregation, Compressor, ErrorFeedback, compressor, get_compressor_class, list_compressors
 from tailq.codec.base import registered_in_order
 from tailq.comm.agree import policy_for
 from tailq.comm.families import family_for
-from tailq.comm.network import PLANNING_DEFAULT, Network
-from tailq.comm.routes import ROUTES, Planner, zero_outcome
+from tailq.comm.network import MAX_DELAY_S, MAX_RATE_BPS, PLANNING_DEFAULT, Network, ring_traffic_bytes
+from tailq.comm.routes import PASSTHROUGH, ROUTES, CodecCost, Planner, ShardCheck, zero_outcome
 from tailq.comm.wire import Comm, Tag
 from tailq.comm.worker import OrderedWorker
 from tailq.kernels import RandKey, dispatch
@@ -41,6 +46,7 @@ from .metrics import HookMetrics
 __all__ = ["TailqState", "bucket_key", "tailq_hook"]
 
 STATE_VERSION = 1
+log = logging.getLogger("tailq")
 
 
 def bucket_key(bucket: dist.GradBucket) -> str:
@@ -91,14 +97,30 @@ class TailqState:
                              f"use redesign_every=1")
         self.name = name
         self.seed = seed
-        self.network = network if network is not None and network.known else PLANNING_DEFAULT
+        given = network is not None and network.known
+        # what the planner prices: the caller's network; else fitted from the warm-up's timed bf16 all-reduces
+        self.network_source = "given" if given else "fitted" if opts.warmup_steps > 0 else "default"
+        self.network = network if given and network is not None else PLANNING_DEFAULT
         self.metrics = HookMetrics()
         self.comm = Comm(process_group, self.metrics.wire, opts.timeout_s)
         self.memory = ErrorFeedback(self.comp, feedback=str(opts.error_feedback)) if opts.error_feedback else None
-        self.family = family_for(self.comp, fine_bits=opts.fine_bits, keep_own=self.memory is not None)
-        self.planner = Planner(self.family, self.comm.n, self.network)
+        self.family = family_for(self.comp, fine_bits=opts.fine_bits, keep_own=self.memory is not None,
+                                 gather_bits=opts.gather_bits, owner_feedback=opts.owner_feedback,
+                                 redesign_every=opts.redesign_every)
+        self.planner = Planner(self.family, self.comm.n, self.network, passthrough=opts.route == "auto")
         if opts.route != "auto" and opts.route not in self.planner.routes:
             raise ValueError(f"{name}: route {opts.route!r} is not available; routes: {', '.join(self.planner.routes)}")
+        if (opts.gather_bits is not None or opts.owner_feedback) and "twophase" not in self.planner.routes:
+            raise ValueError(f"{name}: gather_bits and owner_feedback configure the two-phase route, which "
+                             f"{name!r} cannot take (routes: {', '.join(self.planner.routes)})")
+        # auto with a given or fitted network plans once, at the first compressed bucket (see _calibrate); with
+        # neither (warmup_steps=0, no network) it plans on bytes alone against PLANNING_DEFAULT, deterministically
+        self._planned = opts.route != "auto" or self.network_source == "default"
+        if opts.route == "auto" and self.network_source == "default":
+            self.metrics.plan = {"network": self.network.summary(), "network_source": "default", "buckets": {}}
+        self._timings: list[tuple[float, float]] = []  # (ring traffic bytes, seconds) of timed warm-up all-reduces
+        self._latency: list[float] = []  # seconds of the tiny all-reduces that precede them
+        self._shard: ShardCheck | None = None  # the two-phase owner's view of the last bucket (per-phase vNMSE)
         self.policy = policy_for(self.family, stale_stats=opts.stale_stats, redesign_every=opts.redesign_every,
                                  first_step=opts.warmup_steps)
         self.step = 0
@@ -116,7 +138,7 @@ class TailqState:
         """Plain dicts, ints, strings and tensors: loadable with ``torch.load(weights_only=True)``."""
         return {"config": self.config(), "step": self.step,
                 "error_feedback": None if self.memory is None else self.memory.state_dict(),
-                **self.policy.state_dict()}
+                "route_state": self.family.state_dict(), "plan": self._plan_state(), **self.policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("config") != self.config():
@@ -126,6 +148,18 @@ class TailqState:
         if self.memory is not None:
             self.memory.load_state_dict(state["error_feedback"])
         self.policy.load_state_dict(state)
+        self.family.load_state_dict(state.get("route_state", {}))
+        plan = state.get("plan")
+        if plan:  # the saved run's calibration: a resumed run plans exactly as the run it continues
+            net = Network(plan["kind"], float(plan["rate_bps"]), float(plan["delay_s"]))
+            self._use_plan(net, CodecCost(float(plan["per_pass_s"]), float(plan["cast_s"])), plan["source"])
+
+    def _plan_state(self) -> dict[str, Any] | None:
+        if self.planner.codec == CodecCost() or not self.metrics.plan:
+            return None  # nothing measured: the plan is a pure function of the configuration
+        c, net = self.planner.codec, self.network
+        return {"kind": net.kind, "rate_bps": net.rate_bps, "delay_s": net.delay_s, "per_pass_s": c.per_pass_s,
+                "cast_s": c.cast_s, "source": self.metrics.plan["network_source"]}
 
     def close(self) -> None:
         self.worker.close()
@@ -158,12 +192,15 @@ class TailqState:
             self.comm.all_reduce(exact, Tag(step, idx, n, "measure"), "measure")
             exact /= self.comm.n
             sec["measure"] += time.perf_counter() - tm  # not part of the method: harnesses subtract it
+        self._shard = None
         if step < opts.warmup_steps or n < opts.min_bucket or n == 0:
-            mean = self._passthrough(g, Tag(step, idx, n, "passthrough"))
+            timed = step < opts.warmup_steps and not self._planned and self.network_source == "fitted"
+            mean = self._passthrough(g, Tag(step, idx, n, "passthrough"), timed=timed)
         else:
             mean = self.compress(g, step, idx, bucket_key(bucket))
         if exact is not None:
-            self.metrics.record_vnmse(step, idx, mean, exact)
+            self.metrics.record_vnmse(step, idx, mean, exact, self._phase_errors(exact, self._shard, tag=Tag(
+                step, idx, n, "measure")))
         self.metrics.wire.count_bucket(n)
         if bucket.is_last():
             self.step += 1
@@ -176,7 +213,14 @@ class TailqState:
     def compress(self, g: torch.Tensor, step: int, idx: int, key: str) -> torch.Tensor:
         """One bucket's compressed mean: compensate → agree → codebook → route → update (see :func:`tailq_hook`)."""
         n = g.numel()
+        if not self._planned:
+            self._calibrate(g.device, Tag(step, idx, n, "plan"))
         route = self.options.route if self.options.route != "auto" else self.planner.plan(n)
+        if self.options.route == "auto" and n not in self.metrics.plan.setdefault("buckets", {}):
+            self.metrics.plan["buckets"][n] = self.planner.explain(n)
+        if route == PASSTHROUGH:  # the cost model found bf16 cheaper for this size: nothing to compress
+            self.metrics.last[idx] = {"route": PASSTHROUGH}
+            return self._passthrough(g, Tag(step, idx, n, PASSTHROUGH))
         tag = Tag(step, idx, n, route)
         x = self.memory.compensate(key, g) if self.memory is not None else g  # 1. + error-feedback residual
         bad = _nonfinite_count(x)
@@ -184,7 +228,7 @@ class TailqState:
         agreed = self.policy.agree(self.comm, tag, key, xs, bad)  # 2. agree statistics across ranks
         if agreed.nonfinite:
             return self._fallback(g, dataclasses.replace(tag, route="fallback"), "non-finite gradient on some rank")
-        coder = self.family.coder(xs, agreed.codebook, self.comm, tag)  # 3. the shared codebook, this rank's codes
+        coder = self.family.coder(xs, agreed.codebook, self.comm, tag, key)  # 3. the shared codebook, this rank's codes
         rkey = RandKey(self.seed, self.comm.rank, step, idx)  # counter-based randomness for this bucket and step
         out = zero_outcome(xs, route) if coder is None else ROUTES[route].run(self.comm, tag, coder, rkey)  # 4.
         if not self.policy.settle(self.comm, key, agreed):  # stale statistics arriving now say NaN/Inf: void
@@ -193,13 +237,101 @@ class TailqState:
         if self.memory is not None:  # 5. residual of what this rank sent
             self.memory.update(key, x, out.own, target=out.target)
         self.metrics.last[idx] = {"route": out.route, **out.info}
+        self._shard = out.shard
         return out.mean
 
-    def _passthrough(self, g: torch.Tensor, tag: Tag) -> torch.Tensor:
-        """bf16, as PyTorch's bf16_compress_hook: divide first, all-reduce SUM, cast back."""
+    def _passthrough(self, g: torch.Tensor, tag: Tag, timed: bool = False) -> torch.Tensor:
+        """bf16, as PyTorch's bf16_compress_hook: divide first, all-reduce SUM, cast back.
+
+        ``timed``: a warm-up step whose all-reduce calibrates the planner's network — a one-element all-reduce
+        lines the ranks up, a second one times the latency, then the bucket's all-reduce is timed.
+        """
         t = g.to(torch.bfloat16).div_(self.comm.n)
-        self.comm.all_reduce(t, tag, "passthrough")
+        if timed and self.comm.n > 1:
+            probe = torch.zeros(1, dtype=torch.bfloat16, device=g.device)
+            self.comm.all_reduce(probe, dataclasses.replace(tag, route="plan"), "plan")  # absorbs the ranks' skew
+            t0 = time.perf_counter()
+            self.comm.all_reduce(probe, dataclasses.replace(tag, route="plan"), "plan")
+            t1 = time.perf_counter()
+            self.comm.all_reduce(t, tag, "passthrough")
+            t2 = time.perf_counter()
+            self._latency.append(t1 - t0)
+            self._timings.append((ring_traffic_bytes("all_reduce", t.numel() * 2, self.comm.n), t2 - t1))
+        else:
+            self.comm.all_reduce(t, tag, "passthrough")
         return t.to(torch.float32)
+
+    # -- planning ---------------------------------------------------------------------------------------------
+    def _calibrate(self, device: torch.device, tag: Tag) -> None:
+        """Plan once: the network (given, or fitted from the warm-up), the codec's cost, agreed across ranks.
+
+        One all-reduce of four numbers (their mean over ranks), so every rank builds the same planner. The fit:
+        latency = the median of the one-element all-reduces timed after the ranks lined up, seconds per byte =
+        the median over the timed bucket all-reduces of (t − latency) / ring traffic; the network is then a
+        modeled one with that rate and a per-hop delay of latency / (2(N − 1)) hops.
+        """
+        local = self._probe_codec(device)
+        fit = self._timings and self.network_source == "fitted"
+        latency = statistics.median(self._latency) if fit else 0.0
+        per_byte = statistics.median(max(t - latency, 0.0) / max(b, 1.0) for b, t in self._timings) if fit else 0.0
+        mine = torch.tensor([latency, per_byte, local.per_pass_s, local.cast_s], dtype=torch.float64)
+        self.comm.all_reduce(mine, tag, "plan")
+        latency, per_byte, per_pass, cast = (mine / self.comm.n).tolist()
+        source, network = self.network_source, self.network
+        if fit:
+            rate = min(MAX_RATE_BPS, 8.0 / per_byte) if per_byte > 0 else MAX_RATE_BPS
+            hops = 2 * max(self.comm.n - 1, 1)
+            network = Network("model", rate, min(MAX_DELAY_S, latency / (2 * hops)))
+        elif source == "fitted":  # no warm-up bucket was timed (every one was below min_bucket, or N = 1)
+            source = "default"
+        self._use_plan(network, CodecCost(per_pass, cast), source)
+        log.info("tailq %s: planning against %s (%s), codec %.3g ns/element/pass, bf16 cast %.3g ns/element",
+                 self.name, network.describe(), source, per_pass * 1e9, cast * 1e9)
+
+    def _use_plan(self, network: Network, codec: CodecCost, source: str) -> None:
+        self.network = network
+        self.planner = Planner(self.family, self.comm.n, network, codec, passthrough=True)
+        self._planned = True
+        self.metrics.plan = {"network": network.summary(), "network_source": source,
+                             "codec_ns_per_elem_pass": codec.per_pass_s * 1e9, "cast_ns_per_elem": codec.cast_s * 1e9,
+                             "timed_warmup_allreduces": len(self._timings), "buckets": {}}
+
+    def _probe_codec(self, device: torch.device) -> CodecCost:
+        """This rank's codec cost: the best of three timed statistics + encode + decode passes over 2^16 values."""
+        n = 1 << 16
+        gen = torch.Generator().manual_seed(12345)
+        x = ((torch.randn(n, generator=gen) / torch.rand(n, generator=gen).add_(0.05).sqrt()) * 1e-3).to(device)
+        key = RandKey(self.seed, self.comm.rank, 0, 0)
+        best, best_cast = math.inf, math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            if self.comp.aggregation is Aggregation.SHARED_CODEBOOK:
+                cb = self.family.codebook(self.family.local_stats(x))
+                bits = int(getattr(self.comp, "bits", 8))
+                if cb is not None:
+                    cb.decode_packed(cb.encode_packed(x, key, bits), bits, n)
+                passes = 3.0
+            else:
+                gen_or_key: Any = key if self.comp.counter_randomness else key.torch_generator(device)
+                self.comp.decode(self.comp.encode(x, generator=gen_or_key))
+                passes = 2.0
+            t1 = time.perf_counter()
+            x.to(torch.bfloat16).div_(self.comm.n).to(torch.float32)
+            t2 = time.perf_counter()
+            best, best_cast = min(best, (t1 - t0) / passes / n), min(best_cast, (t2 - t1) / n)
+        return CodecCost(best, best_cast)
+
+    def _phase_errors(self, exact: torch.Tensor, shard: ShardCheck | None, tag: Tag) -> dict[str, float] | None:
+        """Two-phase, on measured steps: Σ‖mean1 − exact‖² (phase 1) and Σ‖mean2 − mean1‖² (phase 2) over shards."""
+        if shard is None:
+            return None
+        tm = time.perf_counter()
+        ex = exact[shard.offset : shard.offset + shard.mean1.numel()].double()
+        e = torch.tensor([float(((shard.mean1.double() - ex) ** 2).sum()),
+                          float(((shard.mean2.double() - shard.mean1.double()) ** 2).sum())], dtype=torch.float64)
+        self.comm.all_reduce(e, tag, "measure")
+        self.metrics.seconds["measure"] += time.perf_counter() - tm
+        return {"phase1": float(e[0]), "phase2": float(e[1])}
 
     def _fallback(self, g: torch.Tensor, tag: Tag, why: str) -> torch.Tensor:
         """Uncompressed fp32 mean: non-finite values reach every rank exactly as with plain DDP."""

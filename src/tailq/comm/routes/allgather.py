@@ -11,20 +11,22 @@ from typing import ClassVar
 from tailq.kernels import RandKey
 
 from ..wire import Comm, Tag
-from .base import Coder, Outcome, register
+from .base import Capabilities, Coder, Outcome, register
 
 
 @register
 class AllGather:
     name: ClassVar[str] = "allgather"
-    collective: ClassVar[str] = "all_gather"
     preference: ClassVar[int] = 1
 
-    def supports(self, grid: int | None) -> bool:
+    def supports(self, family: Capabilities) -> bool:
         return True
 
-    def payload_bytes(self, numel: int, n_workers: int, grid: int | None, dense_bytes: int) -> int:
-        return dense_bytes
+    def phases(self, numel: int, n_workers: int, family: Capabilities) -> tuple[tuple[str, int], ...]:
+        return (("all_gather", family.dense_bytes(numel)),)
+
+    def codec_passes(self, numel: int, n_workers: int) -> float:
+        return 1.0 + n_workers  # encode, then decode every rank's row
 
     def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey) -> Outcome:
         rows = comm.all_gather(coder.encode_dense(key), tag, "payload")

@@ -14,7 +14,7 @@ from tailq.codec.packing import LanePlan, plan_lanes
 from tailq.kernels import RandKey
 
 from ..wire import Comm, Tag
-from .base import Coder, Outcome, register
+from .base import Capabilities, Coder, Outcome, register
 
 
 @functools.lru_cache(maxsize=64)
@@ -26,16 +26,18 @@ def lane_plan(n_workers: int, grid: int) -> LanePlan:
 @register
 class AllReduce:
     name: ClassVar[str] = "allreduce"
-    collective: ClassVar[str] = "all_reduce"
     preference: ClassVar[int] = 0
 
-    def supports(self, grid: int | None) -> bool:
-        return grid is not None
+    def supports(self, family: Capabilities) -> bool:
+        return family.grid is not None
 
-    def payload_bytes(self, numel: int, n_workers: int, grid: int | None, dense_bytes: int) -> int:
-        assert grid is not None
-        plan = lane_plan(n_workers, grid)
-        return plan.words_for(numel) * plan.word_bits // 8
+    def phases(self, numel: int, n_workers: int, family: Capabilities) -> tuple[tuple[str, int], ...]:
+        assert family.grid is not None
+        plan = lane_plan(n_workers, family.grid)
+        return (("all_reduce", plan.words_for(numel) * plan.word_bits // 8),)
+
+    def codec_passes(self, numel: int, n_workers: int) -> float:
+        return 2.0  # encode into lanes, decode the summed lanes
 
     def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey) -> Outcome:
         assert coder.grid is not None
