@@ -272,6 +272,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--world and --steps must be >= 1; got {args.world}, {args.steps}")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise UsageError(f"--device must be cpu or cuda (with a GPU present); got {args.device!r}")
+    if args.what == "scale":
+        from tailq.harness.netem import emulation_available, unavailable_message
+        from tailq.tools.scale import run_scale_bench
+
+        net = _network(args.net, [])
+        ok, why = emulation_available(net) if net.kind == "emulated" else (False, "")
+        if not ok:
+            raise UsageError("bench scale measures NIC bytes on an emulated network (--net RATE[,DELAY]); "
+                             + (unavailable_message(net, why) if net.kind == "emulated" else f"got {args.net!r}"))
+        if any(w < 2 or w > 64 for w in args.workers) or any(s < 1 for s in args.sizes):
+            raise UsageError(f"--workers must be in 2..64 and --sizes >= 1; got {args.workers}, {args.sizes}")
+        return run_scale_bench(net, args.workers, args.sizes, name=args.compressor, bits=args.code_bits,
+                               steps=args.steps, modeled=args.modeled, json_out=None if args.json == "-" else args.json)
     if args.what == "hook":
         return bench.run_hook_bench(world=args.world, numel=args.numel or 1 << 22, steps=args.steps,
                                     threads=args.threads, paths=args.paths, json_out=args.json)
@@ -435,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="micro-benchmarks: codec throughput per kernel path, hook time vs bf16")
-    s.add_argument("what", choices=("codec", "hook"), help="codec: encode/decode vs a copy; hook: ms/step vs bf16")
+    s.add_argument("what", choices=("codec", "hook", "scale"),
+                   help="codec: encode/decode vs a copy; hook: ms/step vs bf16; scale: every route at N workers on "
+                        "an emulated network (NIC bits, ms/step vs bf16, vNMSE) beside the cost model")
     s.add_argument("--numel", type=int, default=None, help="elements (default 2^24 for codec, 2^22 for hook)")
     s.add_argument("--repeat", type=int, default=3, help="timed calls (codec) after one warm-up")
     s.add_argument("--compressors", nargs="*", help="only these compressors")
@@ -448,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--world", type=int, default=4, help="hook: number of Gloo ranks")
     s.add_argument("--steps", type=int, default=5, help="hook: timed steps after two warm-up steps")
     s.add_argument("--threads", type=int, default=None, help="hook: torch threads per rank (default cores/world)")
+    s.add_argument("--net", default="100mbit", help="scale: the emulated network (RATE[,DELAY], default 100mbit)")
+    s.add_argument("--workers", nargs="*", type=int, default=[2, 4, 8, 16], help="scale: worker counts measured")
+    s.add_argument("--sizes", nargs="*", type=int, default=[1 << 20, 1 << 22], help="scale: bucket lengths")
+    s.add_argument("--modeled", nargs="*", type=int, default=[64, 256, 1024], help="scale: worker counts modeled")
+    s.add_argument("--compressor", default="tnq", help="scale: a shared-codebook compressor (default tnq)")
+    s.add_argument("--code-bits", type=int, default=3, help="scale: its bits (default 3)")
     s.add_argument("--json", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")
     s.set_defaults(func=cmd_bench)
 

@@ -314,10 +314,18 @@ def test_two_phase_nonfinite_goes_uncompressed_like_the_other_routes() -> None:
 
 
 def test_auto_plans_from_the_warm_up_and_a_fast_network_means_passthrough() -> None:
-    # loopback, network fitted from the warm-up's timed bf16 all-reduces: nothing pays for its codec time
-    for r in launch(w_plan, 2, None, 1):  # 2 ranks on 2 cores: 4 would time CPU contention, not the network
-        assert r["plan"]["network_source"] == "fitted" and r["plan"]["timed_warmup_allreduces"] == 2
-        assert r["routes"] == {0: "passthrough", 1: "passthrough"}, r["plan"]
+    # loopback, network fitted from the warm-up's timed bf16 all-reduces; every bucket takes the cost model's
+    # cheapest route for the fitted network and the measured codec (which one depends on the machine's load: on
+    # an idle 2-core machine loopback fits at several Gbit/s and both buckets pass through in bf16; tests/comm
+    # has the fast-fit-means-passthrough case with fixed numbers)
+    for r in launch(w_plan, 2, None, 1):
+        plan = r["plan"]
+        assert plan["network_source"] == "fitted" and plan["timed_warmup_allreduces"] == 2
+        assert plan["network"]["kind"] == "model" and plan["codec_ns_per_elem_pass"] > 0
+        for i, numel in ((0, 20_000), (1, 300_000)):
+            why = plan["buckets"][numel]
+            costs = {k: v["comm_s"] + v["codec_s"] for k, v in why["candidates"].items()}
+            assert r["routes"][i] == why["route"] == min(costs, key=costs.__getitem__)
         assert r["restored"]
     # a given 50 Mbit/s network at N = 4: the fewest bytes win, the two-phase route
     for r in launch(w_plan, 4, "model:50mbit", 1):

@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["Network", "PLANNING_DEFAULT", "ring_traffic_bytes"]
+__all__ = ["Network", "PLANNING_DEFAULT", "fit_network", "ring_traffic_bytes"]
 
 MAX_RATE_BPS = 100e9
 """Largest accepted link rate, bits/s (100 gbit)."""
@@ -167,6 +167,24 @@ class Network:
             return 0.0
         hops = 2 * (n_workers - 1) if collective == "all_reduce" else n_workers - 1  # all_to_all: N - 1 exchanges
         return 8 * ring_traffic_bytes(collective, handed_bytes, n_workers) / self.rate_bps + hops * self.hop_latency_s
+
+
+def fit_network(latencies_s: Sequence[float], timings: Sequence[tuple[float, float]], n_workers: int) -> Network | None:
+    """A modeled network from timed all-reduces: ``latencies_s`` of one-element ones, ``timings`` of
+    (ring traffic bytes, seconds) of real buckets (``None`` without both).
+
+    Latency = the median one-element time, spread over its 2(N − 1) hops; seconds per byte = the median over the
+    buckets of (t − latency) / traffic. Rates above 100 Gbit/s (or a bucket no slower than the latency) are
+    clipped to 100 Gbit/s.
+    """
+    import statistics
+
+    if not latencies_s or not timings or n_workers < 2:
+        return None
+    latency = statistics.median(latencies_s)
+    per_byte = statistics.median(max(t - latency, 0.0) / max(b, 1.0) for b, t in timings)
+    rate = min(MAX_RATE_BPS, 8.0 / per_byte) if per_byte > 0 else MAX_RATE_BPS
+    return Network("model", rate, min(MAX_DELAY_S, latency / (2 * 2 * (n_workers - 1))))
 
 
 PLANNING_DEFAULT = Network("model", 10e9, 25e-6)

@@ -237,6 +237,7 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
                   + ", ".join(ext) + "."]
     lines += ["", *[f"> note: {n}" for n in summary.get("notes", [])], ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS]
+    lines += _routes_section(runs)
     tails = []
     for name, r in runs.items():
         if r["history"] and "tail" in r["history"][-1]:
@@ -249,3 +250,29 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
                   "| run | excess kurtosis | Laplace scale | power-law m | power-law γ | α* (largest bucket) |",
                   "|---|---:|---:|---:|---:|---:|", *tails]
     return "\n".join(lines) + "\n"
+
+
+def _routes_section(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Which route each bucket size took under route=auto, and why: every candidate's modeled seconds."""
+    rows = []
+    for name, r in runs.items():
+        plan = r.get("plan") or {}
+        for numel, why in sorted((plan.get("buckets") or {}).items(), key=lambda kv: int(kv[0])):
+            cands = why.get("candidates", {})
+            costs = ", ".join(f"{k} {1e3 * (v['comm_s'] + v['codec_s']):.3g}"
+                              + (f" ({1e3 * v['codec_s']:.2g} codec)" if v["codec_s"] else "")
+                              for k, v in sorted(cands.items(), key=lambda kv: kv[1]["comm_s"] + kv[1]["codec_s"]))
+            rows.append(f"| {name} | {int(numel):,} | **{why['route']}** | {costs} |")
+        if plan.get("buckets"):
+            net = plan.get("network", {})
+            src = {"given": "the run's --net", "fitted": "fitted from the warm-up's timed bf16 all-reduces",
+                   "default": "the planning default (nothing known)"}.get(plan.get("network_source", ""), "")
+            codec = plan.get("codec_ns_per_elem_pass")
+            rows.append(f"| {name} | | planned against {net.get('describe', '?')} ({src})"
+                        + (f"; codec {codec:.3g} ns per element and pass, measured" if codec else "") + " | |")
+    if not rows:
+        return []
+    return ["", "## Routes (route=auto): the cost model's choice per bucket size", "",
+            "Modeled milliseconds per bucket and step for every candidate (communication from the cost model + "
+            "the codec's measured cost), cheapest first; passthrough is bf16 as PyTorch's hook.", "",
+            "| run | bucket (values) | route | candidates, ms |", "|---|---:|---|---|", *rows]

@@ -248,6 +248,8 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             "kernel_warmup_s": kernel_warmup_s,
             "wire": metrics.wire.summary(),
             "routes": sorted({v["route"] for v in metrics.last.values()}),
+            "bucket_routes": {str(i): v["route"] for i, v in sorted(metrics.last.items())},
+            "plan": _jsonable(getattr(metrics, "plan", {})),
             "vnmse": metrics.vnmse,
             "fallbacks": metrics.fallbacks,
             "final_params_checksum": float(sum(float(p.double().sum()) for p in model.parameters())),
@@ -281,6 +283,13 @@ def _progress(run_dir: Path, step: int, total: int, clock: float, acc: float) ->
     os.replace(tmp, run_dir / "progress.json")
 
 
+def _jsonable(obj: Any) -> Any:
+    """The planner's record with dict keys as strings (bucket sizes are ints)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -290,3 +299,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -22,7 +22,6 @@ has a timeout.
 import dataclasses
 import logging
 import math
-import statistics
 import time
 import zlib
 from typing import Any
@@ -34,7 +33,7 @@ from tailq.codec import Aggregation, Compressor, ErrorFeedback, compressor, get_
 from tailq.codec.base import registered_in_order
 from tailq.comm.agree import policy_for
 from tailq.comm.families import family_for
-from tailq.comm.network import MAX_DELAY_S, MAX_RATE_BPS, PLANNING_DEFAULT, Network, ring_traffic_bytes
+from tailq.comm.network import MAX_RATE_BPS, PLANNING_DEFAULT, Network, fit_network, ring_traffic_bytes
 from tailq.comm.routes import PASSTHROUGH, ROUTES, CodecCost, Planner, ShardCheck, zero_outcome
 from tailq.comm.wire import Comm, Tag
 from tailq.comm.worker import OrderedWorker
@@ -43,7 +42,7 @@ from tailq.kernels import RandKey, dispatch
 from .config import HookConfig
 from .metrics import HookMetrics
 
-__all__ = ["TailqState", "bucket_key", "tailq_hook"]
+__all__ = ["TailqState", "bucket_key", "measure_codec_cost", "tailq_hook"]
 
 STATE_VERSION = 1
 log = logging.getLogger("tailq")
@@ -265,23 +264,19 @@ class TailqState:
     def _calibrate(self, device: torch.device, tag: Tag) -> None:
         """Plan once: the network (given, or fitted from the warm-up), the codec's cost, agreed across ranks.
 
-        One all-reduce of four numbers (their mean over ranks), so every rank builds the same planner. The fit:
-        latency = the median of the one-element all-reduces timed after the ranks lined up, seconds per byte =
-        the median over the timed bucket all-reduces of (t − latency) / ring traffic; the network is then a
-        modeled one with that rate and a per-hop delay of latency / (2(N − 1)) hops.
+        One all-reduce of four numbers (their mean over ranks), so every rank builds the same planner. The fit
+        (:func:`~tailq.comm.network.fit_network`): latency from the one-element all-reduces timed after the ranks
+        lined up, seconds per byte from the timed bucket all-reduces.
         """
         local = self._probe_codec(device)
-        fit = self._timings and self.network_source == "fitted"
-        latency = statistics.median(self._latency) if fit else 0.0
-        per_byte = statistics.median(max(t - latency, 0.0) / max(b, 1.0) for b, t in self._timings) if fit else 0.0
-        mine = torch.tensor([latency, per_byte, local.per_pass_s, local.cast_s], dtype=torch.float64)
-        self.comm.all_reduce(mine, tag, "plan")
-        latency, per_byte, per_pass, cast = (mine / self.comm.n).tolist()
+        mine = fit_network(self._latency, self._timings, self.comm.n) if self.network_source == "fitted" else None
+        hop, per_byte = (mine.hop_latency_s, 8.0 / mine.rate_bps) if mine and mine.rate_bps else (0.0, 0.0)
+        agreed = torch.tensor([hop, per_byte, local.per_pass_s, local.cast_s], dtype=torch.float64)
+        self.comm.all_reduce(agreed, tag, "plan")
+        hop, per_byte, per_pass, cast = (agreed / self.comm.n).tolist()
         source, network = self.network_source, self.network
-        if fit:
-            rate = min(MAX_RATE_BPS, 8.0 / per_byte) if per_byte > 0 else MAX_RATE_BPS
-            hops = 2 * max(self.comm.n - 1, 1)
-            network = Network("model", rate, min(MAX_DELAY_S, latency / (2 * hops)))
+        if mine is not None:
+            network = Network("model", min(MAX_RATE_BPS, 8.0 / per_byte) if per_byte > 0 else MAX_RATE_BPS, hop / 2)
         elif source == "fitted":  # no warm-up bucket was timed (every one was below min_bucket, or N = 1)
             source = "default"
         self._use_plan(network, CodecCost(per_pass, cast), source)
@@ -297,29 +292,7 @@ class TailqState:
                              "timed_warmup_allreduces": len(self._timings), "buckets": {}}
 
     def _probe_codec(self, device: torch.device) -> CodecCost:
-        """This rank's codec cost: the best of three timed statistics + encode + decode passes over 2^16 values."""
-        n = 1 << 16
-        gen = torch.Generator().manual_seed(12345)
-        x = ((torch.randn(n, generator=gen) / torch.rand(n, generator=gen).add_(0.05).sqrt()) * 1e-3).to(device)
-        key = RandKey(self.seed, self.comm.rank, 0, 0)
-        best, best_cast = math.inf, math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            if self.comp.aggregation is Aggregation.SHARED_CODEBOOK:
-                cb = self.family.codebook(self.family.local_stats(x))
-                bits = int(getattr(self.comp, "bits", 8))
-                if cb is not None:
-                    cb.decode_packed(cb.encode_packed(x, key, bits), bits, n)
-                passes = 3.0
-            else:
-                gen_or_key: Any = key if self.comp.counter_randomness else key.torch_generator(device)
-                self.comp.decode(self.comp.encode(x, generator=gen_or_key))
-                passes = 2.0
-            t1 = time.perf_counter()
-            x.to(torch.bfloat16).div_(self.comm.n).to(torch.float32)
-            t2 = time.perf_counter()
-            best, best_cast = min(best, (t1 - t0) / passes / n), min(best_cast, (t2 - t1) / n)
-        return CodecCost(best, best_cast)
+        return measure_codec_cost(self.comp, self.family, device, self.comm.n, RandKey(self.seed, self.comm.rank))
 
     def _phase_errors(self, exact: torch.Tensor, shard: ShardCheck | None, tag: Tag) -> dict[str, float] | None:
         """Two-phase, on measured steps: Σ‖mean1 − exact‖² (phase 1) and Σ‖mean2 − mean1‖² (phase 2) over shards."""
@@ -339,6 +312,35 @@ class TailqState:
         self.comm.all_reduce(t, tag, "fallback")
         self.metrics.fallbacks.append({"step": tag.step, "bucket": tag.bucket, "why": why})
         return t.div_(self.comm.n)
+
+
+def measure_codec_cost(comp: Compressor, family: Any, device: torch.device | str, n_workers: int,
+                       key: RandKey | None = None) -> CodecCost:
+    """The codec's cost per element and pass on this machine: the best of three timed statistics + encode + decode
+    passes over 2^16 heavy-tailed values (shared codebook), or encode + decode (the others); and of the bf16 cast
+    passthrough does. What the planner multiplies by each route's passes."""
+    n = 1 << 16
+    key = key or RandKey()
+    gen = torch.Generator().manual_seed(12345)
+    x = ((torch.randn(n, generator=gen) / torch.rand(n, generator=gen).add_(0.05).sqrt()) * 1e-3).to(device)
+    best, best_cast = math.inf, math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        if comp.aggregation is Aggregation.SHARED_CODEBOOK:
+            cb = family.codebook(family.local_stats(x))
+            bits = int(getattr(comp, "bits", 8))
+            if cb is not None:
+                cb.decode_packed(cb.encode_packed(x, key, bits), bits, n)
+            passes = 3.0
+        else:
+            gen_or_key: Any = key if comp.counter_randomness else key.torch_generator(device)
+            comp.decode(comp.encode(x, generator=gen_or_key))
+            passes = 2.0
+        t1 = time.perf_counter()
+        x.to(torch.bfloat16).div_(n_workers).to(torch.float32)
+        t2 = time.perf_counter()
+        best, best_cast = min(best, (t1 - t0) / passes / n), min(best_cast, (t2 - t1) / n)
+    return CodecCost(best, best_cast)
 
 
 def _nonfinite_count(x: torch.Tensor) -> int:

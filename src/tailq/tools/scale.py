@@ -1,0 +1,238 @@
+"""``tailq bench scale``: every route at N workers on an emulated network — NIC bits, step time against bf16, vNMSE.
+
+For each worker count N, one :class:`~tailq.harness.netem.EmulatedNetwork` of N hosts; in it N processes (Gloo over
+the emulated links) push one bucket per step through each hook — PyTorch's bf16 hook, then the compressor on each
+route — and record, per case:
+
+* **NIC bits per coordinate**: bytes the worker's interface sent during the timed steps (the kernel's counter,
+  TCP/IP headers and the per-step barrier included), × 8 / (steps × bucket length), mean over ranks;
+* **hook bits per coordinate**: bytes handed to collectives, from the hook's wire log;
+* **ms per step** (median over the timed steps, ranks lined up by a barrier first) and its ratio to the bf16 hook
+  measured in the same network right before;
+* **vNMSE** of one step against the exact fp32 mean (computed after the timed window, outside the NIC counts), and
+  for the two-phase route the error of each phase.
+
+Next to the measured rows, **modeled** rows for every N (measured ones included, so the model's error shows):
+ring traffic from the cost model and time = the cost model's communication + the codec's cost measured in this
+process (uncontended: one worker per machine) × the route's passes.
+
+Gradients: per rank, a shared Student-t(3) component plus an independent one (heavy tails, correlated ranks).
+On a 2-core machine N processes share two cores, so measured codec time at N = 16 is ~8× what one worker per
+machine would see; the table says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tailq.comm.network import Network, ring_traffic_bytes
+
+__all__ = ["modeled_rows", "run_scale_bench"]
+
+ROUTES = ("allreduce", "allgather", "twophase")
+
+
+def _cases(name: str, bits: int) -> list[tuple[str, dict[str, Any]]]:
+    return [("bf16", {}), *[(name, {"bits": bits, "route": r}) for r in ROUTES]]
+
+
+def _gradient(numel: int, rank: int) -> Any:
+    import torch
+
+    common = np.random.default_rng(0).standard_t(3.0, numel)
+    own = np.random.default_rng(1 + rank).standard_t(3.0, numel)
+    return torch.from_numpy(((common + own) * 1e-3).astype(np.float32))
+
+
+def _tx_bytes(ifname: str) -> int:
+    try:
+        return int(Path(f"/sys/class/net/{ifname}/statistics/tx_bytes").read_text())
+    except OSError:
+        return -1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one worker (runs inside its namespace)
+def _worker(spec_path: str) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    import tailq
+    from tailq.hooks import LocalBucket
+
+    spec = json.loads(Path(spec_path).read_text())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=900))
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    net = Network.parse(spec["net"])
+    rows = []
+    for numel in spec["numels"]:
+        g = _gradient(numel, rank)
+        exact = g.clone()
+        dist.all_reduce(exact)
+        exact /= world
+        for hook, opts in _cases(spec["name"], spec["bits"]):
+            extra = {} if hook == "bf16" else {"warmup_steps": 0, "min_bucket": 0, "network": net}
+            state, fn = tailq.ddp_hook(hook, **opts, **extra)
+
+            def step(state: Any = state, fn: Any = fn, g: Any = g) -> Any:
+                out = fn(state, LocalBucket(g.clone())).wait()
+                return out[0] if isinstance(out, list) else out
+
+            step()  # untimed: kernel compilation, design caches
+            dist.barrier()
+            tx0 = _tx_bytes(ifname)
+            times = []
+            for _ in range(spec["steps"]):
+                dist.barrier()
+                t0 = time.perf_counter()
+                out = step()
+                times.append(time.perf_counter() - t0)
+            dist.barrier()
+            tx1 = _tx_bytes(ifname)
+            err = float(((out.double() - exact.double()) ** 2).sum() / (exact.double() ** 2).sum())
+            row: dict[str, Any] = {"N": world, "numel": numel, "hook": hook, "route": opts.get("route", "bf16"),
+                                   "bits": opts.get("bits"), "ms": 1e3 * statistics.median(times),
+                                   "nic_bits": 8 * (tx1 - tx0) / (spec["steps"] * numel) if tx0 >= 0 else None,
+                                   "vnmse": err}
+            row["hook_bits"] = state.metrics.wire.bits_per_coord()
+            if hook != "bf16":
+                lap = state.metrics.seconds
+                row["codec_ms"] = 1e3 * (lap["total"] - lap["communicate"]) / (spec["steps"] + 1)
+            state.close()
+            if opts.get("route") == "twophase":  # one measured step for the error of each phase
+                st, f = tailq.ddp_hook(hook, **opts, **extra, measure_every=1)
+                f(st, LocalBucket(g.clone())).wait()
+                rec = st.metrics.vnmse[0]
+                row["vnmse_phase1"], row["vnmse_phase2"] = rec["vnmse_phase1"], rec["vnmse_phase2"]
+                st.close()
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, row)
+            if rank == 0:
+                nic = [r["nic_bits"] for r in gathered if r["nic_bits"] is not None]
+                row["nic_bits"] = statistics.mean(nic) if nic else None
+                row["ms"] = max(r["ms"] for r in gathered)  # the step ends when the slowest rank has the mean
+                rows.append(row)
+    if rank == 0:
+        Path(spec["out"]).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model
+def modeled_rows(name: str, bits: int, net: Network, workers: list[int], numels: list[int]) -> list[dict[str, Any]]:
+    """The cost model's rows: ring-traffic bits per coordinate and ms per step (communication + measured codec)."""
+    from tailq.codec import compressor
+    from tailq.comm.families import family_for
+    from tailq.comm.routes import PASSTHROUGH, Planner
+    from tailq.hooks.tailq_hook import measure_codec_cost
+
+    comp = compressor(name, bits=bits)
+    family = family_for(comp, fine_bits=2, keep_own=False)
+    cost = measure_codec_cost(comp, family, "cpu", 2)
+    rows = []
+    for n in workers:
+        planner = Planner(family, n, net, cost, passthrough=True)
+        for numel in numels:
+            for route in (PASSTHROUGH, *ROUTES):
+                traffic = sum(ring_traffic_bytes(c, b, n) for c, b in planner.phases(route, numel))
+                rows.append({"N": n, "numel": numel, "route": "bf16" if route == PASSTHROUGH else route,
+                             "ms": 1e3 * planner.seconds(route, numel), "ring_bits": 8 * traffic / numel,
+                             "codec_ms": 1e3 * planner.codec_seconds(route, numel), "modeled": True,
+                             "planner_pick": planner.plan(numel) == route})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the parent
+def run_scale_bench(net: Network, workers: list[int], numels: list[int], *, name: str = "tnq", bits: int = 3,
+                    steps: int = 3, modeled: list[int] | None = None, json_out: str | None = None,
+                    timeout_s: float = 1800.0) -> int:
+    from rich.console import Console
+
+    from tailq.harness.netem import EmulatedNetwork
+
+    con = Console(width=None if sys.stdout.isatty() else 160)
+    measured: list[dict[str, Any]] = []
+    for n in workers:
+        with tempfile.TemporaryDirectory() as tmp, EmulatedNetwork(n, net, tag=f"scale{n}") as emu:
+            spec: dict[str, Any] = {"net": net.as_arg(), "numels": numels, "name": name, "bits": bits, "steps": steps,
+                    "out": os.path.join(tmp, "rows.json")}
+            spec_path = os.path.join(tmp, "spec.json")
+            Path(spec_path).write_text(json.dumps(spec))
+            logs = [open(os.path.join(tmp, f"rank{r}.log"), "w") for r in range(n)]  # noqa: SIM115
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen([*emu.command_prefix(r), sys.executable, "-m", "tailq.tools.scale", spec_path],
+                                      env={**os.environ, **emu.env(r), "OMP_NUM_THREADS": "1"},
+                                      stdout=logs[r], stderr=subprocess.STDOUT) for r in range(n)]
+            try:
+                for p in procs:
+                    p.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - t0)))
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                for log in logs:
+                    log.close()
+            if any(p.returncode for p in procs):
+                tail = Path(os.path.join(tmp, "rank0.log")).read_text()[-3000:]
+                raise RuntimeError(f"bench scale: N = {n} failed (exit codes {[p.returncode for p in procs]}):\n{tail}")
+            rows = json.loads(Path(spec["out"]).read_text())
+        bf16 = {r["numel"]: r["ms"] for r in rows if r["hook"] == "bf16"}
+        for r in rows:
+            r["x_bf16"] = r["ms"] / bf16[r["numel"]]
+        measured += rows
+        con.print(f"N = {n}: done in {time.perf_counter() - t0:.0f} s")
+    model = modeled_rows(name, bits, net, sorted(set(workers) | set(modeled or [])), numels)
+    report = {"network": net.summary(), "compressor": name, "bits": bits, "steps": steps, "measured": measured,
+              "modeled": model, "cpu_count": os.cpu_count()}
+    _print(con, report)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1))
+        con.print(f"wrote {json_out}")
+    return 0
+
+
+def _print(con: Any, report: dict[str, Any]) -> None:
+    model = {(r["N"], r["numel"], r["route"]): r for r in report["modeled"]}
+    con.print(f"{report['compressor']} {report['bits']}-bit on {report['network']['describe']}; measured on "
+              f"{report['cpu_count']} cores shared by all N workers; MODELED rows: cost model + this machine's "
+              "uncontended codec cost")
+    con.print("| N | values | route | NIC bits/coord | hook bits/coord | ms/step | × bf16 | vNMSE (phase 1 / 2) | "
+              "modeled bits | modeled ms | modeled × bf16 |")
+    con.print("|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|")
+    keys = sorted({(r["N"], r["numel"]) for r in report["modeled"]})
+    measured = {(r["N"], r["numel"], r["route"]): r for r in report["measured"]}
+    for n, numel in keys:
+        for route in ("bf16", *ROUTES):
+            m, mod = measured.get((n, numel, route)), model[(n, numel, route)]
+            mb = model[(n, numel, "bf16")]["ms"]
+            pick = " (plan)" if mod["planner_pick"] else ""
+            if m is None:
+                cells = ["—"] * 5
+            else:
+                ph = (f" ({m['vnmse_phase1']:.3f} / {m['vnmse_phase2']:.3f})" if "vnmse_phase1" in m else "")
+                cells = [f"{m['nic_bits']:.2f}" if m["nic_bits"] is not None else "—",
+                         f"{m['hook_bits']:.2f}", f"{m['ms']:.0f}", f"{m['x_bf16']:.2f}",
+                         "—" if route == "bf16" else f"{m['vnmse']:.4f}{ph}"]
+            con.print(f"| {n} | {numel:,} | {route}{pick} | " + " | ".join(cells)
+                      + f" | {mod['ring_bits']:.2f} | {mod['ms']:.0f} | {mod['ms'] / mb:.2f} |")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
