@@ -1,4 +1,4 @@
-"""The owner's half of the two-phase route: requantize a mean shard on a design of its own (SPEC §6.3).
+"""The owner's half of the two-phase route: requantize a mean shard on a design of its own (SPEC §6, route 3).
 
 The owner of shard r holds the exact mean of the N phase-1 decodes of its elements. It quantizes that mean again
 at ``gather_bits`` with the compressor's own scheme at that width, designed from the shard's own statistics (its

@@ -1,4 +1,4 @@
-"""Route ``twophase``: all-to-all of b-bit shards, owner-side mean and requantization, all-gather (SPEC §6.3).
+"""Route ``twophase``: all-to-all of b-bit shards, owner-side mean and requantization, all-gather (SPEC §6, route 3).
 
 The bucket is zero-padded to N shards of m elements (m a multiple of 8, so shards start on bytes of the dense
 packing). Phase 1: every rank encodes its bucket on the shared codebook and sends shard r to rank r
