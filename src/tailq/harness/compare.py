@@ -211,7 +211,7 @@ def compare(
         "seed": seed,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
-        "notes": list(notes or []),
+        "notes": list(notes or []) + [f"{r['name']}: {n}" for r in results for n in r.get("exit_notes", [])],
         "run_dirs": {r["name"]: str(Path(c.run_dir)) for r, c in zip(results, configs, strict=True)},
     })
     (root / "results.json").write_text(json.dumps(summary, indent=2))
