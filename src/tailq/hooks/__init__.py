@@ -92,9 +92,10 @@ def warm_kernels(name: str, numel: int, steps: int = 2, **options: Any) -> float
     The CPU fast path compiles each kernel on its first call (seconds per kernel with inductor, once per process;
     inductor's on-disk cache makes later processes faster). Called at the start of a run, that cost would land in
     the first compressed step. This runs ``steps`` throwaway buckets of ``numel`` heavy-tailed values through a
-    fresh :class:`TailqState` with the same options (after one passthrough step, no vNMSE probes), then
-    closes it: the real hook state is untouched, and kernels compile for any length (dynamic shapes), so one size
-    serves every bucket. Every rank must call it (it runs the hook's collectives). Builtins need nothing: 0.0.
+    fresh :class:`TailqState` with the same options (after one passthrough step, no vNMSE probes; with
+    ``route="auto"`` once per route the compressor can take), then closes it: the real hook state is untouched,
+    and kernels compile for any length (dynamic shapes), so one size serves every bucket. Every rank must call it
+    (it runs the hook's collectives). Builtins need nothing: 0.0.
     """
     import time
 
@@ -103,15 +104,23 @@ def warm_kernels(name: str, numel: int, steps: int = 2, **options: Any) -> float
     from tailq.kernels.dispatch import AUTO_MIN_NUMEL
 
     t0 = time.perf_counter()
-    # one passthrough step first (error feedback requires warmup_steps >= 1), then `steps` compressed ones
+    # one passthrough step first (error feedback requires warmup_steps >= 1), then `steps` compressed ones; with
+    # route="auto" on every route the compressor can take, since the plan is only known at the first real bucket
     opts = {**options, "warmup_steps": 1, "min_bucket": 0, "measure_every": 0}
-    state = TailqState(name, **opts)
-    try:
-        gen = torch.Generator().manual_seed(12345)
-        n = max(int(numel), AUTO_MIN_NUMEL)
-        for _ in range(steps + 1):
-            x = torch.randn(n, generator=gen) / torch.rand(n, generator=gen).add_(0.05).sqrt()  # heavy-tailed
-            state.process(LocalBucket(x * 1e-3))  # type: ignore[arg-type]
-    finally:
-        state.close()
+    if opts.get("route", "auto") != "auto":
+        routes = [opts["route"]]
+    else:  # building a state issues no collective: this one only lists the routes
+        probe = TailqState(name, **{**opts, "route": "allgather"})
+        routes = list(probe.planner.routes)
+        probe.close()
+    gen = torch.Generator().manual_seed(12345)
+    n = max(int(numel), AUTO_MIN_NUMEL)
+    for route in routes:
+        state = TailqState(name, **{**opts, "route": route})
+        try:
+            for _ in range(steps + 1):
+                x = torch.randn(n, generator=gen) / torch.rand(n, generator=gen).add_(0.05).sqrt()  # heavy-tailed
+                state.process(LocalBucket(x * 1e-3))  # type: ignore[arg-type]
+        finally:
+            state.close()
     return time.perf_counter() - t0
