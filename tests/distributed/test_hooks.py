@@ -190,6 +190,11 @@ def test_nonfinite_on_one_rank_reaches_every_rank_exactly_like_plain_ddp(stale: 
 def test_mismatched_configurations_fail_fast_on_every_rank() -> None:
     for msg in launch(w_mismatch, 2, timeout=120):
         assert "configured differently" in msg and '"bits": 3' in msg and '"bits": 4' in msg
+    # two-phase: ranks whose owners would requantize at different widths (or one without owner feedback)
+    opts = [{"route": "twophase", "gather_bits": 5}, {"route": "twophase", "gather_bits": 6},
+            {"route": "twophase", "gather_bits": 5, "owner_feedback": True}]
+    for msg in launch(w_mismatch, 3, opts, timeout=120):
+        assert "configured differently" in msg and '"gather_bits": 6' in msg and '"owner_feedback": true' in msg
 
 
 def test_dead_peer_gives_an_error_not_an_endless_wait() -> None:

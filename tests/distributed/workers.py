@@ -216,8 +216,9 @@ def w_nonfinite(rank: int, world: int, name: str, stale: bool, opts: dict[str, A
             "inf": bool(torch.isinf(res[5])), "nan": bool(torch.isnan(res[7])), "fallbacks": state.metrics.fallbacks}
 
 
-def w_mismatch(rank: int, world: int) -> str:
-    state = TailqState("tnq", bits=3 if rank == 0 else 4, warmup_steps=0, min_bucket=0, timeout_s=20)
+def w_mismatch(rank: int, world: int, opts: list[dict[str, Any]] | None = None) -> str:
+    mine = opts[rank] if opts else {"bits": 3 if rank == 0 else 4}
+    state = TailqState("tnq", warmup_steps=0, min_bucket=0, timeout_s=20, **mine)
     try:
         state.process(FakeBucket(heavy(1000, rank)))
     except RuntimeError as err:
