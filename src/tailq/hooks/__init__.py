@@ -19,7 +19,7 @@ from tailq.codec import list_compressors
 from .builtin import BUILTINS, BuiltinState, builtin_hook
 from .config import HookConfig
 from .metrics import HookMetrics, HookState, Lap
-from .tailq_hook import TailqState, tailq_hook
+from .tailq_hook import TailqState, measure_codec_cost, tailq_hook
 
 __all__ = ["BUILTINS", "BuiltinState", "HookConfig", "HookMetrics", "HookState", "Lap", "LocalBucket", "TailqState",
            "ddp_hook", "hook_names", "prime_buckets", "warm_kernels"]
@@ -34,8 +34,8 @@ def ddp_hook(name: str, **options: Any) -> tuple[HookState, Callable[..., Any]]:
 
     Builtins take ``process_group`` (and, for ``powersgd``, PyTorch's ``PowerSGDState`` options, default rank 1,
     ``start_powerSGD_iter=2``). tailq compressors take their own options (``bits``, ``tail``, …), the hook's
-    (:class:`HookConfig`: ``route, error_feedback, stale_stats, redesign_every, min_bucket, warmup_steps,
-    fine_bits, measure_every, timeout_s``) and ``process_group, network, seed``.
+    (:class:`HookConfig`: ``route, gather_bits, owner_feedback, error_feedback, stale_stats, redesign_every,
+    min_bucket, warmup_steps, fine_bits, measure_every, timeout_s``) and ``process_group, network, seed``.
     """
     if name in BUILTINS:
         return BuiltinState(name, **options), builtin_hook
@@ -115,12 +115,14 @@ def warm_kernels(name: str, numel: int, steps: int = 2, **options: Any) -> float
         probe.close()
     gen = torch.Generator().manual_seed(12345)
     n = max(int(numel), AUTO_MIN_NUMEL)
-    for route in routes:
+    for i, route in enumerate(routes):
         state = TailqState(name, **{**opts, "route": route})
         try:
             for _ in range(steps + 1):
                 x = torch.randn(n, generator=gen) / torch.rand(n, generator=gen).add_(0.05).sqrt()  # heavy-tailed
                 state.process(LocalBucket(x * 1e-3))  # type: ignore[arg-type]
+            if i == 0:  # the planner's codec probe too: its size would otherwise compile inside the first step
+                measure_codec_cost(state.comp, state.family, x.device, state.comm.n)
         finally:
             state.close()
     return time.perf_counter() - t0
