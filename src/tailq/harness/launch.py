@@ -25,7 +25,7 @@ from tailq.comm.network import Network
 from .config import RunConfig
 from .netem import EmulatedNetwork
 
-__all__ = ["launch_run", "RunFailed"]
+__all__ = ["launch_run", "reap", "RunFailed"]
 
 
 class RunFailed(RuntimeError):
@@ -46,6 +46,16 @@ def _network(net: Network, workers: int) -> Iterator[EmulatedNetwork | None]:
         return
     with EmulatedNetwork(workers, net) as emulated:
         yield emulated
+
+
+def reap(procs: list[subprocess.Popen[bytes]], logs: list[Any]) -> None:
+    """Kill the workers still running and close their logs (after a run, or when it failed)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for log in logs:
+        log.close()
 
 
 def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.0) -> dict[str, Any]:
@@ -76,12 +86,7 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
         try:
             exit_notes = _wait(procs, run_dir, cfg, progress, timeout_s)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            for log in logs:
-                log.close()
+            reap(procs, logs)
         tx = [b - a for a, b in zip(tx0, net.tx_bytes(), strict=True)] if net is not None and tx0 is not None else None
     result_path = run_dir / "result.json"
     if not result_path.is_file():

@@ -164,6 +164,7 @@ def run_scale_bench(net: Network, workers: list[int], numels: list[int], *, name
                     timeout_s: float = 1800.0) -> int:
     from rich.console import Console
 
+    from tailq.harness.launch import reap
     from tailq.harness.netem import EmulatedNetwork
 
     con = Console(width=None if sys.stdout.isatty() else 160)
@@ -183,12 +184,7 @@ def run_scale_bench(net: Network, workers: list[int], numels: list[int], *, name
                 for p in procs:
                     p.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - t0)))
             finally:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                        p.wait()
-                for log in logs:
-                    log.close()
+                reap(procs, logs)
             if any(p.returncode for p in procs):
                 tail = Path(os.path.join(tmp, "rank0.log")).read_text()[-3000:]
                 raise RuntimeError(f"bench scale: N = {n} failed (exit codes {[p.returncode for p in procs]}):\n{tail}")
