@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
+# the integrations' client libraries, pinned here only (pyproject's extras take ranges)
+INTEGRATION_PINS := pytorch-lightning==2.6.6 accelerate==1.15.0
 STAMP := $(VENV)/.installed
 
 .PHONY: venv demo codec-demo test test-fast lint bench clean
@@ -12,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[dev,harness]'
+	$(BIN)/pip install -q $(TORCH_PIN) $(INTEGRATION_PINS) -e '.[dev,harness,lightning,accelerate]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -44,12 +44,19 @@ class FakeBucket:
         return [self._buf]
 
 
-def _entry(fn: Any, rank: int, world: int, init_file: str, q: Any, args: tuple[Any, ...]) -> None:
+def init_group(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+def _entry(fn: Any, rank: int, world: int, init_file: str, q: Any, args: tuple[Any, ...], init: bool) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        out = fn(rank, world, *args)
+        if init:
+            init_group(rank, world, init_file)
+            out = fn(rank, world, *args)
+        else:  # the worker initialises the group itself: fn(rank, world, init_file, *args)
+            out = fn(rank, world, init_file, *args)
         buf = io.BytesIO()
         torch.save(out, buf)  # plain bytes: tensors must not depend on this process staying alive
         q.put((rank, "ok", buf.getvalue()))
@@ -63,13 +70,17 @@ def _entry(fn: Any, rank: int, world: int, init_file: str, q: Any, args: tuple[A
                 pass
 
 
-def launch(fn: Any, world: int, *args: Any, timeout: float = 300.0, expect: int | None = None) -> list[Any]:
-    """Run fn on ``world`` ranks; returns results in rank order (``expect`` = how many ranks report)."""
+def launch(fn: Any, world: int, *args: Any, timeout: float = 300.0, expect: int | None = None,
+           init: bool = True) -> list[Any]:
+    """Run fn on ``world`` ranks; returns results in rank order (``expect`` = how many ranks report).
+
+    ``init=False``: no process group is created; ``fn(rank, world, init_file, *args)`` calls :func:`init_group`.
+    """
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, init_file, q, args)) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, init_file, q, args, init)) for r in range(world)]
         for p in procs:
             p.start()
         results: dict[int, Any] = {}
@@ -297,6 +308,34 @@ def w_train(rank: int, world: int, hooks: list[tuple[str, dict[str, Any]]], step
         out[hook + ("" if not opts else str(sorted(opts.items())))] = _full_loss(ddp)
         if state is not None:
             state.close()
+    return out
+
+
+def w_lazy(rank: int, world: int, init_file: str, hooks: list[tuple[str, dict[str, Any]]], steps: int) -> Any:
+    """States created before ``init_process_group`` (as Lightning's DDPStrategy does) train exactly as states
+    created after it; an unbound state's hook fails clearly when no group ever appears."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    early = [tailq.ddp_hook(hook, **opts) for hook, opts in hooks]
+    out: dict[str, Any] = {"bound_before": [s.bound for s, _ in early],
+                           "repr": [repr(s) for s, _ in early]}
+    try:  # no group yet: a state_dict (it records the world size) says why it cannot answer
+        early[0][0].state_dict()
+    except RuntimeError as err:
+        out["unbound_error"] = str(err)
+    init_group(rank, world, init_file)
+    for (hook, opts), (state, fn) in zip(hooks, early, strict=True):
+        params = []
+        for st, f in ((state, fn), tailq.ddp_hook(hook, **opts)):  # created early, then created after init
+            model = _model()
+            ddp = DDP(model, bucket_cap_mb=0.02)
+            ddp.register_comm_hook(st, f)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+            _train_steps(rank, world, ddp, opt, 0, steps)
+            params.append([p.detach().clone() for p in ddp.module.parameters()])
+            out.setdefault(hook, []).append({"step": st.step, "bits": st.metrics.wire.bits_per_coord()})
+            st.close()
+        out[hook].append(all(torch.equal(a, b) for a, b in zip(*params, strict=True)))
     return out
 
 

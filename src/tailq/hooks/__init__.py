@@ -111,7 +111,7 @@ def warm_kernels(name: str, numel: int, steps: int = 2, **options: Any) -> float
         routes = [opts["route"]]
     else:  # building a state issues no collective: this one only lists the routes
         probe = TailqState(name, **{**opts, "route": "allgather"})
-        routes = list(probe.planner.routes)
+        routes = list(probe.routes)
         probe.close()
     gen = torch.Generator().manual_seed(12345)
     n = max(int(numel), AUTO_MIN_NUMEL)

@@ -54,14 +54,11 @@ class BuiltinState:
     ) -> None:
         if name not in BUILTINS:
             raise ValueError(f"unknown built-in hook {name!r}; available: {', '.join(BUILTINS)}")
-        if not dist.is_initialized():
-            raise RuntimeError(
-                "tailq.ddp_hook: call torch.distributed.init_process_group before creating the hook"
-            )
         self.name = name
         self.process_group = process_group
-        self.n = dist.get_world_size(process_group)
-        self.backend = str(dist.get_backend(process_group))
+        self._ordered = ordered
+        self._bound: tuple[int, str] | None = None  # (world size, backend) once bound: see _bind
+        self.worker: OrderedWorker | None = None
         self.metrics = HookMetrics()
         self.step = 0
         self.powersgd: powerSGD_hook.PowerSGDState | None = None
@@ -77,11 +74,39 @@ class BuiltinState:
             self.powersgd = powerSGD_hook.PowerSGDState(process_group=process_group, **options)
         elif options:
             raise TypeError(f"{name}: takes no options besides process_group; got {sorted(options)}")
-        # Gloo needs the ordered worker for PowerSGD (see module docstring); NCCL runs PyTorch's hook as is.
-        if ordered is None:
-            ordered = name == "powersgd" and self.backend != "nccl"
-        self.worker = OrderedWorker("tailq-powersgd") if ordered else None
         self.priming = False  # see tailq.hooks.prime_buckets
+        if dist.is_initialized():
+            self._bind()
+
+    def _bind(self) -> tuple[int, str]:
+        """Bind to the process group — now if one exists, else on the first bucket (as :class:`TailqState`)."""
+        if self._bound is None:
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    f"tailq.ddp_hook({self.name!r}): no process group to bind to. The state can be created before "
+                    "torch.distributed.init_process_group, but it must have been called by the first bucket; call "
+                    "init_process_group before training")
+            self._bound = (dist.get_world_size(self.process_group), str(dist.get_backend(self.process_group)))
+            # Gloo needs the ordered worker for PowerSGD (see module docstring); NCCL runs PyTorch's hook as is.
+            ordered = self._ordered
+            if ordered is None:
+                ordered = self.name == "powersgd" and self._bound[1] != "nccl"
+            self.worker = OrderedWorker("tailq-powersgd") if ordered else None
+        return self._bound
+
+    @property
+    def bound(self) -> bool:
+        """Whether the state has bound to its process group yet."""
+        return self._bound is not None
+
+    @property
+    def n(self) -> int:
+        """World size of the bound group."""
+        return self._bind()[0]
+
+    @property
+    def backend(self) -> str:
+        return self._bind()[1]
 
     def config(self) -> dict[str, Any]:
         opts = (
@@ -182,6 +207,8 @@ class BuiltinState:
             self.worker.close()
 
     def __repr__(self) -> str:
+        if self._bound is None:
+            return f"BuiltinState({self.name!r}, unbound)"
         ordered = self.worker is not None
         return f"BuiltinState({self.name!r}, backend={self.backend}, world_size={self.n}, ordered={ordered})"
 
@@ -204,6 +231,7 @@ def _run(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[t
 def builtin_hook(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook running PyTorch's own implementation (ordered on Gloo for PowerSGD)."""
     t0 = time.perf_counter()
+    state._bind()
     fut = state.worker.submit(_run, state, bucket) if state.worker is not None else _run(state, bucket)
 
     def done(f: Any) -> torch.Tensor:

@@ -75,6 +75,11 @@ class HookState(Protocol):
     priming: bool
     metrics: HookMetrics
 
+    @property
+    def bound(self) -> bool:
+        """Whether the state has bound to its process group (it may be created before one exists)."""
+        ...
+
     def config(self) -> dict[str, Any]:
         ...
 

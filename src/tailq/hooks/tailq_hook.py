@@ -84,8 +84,6 @@ class TailqState:
         seed: int = 0,
         **options: Any,
     ) -> None:
-        if not dist.is_initialized():
-            raise RuntimeError("tailq.ddp_hook: call torch.distributed.init_process_group before creating the hook")
         if name not in list_compressors():
             raise ValueError(f"unknown compressor {name!r}; available: {', '.join(sorted(list_compressors()))}")
         hook_names, comp_names = HookConfig.names(), set(get_compressor_class(name).options)
@@ -110,17 +108,19 @@ class TailqState:
         self.network_source = "given" if given else "fitted" if opts.warmup_steps > 0 else "default"
         self.network = network if given and network is not None else PLANNING_DEFAULT
         self.metrics = HookMetrics()
-        self.comm = Comm(process_group, self.metrics.wire, opts.timeout_s)
+        self.process_group = process_group
+        self._comm: Comm | None = None  # bound on the first bucket, or now if a process group exists (_bind)
+        self._planner: Planner | None = None
         self.memory = ErrorFeedback(self.comp, feedback=str(opts.error_feedback)) if opts.error_feedback else None
         self.family = family_for(self.comp, fine_bits=opts.fine_bits, keep_own=self.memory is not None,
                                  gather_bits=opts.gather_bits, owner_feedback=opts.owner_feedback,
                                  redesign_every=opts.redesign_every)
-        self.planner = Planner(self.family, self.comm.n, self.network, passthrough=opts.route == "auto")
-        if opts.route != "auto" and opts.route not in self.planner.routes:
-            raise ValueError(f"{name}: route {opts.route!r} is not available; routes: {', '.join(self.planner.routes)}")
-        if (opts.gather_bits is not None or opts.owner_feedback) and "twophase" not in self.planner.routes:
+        self.routes = Planner(self.family, 1, self.network).routes  # what the family can take (not N-dependent)
+        if opts.route != "auto" and opts.route not in self.routes:
+            raise ValueError(f"{name}: route {opts.route!r} is not available; routes: {', '.join(self.routes)}")
+        if (opts.gather_bits is not None or opts.owner_feedback) and "twophase" not in self.routes:
             raise ValueError(f"{name}: gather_bits and owner_feedback configure the two-phase route, which "
-                             f"{name!r} cannot take (routes: {', '.join(self.planner.routes)})")
+                             f"{name!r} cannot take (routes: {', '.join(self.routes)})")
         # auto with a given or fitted network plans once, at the first compressed bucket (see _calibrate); with
         # neither (warmup_steps=0, no network) it plans on bytes alone against PLANNING_DEFAULT, deterministically
         self._planned = opts.route != "auto" or self.network_source == "default"
@@ -135,6 +135,43 @@ class TailqState:
         self.priming = False  # see tailq.hooks.prime_buckets
         self._verified = False
         self.worker = OrderedWorker()
+        if dist.is_initialized():
+            self._bind()
+
+    # -- the process group ---------------------------------------------------------------------------------
+    def _bind(self) -> Comm:
+        """Bind to ``process_group`` (default: the default group) — now, or on the first bucket.
+
+        The state may be created before ``init_process_group`` (Lightning builds ``DDPStrategy(ddp_comm_state=…)``
+        before its ``Trainer`` starts the workers); everything that needs the group (its size, the planner) is
+        made here, once. Every option was already validated when the state was created.
+        """
+        if self._comm is None:
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    f"tailq.ddp_hook({self.name!r}): no process group to bind to. The state can be created before "
+                    "torch.distributed.init_process_group, but it must have been called by the first bucket (or "
+                    "the first state_dict/load_state_dict); call init_process_group before training")
+            self._comm = Comm(self.process_group, self.metrics.wire, self.options.timeout_s)
+            self._planner = Planner(self.family, self._comm.n, self.network, passthrough=self.options.route == "auto")
+        return self._comm
+
+    @property
+    def comm(self) -> Comm:
+        """The collectives on the bound process group (binds on first use)."""
+        return self._bind()
+
+    @property
+    def planner(self) -> Planner:
+        """The route planner for the bound group's size (binds on first use)."""
+        self._bind()
+        assert self._planner is not None
+        return self._planner
+
+    @property
+    def bound(self) -> bool:
+        """Whether the state has bound to its process group yet."""
+        return self._comm is not None
 
     # -- configuration and persistence ---------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -173,8 +210,8 @@ class TailqState:
         self.worker.close()
 
     def __repr__(self) -> str:
-        return (f"TailqState({self.comp!r}, route={self.options.route!r}, world_size={self.comm.n}, "
-                f"step={self.step})")
+        world = self._comm.n if self._comm is not None else "unbound"
+        return f"TailqState({self.comp!r}, route={self.options.route!r}, world_size={world}, step={self.step})"
 
     # -- one bucket ---------------------------------------------------------------------------------------
     def process(self, bucket: dist.GradBucket) -> torch.Tensor:
@@ -296,7 +333,7 @@ class TailqState:
 
     def _use_plan(self, network: Network, codec: CodecCost, source: str) -> None:
         self.network = network
-        self.planner = Planner(self.family, self.comm.n, network, codec, passthrough=True)
+        self._planner = Planner(self.family, self.comm.n, network, codec, passthrough=True)
         self._planned = True
         self.metrics.plan = {"network": network.summary(), "network_source": source,
                              "codec_ns_per_elem_pass": codec.per_pass_s * 1e9, "cast_ns_per_elem": codec.cast_s * 1e9,

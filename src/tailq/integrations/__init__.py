@@ -1,0 +1,1 @@
+"""Thin adapters for Lightning, Accelerate, FSDP2; optional dependencies import-guarded."""
