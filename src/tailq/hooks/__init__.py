@@ -53,14 +53,20 @@ def prime_buckets(ddp: Any, state: Any, forward_backward: Callable[[], Any]) -> 
     uninterrupted run did at that step. Call this once after restoring: it runs ``forward_backward()`` (one
     forward and backward on any batch) with the hook in *priming* mode — a plain fp32 all-reduce that leaves
     the hook's step, residuals and statistics untouched — then discards the gradients and restores the
-    module's buffers (e.g. BatchNorm statistics), so the next step continues exactly where the saved run was.
+    module's buffers (e.g. BatchNorm statistics) and the CPU and CUDA random states (dropout), so the next step
+    continues exactly where the saved run was.
     """
     buffers = {k: v.clone() for k, v in ddp.module.named_buffers()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     state.priming = True
     try:
         forward_backward()
     finally:
         state.priming = False
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
     ddp.zero_grad(set_to_none=True)
     with torch.no_grad():
         for k, v in ddp.module.named_buffers():

@@ -33,7 +33,6 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 try:
     import pytorch_lightning as pl
@@ -45,20 +44,11 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from tailq.hooks import HookState, ddp_hook, prime_buckets
 
+from ._ranks import gather_states, own_state
+
 __all__ = ["TailqCallback"]
 
 log = logging.getLogger("tailq")
-
-
-def _to_cpu(obj: Any) -> Any:
-    """``obj`` with every tensor moved to the CPU (a gathered checkpoint must not name another rank's GPU)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 class TailqCallback(pl.Callback):
@@ -136,7 +126,7 @@ class TailqCallback(pl.Callback):
         the hook keys its residuals and kept designs by bucket content, so without this the first resumed step
         would compress over other buckets than the uninterrupted run did. One forward and backward of this batch
         runs with the hook in priming mode (plain fp32 mean, hook state untouched); the gradients are discarded and
-        the module's buffers, the RNG states and ``self.log`` are restored or muted, so the real step that follows
+        the module's buffers and the RNG states are restored and ``self.log`` is muted, so the real step that follows
         is the one the uninterrupted run took. Not possible with manual optimization (its ``training_step`` steps
         the optimizer): the first resumed step then differs slightly, and a warning says so.
         """
@@ -145,8 +135,6 @@ class TailqCallback(pl.Callback):
                         "a resume, so the first resumed step compresses over another bucket layout")
             return
         ddp = trainer.strategy.model
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         muted = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
         pl_module.__dict__.update(muted)  # training_step's self.log calls must not count twice
 
@@ -161,9 +149,6 @@ class TailqCallback(pl.Callback):
         finally:
             for k in muted:
                 pl_module.__dict__.pop(k, None)
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
 
     # -- logging --------------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -193,14 +178,7 @@ class TailqCallback(pl.Callback):
     # -- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Every rank's hook state (Lightning calls this on every rank before rank 0 writes the file)."""
-        if self.state is None:
-            return {}
-        mine = _to_cpu(self.state.state_dict())
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return {"world_size": 1, "ranks": [mine]}
-        ranks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)  # our own ranks' bytes, in memory: no file is unpickled
-        return {"world_size": len(ranks), "ranks": ranks}
+        return {} if self.state is None else gather_states(self.state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -212,10 +190,4 @@ class TailqCallback(pl.Callback):
 
     def _load(self, entry: dict[str, Any]) -> None:
         assert self.state is not None
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if int(entry["world_size"]) != world:
-            raise ValueError(f"TailqCallback: the checkpoint holds the hook state of {entry['world_size']} ranks; "
-                             f"this run has {world}. Resume with the same number of processes (or drop the "
-                             "callback's entry to restart the hook's state)")
-        self.state.load_state_dict(entry["ranks"][rank])
+        self.state.load_state_dict(own_state(entry, "TailqCallback"))
