@@ -118,6 +118,16 @@ class Comm:
         self.log = log
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.seconds = 0.0  # time spent waiting for collectives
+        backend = str(dist.get_backend(group)).lower()
+        # small CPU tensors (agreed statistics, config digests) must travel on the group's device where the
+        # backend has no CPU support (a pure NCCL group): staged through the current CUDA device and back
+        self.cpu_ok = any(b in backend for b in ("gloo", "mpi", "cpu:")) or not torch.cuda.is_available()
+
+    def _staged(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` itself, or a copy on the current CUDA device when the group cannot take CPU tensors."""
+        if t.device.type == "cpu" and not self.cpu_ok:
+            return t.to(torch.device("cuda", torch.cuda.current_device()))
+        return t
 
     def _record(self, tag: Tag, kind: str, collective: str, t: torch.Tensor) -> None:
         handed = t.numel() * t.element_size()
@@ -140,10 +150,16 @@ class Comm:
         """In-place all-reduce of ``t`` (op: sum | max | min). Returns the Work when ``async_op``."""
         rop = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
         self._record(tag, kind, "all_reduce", t)
-        work = dist.all_reduce(t, op=rop, group=self.group, async_op=True)
+        dev = self._staged(t)
+        work = dist.all_reduce(dev, op=rop, group=self.group, async_op=True)
         if async_op:
+            if dev is not t:  # the caller waits on the Work and reads t: complete the copy-back first
+                work.wait(self.timeout)
+                t.copy_(dev)
             return work
         self._wait(work, f"all_reduce({kind})")
+        if dev is not t:
+            t.copy_(dev)
         return t
 
     def wait(self, work: Any, what: str) -> None:
@@ -152,11 +168,12 @@ class Comm:
     def all_gather(self, t: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
         """Gather a 1-D tensor from every rank: returns (N, len) in rank order."""
         flat = t.reshape(-1).contiguous()
-        out = torch.empty(self.n * flat.numel(), dtype=flat.dtype, device=flat.device)
         self._record(tag, kind, "all_gather", flat)
-        work = _all_gather_single(out, flat, group=self.group, async_op=True)
+        src = self._staged(flat)
+        out = torch.empty(self.n * flat.numel(), dtype=flat.dtype, device=src.device)
+        work = _all_gather_single(out, src, group=self.group, async_op=True)
         self._wait(work, f"all_gather({kind})")
-        return out.view(self.n, flat.numel())
+        return out.to(flat.device).view(self.n, flat.numel())
 
     def all_to_all(self, t: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
         """Rank r's ``i``-th of N equal chunks of the 1-D ``t`` goes to rank i: returns (N, len/N), row j from rank j.
@@ -166,11 +183,12 @@ class Comm:
         flat = t.reshape(-1).contiguous()
         if flat.numel() % self.n:
             raise ValueError(f"all_to_all: {flat.numel()} elements do not split into {self.n} equal chunks")
-        out = torch.empty_like(flat)
         self._record(tag, kind, "all_to_all", flat)
-        work = dist.all_to_all_single(out, flat, group=self.group, async_op=True)
+        src = self._staged(flat)
+        out = torch.empty_like(src)
+        work = dist.all_to_all_single(out, src, group=self.group, async_op=True)
         self._wait(work, f"all_to_all({kind})")
-        return out.view(self.n, flat.numel() // self.n)
+        return out.to(flat.device).view(self.n, flat.numel() // self.n)
 
     def verify_same_config(self, config: dict[str, Any], tag: Tag) -> None:
         """Fail on every rank, with the differing configurations, unless all ranks hold the same config."""

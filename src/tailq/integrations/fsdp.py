@@ -1,0 +1,473 @@
+"""FSDP2: a compressed gradient reduce-scatter, :func:`reduce_scatter` / :func:`compress`.
+
+    model = ...                                   # fully_shard(...) applied to submodules and the root
+    comm = tailq.fsdp.compress(model, "tnq", bits=3)
+    ...                                           # train as usual; comm.metrics.wire.bits_per_coord()
+
+FSDP2 (torch >= 2.9) lets a user replace its gradient reduce-scatter
+(``FSDPModule.set_custom_reduce_scatter``): once per FSDP parameter group and backward it hands the comm an input of
+N row-major chunks of S elements (chunk r belongs to rank r of FSDP's group) in the reduce dtype (fp32, or bf16
+under ``MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)``) and an output of S elements for this rank's shard.
+
+What runs is phase 1 of tailq's two-phase route (SPEC §6, route 3), built from the same pieces as the DDP hook:
+error-feedback compensation (:class:`~tailq.codec.ErrorFeedback`) → the agreed statistics
+(:mod:`tailq.comm.agree`; a NaN/Inf on any rank is seen there) → the shared codebook, bit-identical on every rank →
+this rank's codes as N byte-aligned shards (``_CodebookCoder.encode_shards``, randomness keyed by
+``RandKey(seed, rank, step, call)``) → one ``all_to_all_single`` of the packed codes → the owner decodes its N
+contributions and averages them in fp32 (``decode_shard_mean``). There is no phase 2: FSDP wants the shard only
+on its owner, so nothing is requantized or gathered. Wire per rank: (N − 1)/N · d · b bits plus the statistics.
+
+**Padding.** The coder's shards hold m = ``shard_numel(N·S, N)`` elements (S rounded up to a multiple of 8, at
+least 8, so each shard starts on a byte of the dense packing). FSDP's S need not be one, so the input is viewed as
+(N, S) and every *row* is zero-padded to (N, m): row r stays FSDP's chunk r and goes to rank r, and the owner
+drops the m − S padded decodes. The statistics are agreed on the *unpadded* input, so the codebook is exactly
+the one the N·S real coordinates define; the padded zeros only cost (m − S)/S extra code bits (they are rounded
+stochastically like any value and their decodes are discarded, so they bias nothing). Error-feedback residuals
+are kept on the unpadded layout.
+
+**Reduce ops.** ``SUM`` (what :func:`compress` makes FSDP pass, via ``set_force_sum_reduction_for_comms(True)``;
+FSDP then divides by N itself) writes N × the mean — exact in fp32 for N a power of two, within one rounding
+otherwise — and ``AVG`` (FSDP's default for fp32/bf16) writes the mean. ``PREMUL_SUM`` (a gradient divide factor)
+and anything else is refused: with :func:`compress`, or ``set_force_sum_reduction_for_comms(True)``, FSDP applies
+its divide factor itself and passes SUM.
+
+**Uncompressed paths** (inputs below ``min_bucket`` elements, and NaN/Inf fallbacks): one ``all_to_all_single`` of
+the raw values (the reduce dtype for small inputs; fp32 for the fallback, so non-finite values arrive exactly as
+with plain FSDP), summed by the owner in fp32 in rank order. That is the cheapest correct reduce-scatter on both
+backends: Gloo implements ``reduce_scatter_tensor`` as a full all-reduce (2(N − 1)/N · d values per rank) where
+the all-to-all moves (N − 1)/N · d, the same as NCCL's ring reduce-scatter.
+
+**Steps.** FSDP calls the comm once per parameter group and backward, in the same order on every rank. Inside a
+backward (the normal case) a step is one autograd graph task: the first call of a backward opens a step (call
+index 0, 1, … in call order; state is keyed by ``"<call>:<numel>"``) and queues an autograd final callback that
+closes it after FSDP's own post-backward callback (which reduce-scatters the root's parameters when the inputs do
+not require grad) has run. A backward that raised never runs its callback: the next backward's first call closes
+the stale step first. Gradient accumulation without sync (``set_requires_gradient_sync(False)``) makes no calls,
+so it makes no step; one backward with sync is one step. Called outside a backward (directly), every call is a
+step of its own. This counts what happened rather than a number of calls per step fixed in advance, so a
+parameter group that gets no gradient in some backward (FSDP then skips its call) cannot shift later steps.
+``calls_per_step`` is the number of calls in the last step. Reentrant activation checkpointing
+(``use_reentrant=True``) would run parts of a backward as nested graph tasks and so split its step: use the
+non-reentrant kind with FSDP2 (as FSDP2's own examples do).
+
+Faults, as the DDP hook: a NaN/Inf on any rank sends that call uncompressed (fp32) on every rank; ranks configured
+differently fail on the first call with every rank's configuration listed (``Comm.verify_same_config``); every
+wait has the ``timeout_s`` timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tailq.codec import Aggregation, Compressor, ErrorFeedback, compressor, get_compressor_class, list_compressors
+from tailq.comm.agree import policy_for
+from tailq.comm.families import family_for
+from tailq.comm.routes import shard_numel
+from tailq.comm.wire import Comm, Tag
+from tailq.hooks.config import HookConfig
+from tailq.hooks.metrics import HookMetrics
+from tailq.kernels import RandKey, dispatch
+
+try:  # torch >= 2.9 (FSDP2's pluggable collectives)
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter as _ReduceScatterBase
+except ImportError:  # pragma: no cover - older torch: the comm still works when called directly
+    _ReduceScatterBase = object  # type: ignore[assignment,misc]
+
+__all__ = ["FSDP_OPTIONS", "FsdpReduceScatter", "compress", "reduce_scatter", "shardable_compressors"]
+
+STATE_VERSION = 1
+ROUTE = "reduce_scatter"
+"""The route name in wire records and ``metrics.last``."""
+PASSTHROUGH = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Uncompressed names: one ``all_to_all_single`` of the chunks in that dtype, summed by the owner in fp32 — the
+reduce-scatter traffic of NCCL's ring, (N − 1)/N · d values per rank, where Gloo's own ``reduce_scatter_tensor``
+is an all-reduce in disguise (2 (N − 1)/N · d). The fair uncompressed baseline on Gloo."""
+FSDP_OPTIONS = ("error_feedback", "stale_stats", "redesign_every", "min_bucket", "measure_every", "timeout_s")
+"""The DDP hook's options (:class:`~tailq.hooks.config.HookConfig`) that apply to a reduce-scatter."""
+log = logging.getLogger("tailq")
+
+
+def shardable_compressors() -> list[str]:
+    """Compressors whose codes sit on one shared codebook and split into byte shards (the family's ``shardable``:
+    shared-codebook aggregation and a ``bits`` option, the rule of :func:`~tailq.comm.families.family_for`)."""
+    return sorted(n for n in list_compressors() if get_compressor_class(n).aggregation is Aggregation.SHARED_CODEBOOK
+                  and "bits" in get_compressor_class(n).options)
+
+
+def _op_name(op: Any) -> str:
+    """``"sum"`` or ``"avg"``; anything else is refused, with what to do instead."""
+    if op == dist.ReduceOp.SUM:
+        return "sum"
+    if op == dist.ReduceOp.AVG:
+        return "avg"
+    raise ValueError(
+        f"tailq.fsdp: reduce op {getattr(op, 'op', op)} is not supported (SUM and AVG are); FSDP passes PREMUL_SUM "
+        "when a gradient divide factor is set: call set_force_sum_reduction_for_comms(True) on every FSDP module "
+        "(FSDP then divides by the factor itself), or use tailq.fsdp.compress(model, name, ...), which does"
+    )
+
+
+def _nonfinite_count(x: torch.Tensor) -> int:
+    fast = dispatch.nonfinite_count(x)  # one fused reduction where a fast path exists
+    return int((~torch.isfinite(x)).sum()) if fast is None else fast
+
+
+def _completed_work(result: torch.Tensor) -> Any:
+    """A ``Work`` that is already done (the comm runs synchronously; an ``async_op`` caller may still wait on it)."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(result)
+    return torch._C._distributed_c10d._create_work_from_future(fut)  # type: ignore[attr-defined]
+
+
+class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
+    """A compressed reduce-scatter for FSDP2 (``FSDPModule.set_custom_reduce_scatter``); see the module docstring.
+
+    ``FsdpReduceScatter(name, *, process_group=None, seed=0, **options)``: ``name`` a shardable compressor
+    (:func:`shardable_compressors`: single-scale, tbq, tnq, tuq); ``options`` its own (``bits``, ``tail``, …) and
+    the hook options of :data:`FSDP_OPTIONS` (``min_bucket`` compares with the whole input, N·S elements: smaller
+    inputs go uncompressed; ``measure_every=k``: every k-th step also reduces the exact fp32 shard, kind
+    ``"measure"``, and records the vNMSE of the whole input in ``metrics.vnmse``). ``process_group``: the group to
+    reduce over; by default the one FSDP passes (bound at the first call; later calls must pass a group of the same
+    size and rank). Like the DDP hook it may be created before the process group exists. ``metrics`` is a
+    :class:`~tailq.hooks.HookMetrics`.
+    """
+
+    def __init__(self, name: str, *, process_group: Any = None, seed: int = 0, **options: Any) -> None:
+        accepted = shardable_compressors()
+        if name in PASSTHROUGH:
+            self._init_passthrough(name, process_group, seed, options)
+            return
+        self.wire_dtype: torch.dtype | None = None
+        if name not in list_compressors():
+            raise ValueError(f"tailq.fsdp: unknown compressor {name!r}; accepted (shardable): {', '.join(accepted)}; "
+                             f"uncompressed: {', '.join(PASSTHROUGH)}")
+        comp_names = set(get_compressor_class(name).options)
+        hook_names = HookConfig.names()
+        unknown = sorted(set(options) - comp_names - hook_names)
+        if unknown:
+            raise TypeError(f"tailq.fsdp {name}: unknown option(s) {', '.join(unknown)}; compressor options: "
+                            f"{', '.join(sorted(comp_names | {'seed'}))}; reduce-scatter options: "
+                            f"{', '.join(sorted({*FSDP_OPTIONS, 'process_group'}))}")
+        refused = sorted(set(options) & (hook_names - set(FSDP_OPTIONS)) - comp_names)
+        if refused:
+            raise TypeError(f"tailq.fsdp {name}: option(s) {', '.join(refused)} configure the DDP hook's routes or "
+                            f"warm-up and do not apply to a reduce-scatter (phase 1 of the two-phase route, no "
+                            f"planner, no owner requantization); options that apply: {', '.join(FSDP_OPTIONS)}")
+        # HookConfig validates each option (the DDP-only fields keep their defaults and are not used)
+        self.options = HookConfig(**{k: v for k, v in options.items() if k in FSDP_OPTIONS})
+        own = {k: v for k, v in options.items() if k in comp_names}
+        self.comp: Compressor | None = compressor(name, seed=seed, **own)
+        opts = self.options
+        if opts.redesign_every > 1 and not getattr(self.comp, "rescalable", False):
+            raise ValueError(f"tailq.fsdp: redesign_every applies to the rescalable quantizers, not {name!r}; "
+                             f"use redesign_every=1")
+        self.memory = ErrorFeedback(self.comp, feedback=str(opts.error_feedback)) if opts.error_feedback else None
+        self.family = family_for(self.comp, fine_bits=opts.fine_bits, keep_own=False,
+                                 redesign_every=opts.redesign_every)
+        if not self.family.shardable:
+            raise ValueError(f"tailq.fsdp: {name!r} cannot be sharded (its codes are not on one shared codebook); "
+                             f"accepted: {', '.join(accepted)}")
+        self.policy: Any = policy_for(self.family, stale_stats=opts.stale_stats, redesign_every=opts.redesign_every,
+                                 first_step=0)
+        self.name, self.seed = name, seed
+        self.metrics = HookMetrics()
+        self.step = 0
+        self.calls_per_step = 0  # calls in the last finished step
+        self._process_group = process_group
+        self._comm: Comm | None = None
+        self._saved_world: int | None = None  # world size of a state loaded before binding: checked at binding
+        self._verified = False
+        self._call = 0  # calls so far in the open step
+        self._task: int | None = None  # autograd graph task of the open step; None: no step open
+        self._closed = False
+
+    def _init_passthrough(self, name: str, process_group: Any, seed: int, options: dict[str, Any]) -> None:
+        """``fp32`` / ``bf16``: no compression — one all-to-all of the chunks in that dtype, summed in fp32."""
+        wrong = sorted(set(options) - {"timeout_s"})
+        if wrong:
+            raise TypeError(f"tailq.fsdp {name}: takes only timeout_s (and process_group); got {', '.join(wrong)}")
+        self.wire_dtype = PASSTHROUGH[name]
+        self.options = HookConfig(**options)
+        self.comp = None
+        self.memory = None
+        self.policy = None
+        self.name, self.seed = name, seed
+        self.metrics = HookMetrics()
+        self.step = 0
+        self.calls_per_step = 0
+        self._process_group = process_group
+        self._comm = None
+        self._saved_world = None
+        self._verified = False
+        self._call = 0
+        self._task = None
+        self._closed = False
+
+    # -- the ReduceScatter interface ------------------------------------------------------------------------
+    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(tuple(size), dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any = None,
+                 op: Any = dist.ReduceOp.SUM, async_op: bool = False) -> Any:
+        """Write this rank's reduced shard of ``input_tensor`` into ``output_tensor`` (runs synchronously;
+        with ``async_op`` the returned ``Work`` is already complete)."""
+        if self._closed:
+            raise RuntimeError("tailq.fsdp: this reduce-scatter was closed")
+        kind = _op_name(op)
+        comm = self._bind(group)
+        n, numel, s = comm.n, input_tensor.numel(), output_tensor.numel()
+        if numel != n * s:
+            raise ValueError(f"tailq.fsdp: input has {numel} elements, expected world size {n} × output {s}")
+        if input_tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"tailq.fsdp: reduce-scatter of {input_tensor.dtype} is not supported (floating only)")
+        idx, step = self._begin_call()
+        try:
+            self._reduce(comm, output_tensor, input_tensor.reshape(n, s), kind, step, idx)
+        finally:
+            if self._task == -1:  # called outside a backward: every call is a step
+                self._end_step(-1)
+        return _completed_work(output_tensor) if async_op else None
+
+    # -- one call -------------------------------------------------------------------------------------------
+    def _reduce(self, comm: Comm, output: torch.Tensor, x2: torch.Tensor, kind: str, step: int, idx: int) -> None:
+        """This rank's shard of the (N, S) input ``x2``, reduced by ``kind`` ("sum" | "avg"), into ``output``."""
+        n, s = x2.shape
+        numel = n * s
+        t0, comm0, sec = time.perf_counter(), comm.seconds, self.metrics.seconds
+        meas0 = sec["measure"]
+        if not self._verified:
+            comm.verify_same_config(self.config(), Tag(step, idx, numel, "config"))
+            self._verified = True
+        g = x2.to(torch.float32)  # a copy for bf16; for fp32 the input itself, never written
+        exact = None
+        if self.options.measure_every and step % self.options.measure_every == 0:
+            tm = time.perf_counter()
+            exact = self._exact(g, Tag(step, idx, numel, "measure"), "measure") / n
+            sec["measure"] += time.perf_counter() - tm  # not part of the method: harnesses subtract it
+        if self.wire_dtype is not None:  # fp32 / bf16 passthrough: what a reduce-scatter of that dtype moves
+            t, summed = self._exact(x2.to(self.wire_dtype), Tag(step, idx, numel, "passthrough"), "passthrough"), True
+            self.metrics.last[idx] = {"route": "passthrough"}
+        elif numel < self.options.min_bucket or s == 0:
+            t, summed = self._exact(x2, Tag(step, idx, numel, "passthrough"), "passthrough"), True
+            self.metrics.last[idx] = {"route": "passthrough"}
+        else:
+            t, summed = self._compressed(g, step, idx)
+        if exact is not None:
+            tm = time.perf_counter()
+            self._record_vnmse(comm, step, idx, t / n if summed else t, exact)
+            sec["measure"] += time.perf_counter() - tm
+        self.metrics.wire.count_bucket(numel)
+        if kind == "avg":
+            out = t / n if summed else t
+        else:  # the compressed mean times N: exact in fp32 for N a power of two
+            out = t if summed else t * n
+        output.view(-1).copy_(out)
+        measured = sec["measure"] - meas0
+        sec["total"] += time.perf_counter() - t0 - measured
+        sec["communicate"] += comm.seconds - comm0 - measured
+
+    def _compressed(self, g: torch.Tensor, step: int, idx: int) -> tuple[torch.Tensor, bool]:
+        """(the fp32 mean shard, False), or (the fp32 sum shard, True) when it fell back: compensate → agree →
+        codebook → shards → all-to-all → the owner's mean (phase 1 of :class:`~tailq.comm.routes.twophase.TwoPhase`).
+        """
+        comm = self.comm
+        assert self.policy is not None
+        n, s = g.shape
+        numel = n * s
+        key = f"{idx}:{numel}"
+        tag = Tag(step, idx, numel, ROUTE)
+        x = self.memory.compensate(key, g.reshape(-1)) if self.memory is not None else g.reshape(-1)
+        bad = _nonfinite_count(x)
+        xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if bad else x
+        agreed = self.policy.agree(comm, tag, key, xs, bad)  # on the unpadded input: padding biases no statistic
+        if agreed.nonfinite:
+            return self._fallback(g, dataclasses.replace(tag, route="fallback"), "non-finite gradient on some rank")
+        m = shard_numel(numel, n)
+        padded = torch.nn.functional.pad(xs.view(n, s), (0, m - s)).reshape(-1)  # row r stays FSDP's chunk r
+        coder = self.family.coder(padded, agreed.codebook, comm, tag, key)
+        own: torch.Tensor | None
+        target: torch.Tensor | None
+        if coder is None:  # every rank's input is zero: the mean is exactly zero, nothing else is sent
+            mean = torch.zeros(s, dtype=torch.float32, device=g.device)
+            own = target = torch.zeros_like(xs)
+            info: dict[str, Any] = {"zero": True}
+        else:
+            sc: Any = coder  # a shard coder: the family is shardable (checked at construction)
+            packed, m_coder = sc.encode_shards(RandKey(self.seed, comm.rank, step, idx), n)
+            assert m_coder == m, (m_coder, m)
+            rows = comm.all_to_all(packed, tag, "payload")  # row j: rank j's codes of my shard
+            mean = sc.decode_shard_mean(rows, m)[:s]
+            own = target = None
+            info = {k: v for k, v in coder.info.items() if k != "gather_bits"}
+        if not self.policy.settle(comm, key, agreed):  # stale statistics arriving now say NaN/Inf: void
+            return self._fallback(g, dataclasses.replace(tag, route="fallback"),
+                                  "non-finite gradient on some rank (seen in stale-mode stats)")
+        if self.memory is not None:  # the residual of what this rank sent, on the unpadded layout
+            if coder is not None:
+                own = coder.own().view(n, m)[:, :s].reshape(-1)
+                target = coder.target().view(n, m)[:, :s].reshape(-1)
+            assert own is not None and target is not None
+            self.memory.update(key, x, own, target=target)
+        self.metrics.last[idx] = {"route": ROUTE, "shard_numel": m, **info}
+        return mean, False
+
+    def _exact(self, x2: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
+        """The fp32 sum of this rank's shard: one all-to-all of the raw (N, S) rows in their dtype, summed by the
+        owner in rank order starting from rank 0's row."""
+        rows = self.comm.all_to_all(x2.reshape(-1), tag, kind)
+        total = rows[0].to(torch.float32).clone()
+        for row in rows[1:]:
+            total += row.to(torch.float32)
+        return total
+
+    def _fallback(self, g: torch.Tensor, tag: Tag, why: str) -> tuple[torch.Tensor, bool]:
+        """Uncompressed fp32: non-finite values reach the owner exactly as with plain FSDP."""
+        self.metrics.fallbacks.append({"step": tag.step, "bucket": tag.bucket, "why": why})
+        self.metrics.last[tag.bucket] = {"route": "fallback"}
+        return self._exact(g, tag, "fallback"), True
+
+    def _record_vnmse(self, comm: Comm, step: int, idx: int, mean: torch.Tensor, exact: torch.Tensor) -> None:
+        """vNMSE of the whole reduced input: every owner's squared error and norm, summed by one all-reduce."""
+        e = torch.tensor([float(((mean.double() - exact.double()) ** 2).sum()), float((exact.double() ** 2).sum())],
+                         dtype=torch.float64)
+        comm.all_reduce(e, Tag(step, idx, exact.numel() * comm.n, "measure"), "measure")
+        self.metrics.vnmse.append({"step": step, "bucket": idx,
+                                   "vnmse": float(e[0] / e[1]) if e[1] > 0 else float("nan")})
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def _begin_call(self) -> tuple[int, int]:
+        """(call index within the step, step) for this call; opens a step (see "Steps" in the module docstring)."""
+        task = int(torch._C._current_graph_task_id())  # -1 outside a backward
+        if self._task is not None and self._task != task:  # a backward that raised never closed its step
+            self._end_step(self._task)
+        if self._task is None:
+            self._task, self._call = task, 0
+            if task != -1:
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_step(task))
+        idx = self._call
+        self._call += 1
+        return idx, self.step
+
+    def _end_step(self, task: int) -> None:
+        if self._task != task:  # already closed (by a later backward's first call)
+            return
+        self.calls_per_step = self._call
+        self.step += 1
+        self._task, self._call = None, 0
+
+    # -- binding, configuration and persistence -------------------------------------------------------------
+    def _bind(self, group: Any) -> Comm:
+        if self._comm is None:
+            if not dist.is_initialized():
+                raise RuntimeError("tailq.fsdp: call torch.distributed.init_process_group before the first backward")
+            pg = self._process_group if self._process_group is not None else group
+            self._comm = Comm(pg, self.metrics.wire, self.options.timeout_s)
+            if self._saved_world is not None and self._saved_world != self._comm.n:
+                raise ValueError(f"tailq.fsdp: the loaded state was saved with world size {self._saved_world}, "
+                                 f"this group has {self._comm.n} ranks")
+        comm = self._comm
+        if group is not None and group is not comm.group:
+            size, rank = dist.get_world_size(group), dist.get_rank(group)
+            if (size, rank) != (comm.n, comm.rank):
+                raise ValueError(f"tailq.fsdp: FSDP passed a group of {size} ranks (this rank {rank}) but the comm is "
+                                 f"bound to one of {comm.n} ranks (this rank {comm.rank}); FSDP's chunk r belongs to "
+                                 f"rank r of its group, so process_group must order the same ranks the same way")
+        return comm
+
+    @property
+    def comm(self) -> Comm:
+        if self._comm is None:
+            raise RuntimeError("tailq.fsdp: not bound to a process group yet (it binds at its first call)")
+        return self._comm
+
+    @property
+    def bound(self) -> bool:
+        """Whether the comm has bound to its process group (at its first call)."""
+        return self._comm is not None
+
+    def _world(self) -> int | None:
+        if self._comm is not None:
+            return self._comm.n
+        if self._process_group is not None and dist.is_initialized():
+            return int(dist.get_world_size(self._process_group))
+        return None
+
+    def config(self) -> dict[str, Any]:
+        """Everything that must be identical on every rank and in a checkpoint that is loaded (``world_size`` is
+        ``None`` until the comm knows its group)."""
+        opts = {k: getattr(self.options, k) for k in FSDP_OPTIONS if k != "timeout_s"}
+        comp = self.comp.config() if self.comp is not None else {"name": self.name}
+        return {"state_version": STATE_VERSION, "adapter": "fsdp.reduce_scatter", "compressor": comp,
+                **opts, "world_size": self._world()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain dicts, ints, strings and tensors: loadable with ``torch.load(weights_only=True)``. Save between
+        steps (after the optimizer step), as FSDP's own state."""
+        return {"config": self.config(), "step": self.step,
+                "error_feedback": None if self.memory is None else self.memory.state_dict(),
+                **(self.policy.state_dict() if self.policy is not None else {})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, mine = dict(state.get("config") or {}), self.config()
+        world = saved.get("world_size")
+        if mine["world_size"] is None or world is None:  # unknown on one side: checked when the comm binds
+            saved["world_size"] = mine["world_size"] = None
+        if saved != mine:
+            raise ValueError(f"tailq.fsdp: state was saved with a different configuration:\n  saved: "
+                             f"{state.get('config')}\n  this:  {self.config()}")
+        self._saved_world = None if world is None else int(world)
+        self.step = int(state["step"])
+        self._task, self._call = None, 0
+        if self.memory is not None:
+            self.memory.load_state_dict(state["error_feedback"])
+        if self.policy is not None:
+            self.policy.load_state_dict(state)
+
+    def close(self) -> None:
+        """Drop residuals and cached statistics; later calls raise. Idempotent."""
+        self._closed = True
+        self.memory = None
+
+    def __repr__(self) -> str:
+        world = self._world()
+        what = repr(self.comp) if self.comp is not None else repr(self.name)
+        return (f"FsdpReduceScatter({what}, world_size={'unbound' if world is None else world}, "
+                f"step={self.step})")
+
+
+def reduce_scatter(name: str, **options: Any) -> FsdpReduceScatter:
+    """A compressed reduce-scatter for ``FSDPModule.set_custom_reduce_scatter``: see :class:`FsdpReduceScatter`.
+
+    Pass SUM or AVG ops only: call ``set_force_sum_reduction_for_comms(True)`` on the FSDP modules if a gradient
+    divide factor is set (or use :func:`compress`, which does both).
+    """
+    return FsdpReduceScatter(name, **options)
+
+
+def compress(module: torch.nn.Module, name: str, **options: Any) -> FsdpReduceScatter:
+    """Make every FSDP module in ``module.modules()`` reduce-scatter its gradients with one shared tailq comm.
+
+    Calls ``set_custom_reduce_scatter(comm)`` and ``set_force_sum_reduction_for_comms(True)`` on each (with force-
+    sum FSDP passes SUM and applies any gradient divide factor itself, so the comm never sees PREMUL_SUM). One
+    object for all modules: calls are numbered within each backward, so per-call state and randomness stay keyed
+    consistently. Returns the comm (``comm.metrics``, ``comm.state_dict()``).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not fsdp:
+        raise ValueError(f"tailq.fsdp.compress: no FSDP module in {type(module).__name__}; apply "
+                         f"torch.distributed.fsdp.fully_shard to it (and its submodules) first")
+    comm = FsdpReduceScatter(name, **options)
+    for m in fsdp:
+        m.set_custom_reduce_scatter(comm)  # type: ignore[operator]
+        m.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
+    log.info("tailq.fsdp: %s on %d FSDP module(s)", comm.comp or comm.name, len(fsdp))
+    return comm
