@@ -329,7 +329,7 @@ def _require_harness_extras() -> None:
 
 def _extra(args: argparse.Namespace) -> dict[str, Any]:
     return {"lr": args.lr, "batch_size": args.batch_size, "data_dir": args.data_dir, "tail_df": args.tail_df,
-            "bucket_cap_mb": args.bucket_cap_mb, "measure_every": args.measure_every}
+            "bucket_cap_mb": args.bucket_cap_mb, "measure_every": args.measure_every, "fsdp": args.fsdp}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -368,14 +368,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tailq.harness.compare import DEFAULT_METHODS, Y1_METHODS, compare, parse_method
+    from tailq.harness.compare import DEFAULT_METHODS, FSDP_METHODS, Y1_METHODS, compare, parse_method
     from tailq.harness.report import print_table
     from tailq.harness.workloads import DEFAULT_STEPS, DataError, check_data, load_workload
 
     _require_harness_extras()
     notes: list[str] = []
     workload, workers = args.workload, args.workers
-    methods = [parse_method(m) for m in args.methods] if args.methods else list(DEFAULT_METHODS)
+    methods = [parse_method(m) for m in args.methods] if args.methods else list(
+        FSDP_METHODS if args.fsdp else DEFAULT_METHODS)
     if args.preset == "y1":
         workers = 8 if args.workers == 4 else args.workers
         methods = [parse_method(m) for m in args.methods] if args.methods else list(Y1_METHODS)
@@ -513,6 +514,10 @@ def _harness_common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tail-df", type=float, default=3.0, help="synthetic: Student-t degrees of freedom of inputs")
     s.add_argument("--bucket-cap-mb", type=float, default=25.0)
     s.add_argument("--measure-every", type=int, default=25, help="vNMSE every k-th step (0 = never)")
+    s.add_argument("--fsdp", action="store_true",
+                   help="gradients through FSDP2's reduce-scatter instead of DDP: bf16 = FSDP2's own in bf16, "
+                        "bf16:reduce=a2a = an all-to-all reduce-scatter, tuq/tnq/tbq/single-scale = tailq.fsdp "
+                        "(compare's default methods then: fp32 bf16 bf16:reduce=a2a tuq:3 tnq:3 tbq:3, redesign=10)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from tailq.errors import UsageError
 from .config import RunConfig, parse_value
 from .launch import launch_run
 
-__all__ = ["Method", "DEFAULT_METHODS", "Y1_METHODS", "compare", "summarize", "parse_method"]
+__all__ = ["Method", "DEFAULT_METHODS", "FSDP_METHODS", "Y1_METHODS", "compare", "summarize", "parse_method"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,11 @@ def parse_method(text: str) -> Method:
 DEFAULT_METHODS = [Method("fp32"), Method("bf16"), Method("powersgd"), parse_method("qsgd:4"),
                    parse_method("tuq:3:redesign=10"), parse_method("tnq:3:redesign=10"),
                    parse_method("tbq:3:redesign=10")]
+# --fsdp: FSDP2's own fp32 and bf16 reduce-scatters, the all-to-all bf16 reduce-scatter (Gloo's own is an
+# all-reduce: the fair bf16 there), and the truncated quantizers through tailq.fsdp.compress
+FSDP_METHODS = [Method("fp32"), Method("bf16"), parse_method("bf16:reduce=a2a"),
+                parse_method("tuq:3:redesign=10"), parse_method("tnq:3:redesign=10"),
+                parse_method("tbq:3:redesign=10")]
 # [Y1]'s comparison: QSGD and NUQSGD against the truncated quantizers at equal bits, 8 workers.
 Y1_METHODS = [Method("bf16"), parse_method("qsgd:3"), parse_method("nuqsgd:3"), parse_method("tuq:3"),
               parse_method("tnq:3"), parse_method("tbq:3")]
@@ -171,7 +176,8 @@ def compare(
             raise UsageError(str(err)) from err
     if not any(m.hook == "bf16" for m in methods):
         methods.insert(0, Method("bf16"))
-    methods.sort(key=lambda m: m.hook != "bf16")  # the baseline first: it sets the time budget and the target
+    # the baseline (plain bf16) first: it sets the time budget and the target
+    methods.sort(key=lambda m: (m.hook != "bf16", m.options != ()))
     if not 0 < target_fraction <= 1:
         raise UsageError(f"--target must be in (0, 1]; got {target_fraction}")
     run_id = run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -197,7 +203,7 @@ def compare(
 
             res = launch_run(cfg, progress=progress)
             results.append(res)
-            if cfg.hook == "bf16":
+            if cfg.hook == "bf16" and budget is None:  # the first bf16 run is the baseline
                 budget = 3.0 * res["steps"][-1]["clock"]
                 target = target_fraction * max(h["accuracy"] for h in res["history"])
     summary = summarize(results, target_fraction)
@@ -207,6 +213,7 @@ def compare(
         "workload_note": results[0]["workload_note"],
         "parameters": results[0]["parameters"],
         "workers": workers,
+        "fsdp": bool((extra or {}).get("fsdp", False)),
         "steps": steps,
         "seed": seed,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

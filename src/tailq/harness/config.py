@@ -48,6 +48,10 @@ class RunConfig:
     # method still short of bf16's target when the step budget ends gets more steps, within the time budget)
     extend_to_target: float | None = None
     max_steps: int | None = None
+    # gradients through FSDP2's reduce-scatter (fully_shard per transformer layer and the root) instead of DDP
+    # buckets: bf16 = FSDP2's own in bf16, bf16:reduce=a2a = an all-to-all reduce-scatter, a shardable tailq
+    # compressor = tailq.fsdp.compress (see tailq.harness.fsdp)
+    fsdp: bool = False
     net: Network = dataclasses.field(default_factory=lambda: Network("none", None))  # --net text is parsed here
     run_dir: str = "runs/run"
     label: str = ""
@@ -89,6 +93,19 @@ class RunConfig:
             raise UsageError(f"--bucket-cap-mb must be > 0; got {self.bucket_cap_mb}")
         if not isinstance(self.net, Network):
             raise UsageError(f"net must be a tailq.comm.network.Network or --net text; got {self.net!r}")
+        if self.fsdp:
+            from .fsdp import check_method
+
+            why = check_method(self.hook, self.hook_options)
+            if why:
+                raise UsageError(why)
+            if self.checkpoint_every:
+                raise UsageError("--checkpoint-every is not supported with --fsdp (sharded checkpoints); use 0")
+            if self.net.kind == "model":
+                raise UsageError("--fsdp needs a real or emulated network (--net none or RATE): FSDP2's own "
+                                 "parameter all-gathers are not in the wire log, so a modeled clock would omit them")
+        elif "reduce" in self.hook_options:
+            raise UsageError("the method option reduce= applies to --fsdp runs only")
         return self
 
     def to_dict(self) -> dict[str, Any]:

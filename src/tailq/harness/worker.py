@@ -31,9 +31,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tailq
-from tailq.hooks import HookState
 
 from .config import RunConfig
+from .fsdp import full_state as fsdp_full_state
+from .fsdp import shard as fsdp_shard
 from .workloads import Workload, load_workload
 
 CKPT_KEEP = 2
@@ -142,18 +143,27 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     batch = cfg.batch_size or wl.batch_size
     torch.manual_seed(cfg.seed)
     model = wl.make_model()
-    ddp = DDP(model, bucket_cap_mb=cfg.bucket_cap_mb)
     opts = dict(cfg.hook_options)
     if cfg.hook not in tailq.hooks.BUILTINS:
         opts.setdefault("measure_every", cfg.measure_every)
         opts.setdefault("seed", cfg.seed)
-        if net.known:  # route="auto" plans against the network the run really has
+        if net.known and not cfg.fsdp:  # route="auto" plans against the network the run really has
             opts.setdefault("network", net)
-    state: HookState
-    state, hook = tailq.ddp_hook(cfg.hook, **opts)
-    ddp.register_comm_hook(state, hook)
-    # compile the fused codec kernels now, outside the training clock (reported as kernel_warmup_s)
-    kernel_warmup_s = tailq.hooks.warm_kernels(cfg.hook, sum(p.numel() for p in model.parameters()), **opts)
+    n_params = sum(p.numel() for p in model.parameters())
+    state: Any
+    ddp: Any
+    if cfg.fsdp:  # gradients through FSDP2's reduce-scatter (see tailq.harness.fsdp); ddp is the sharded model
+        state = fsdp_shard(model, cfg.hook, opts)
+        ddp = model
+        warm = {k: v for k, v in opts.items() if k != "reduce"}
+        kernel_warmup_s = (0.0 if cfg.hook in tailq.hooks.BUILTINS else
+                           tailq.hooks.warm_kernels(cfg.hook, n_params, **{**warm, "route": "twophase"}))
+    else:
+        ddp = DDP(model, bucket_cap_mb=cfg.bucket_cap_mb)
+        state, hook = tailq.ddp_hook(cfg.hook, **opts)
+        ddp.register_comm_hook(state, hook)
+        # compile the fused codec kernels now, outside the training clock (reported as kernel_warmup_s)
+        kernel_warmup_s = tailq.hooks.warm_kernels(cfg.hook, n_params, **opts)
     opt = wl.make_optimizer(ddp.parameters())
 
     ck = Checkpoints(run_dir, rank) if cfg.checkpoint_every else None
@@ -201,20 +211,22 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
         _maybe_fail(rank, step)
         if step % cfg.eval_every == 0 or step in (cfg.steps, limit):
             dist.barrier()
+            full = fsdp_full_state(model) if cfg.fsdp else None  # a collective: every rank
             if rank == 0:
-                acc, test_loss = wl.evaluate(model)
+                acc, test_loss = wl.evaluate(model if full is None else _unsharded(wl, full))
                 entry: dict[str, Any] = {"step": step, "clock": clock, "accuracy": acc, "test_loss": test_loss,
                          "train_loss": float(loss.detach())}
                 # the local (uncompressed) gradient of one probe batch, for tail statistics: no DDP sync
                 # through the plain module, not ddp(...): DDP's forward broadcasts the module's buffers (a causal
                 # mask, BatchNorm statistics), a collective the other ranks, waiting at the broadcast below, would
                 # match against the wrong message; under no_sync the reducer's gradient hooks stay idle
-                with ddp.no_sync():
+                if full is None:  # (FSDP: no unsynchronised local gradient to sample)
+                    with ddp.no_sync():
+                        opt.zero_grad(set_to_none=True)
+                        wl.loss(model(xb), yb).backward()
+                    grad_sample = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
                     opt.zero_grad(set_to_none=True)
-                    wl.loss(model(xb), yb).backward()
-                grad_sample = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-                opt.zero_grad(set_to_none=True)
-                entry["tail"] = _tail_stats(grad_sample)
+                    entry["tail"] = _tail_stats(grad_sample)
                 alphas = [v["alpha"] for v in state.metrics.last.values() if "alpha" in v]
                 if alphas:
                     entry["alpha_max"] = float(max(alphas))
@@ -231,6 +243,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
                            "step": step, "clock": clock, "history": json.dumps(history),
                            "steps_log": json.dumps(steps_log)})
     result = None
+    final = fsdp_full_state(model) if cfg.fsdp else {k: v.detach() for k, v in model.state_dict().items()}
     if rank == 0:
         metrics = state.metrics
         result = {
@@ -238,7 +251,8 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             "name": cfg.name,
             "network": net.summary(),
             "workload_note": wl.note,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": n_params,
+            "fsdp": cfg.fsdp,
             "history": history,
             "steps": steps_log,
             "steps_done": step,
@@ -252,14 +266,21 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             "plan": _jsonable(getattr(metrics, "plan", {})),
             "vnmse": metrics.vnmse,
             "fallbacks": metrics.fallbacks,
-            "final_params_checksum": float(sum(float(p.double().sum()) for p in model.parameters())),
+            "final_params_checksum": float(sum(float(final[k].double().sum()) for k, _ in model.named_parameters())),
         }
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
         if grad_sample is not None:
             np.save(run_dir / "grad_sample.npy", grad_sample.numpy())
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, run_dir / "final_model.pt")
+        torch.save({k: v.clone() for k, v in final.items()}, run_dir / "final_model.pt")
     state.close()
     return result
+
+
+def _unsharded(wl: Workload, full: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain copy of the model holding the gathered FSDP parameters (rank 0 evaluates it)."""
+    model = wl.make_model()
+    model.load_state_dict(full)
+    return model
 
 
 def _maybe_fail(rank: int, step: int) -> None:
