@@ -52,7 +52,8 @@ def print_table(summary: dict[str, Any]) -> None:
 
     net = summary["network"]
     label = " [MODELED network]" if net.get("modeled") else ""
-    t = Table(title=f"{summary['workload']}, {summary['workers']} workers, {net['rate']}{label}; "
+    fsdp = ", FSDP2" if summary.get("fsdp") else ""
+    t = Table(title=f"{summary['workload']}, {summary['workers']} workers{fsdp}, {net['rate']}{label}; "
                     f"target accuracy {summary['target_accuracy']:.4f}")
     for h in HEADER:
         t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
@@ -164,7 +165,7 @@ def _histogram_plot(root: Path, summary: dict[str, Any], runs: dict[str, dict[st
         if (d / "grad_sample.npy").is_file() and (sample_dir is None or r["config"]["hook"] in ("tnq", "tuq", "tbq")):
             sample_dir = d
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if sample_dir is None:
+    if sample_dir is None:  # (--fsdp runs take no local gradient sample)
         ax.text(0.5, 0.5, "no gradient sample", ha="center", transform=ax.transAxes)
     else:
         g = np.load(sample_dir / "grad_sample.npy")
@@ -192,7 +193,8 @@ def _histogram_plot(root: Path, summary: dict[str, Any], runs: dict[str, dict[st
     ax.set_xlabel("|g|")
     ax.set_ylabel("density")
     ax.set_title("gradient magnitudes: heavy tail, fitted models and the truncation threshold")
-    ax.legend(fontsize=7)
+    if sample_dir is not None:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(root / PLOTS[3], dpi=110)
@@ -210,6 +212,12 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         f"- workload: **{summary['workload']}** — {summary.get('workload_note', '')}",
         f"- workers: {summary['workers']}, steps per run: {summary['steps']}, seed {summary.get('seed', 0)}",
         f"- network: **{net['rate']}** ({kind})",
+        *([] if not summary.get("fsdp") else [
+            "- **FSDP2** (`--fsdp`): gradients leave through FSDP2's reduce-scatter (`fully_shard` per transformer "
+            "layer and the root, one fp32 parameter all-gather per step, the same for every method, and not in "
+            "bits/coord); `bf16` = FSDP2's own reduce-scatter in bf16 (on Gloo an all-reduce: its ring traffic is "
+            "an all-reduce's), `bf16(reduce=a2a)` = the same values by one all-to-all (a real reduce-scatter's "
+            "traffic), the truncated quantizers = `tailq.fsdp.compress`"]),
         f"- target accuracy: **{summary['target_accuracy']:.4f}** = {summary['target_fraction_of_bf16_best']:.0%} of "
         "bf16's best",
         f"- machine: {summary.get('machine', {})}, date {summary.get('date', '')}",
