@@ -34,6 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compressor", default="tnq", help="a tailq hook name (tailq list) or fp32/bf16/powersgd")
     ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--route", default="twophase",
+                    help="the hook's route (default twophase: on one machine's loopback route=auto would rightly "
+                         "choose bf16 and compress nothing)")
     ap.add_argument("--steps", type=int, default=40, help="last step (exclusive)")
     ap.add_argument("--first-step", type=int, default=0, help="first step (with --load-state: where it was saved)")
     ap.add_argument("--save-state")
@@ -48,7 +51,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model, opt = accelerator.prepare(model, opt)
     opts: dict[str, Any] = {} if a.compressor in ("fp32", "fp16", "bf16", "powersgd") else {
-        "bits": a.bits, "error_feedback": True, "min_bucket": 0}
+        "bits": a.bits, "error_feedback": True, "min_bucket": 0, "route": a.route}
     hook = register_hook(accelerator, model, a.compressor, **opts)  # on the DDP model prepare() built
     x, y = data().tensors
     with torch.no_grad():

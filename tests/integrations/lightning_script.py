@@ -3,7 +3,8 @@
 ``python lightning_script.py MODE OUT [--epochs E] [--save CKPT] [--resume CKPT]``; Lightning's ``strategy="ddp"``
 re-launches this script for rank 1. Modes:
 
-* ``callback``: ``TailqCallback("tnq", bits=3, error_feedback=True, measure_every=4)``;
+* ``callback``: ``TailqCallback("tnq", bits=3, error_feedback=True, measure_every=4, route="twophase")`` (routes
+  pinned throughout: on loopback ``route="auto"`` may rightly send bf16, and the tests check compression);
 * ``strategy``: the documented ``DDPStrategy(ddp_comm_state=state, ddp_comm_hook=hook)`` with the state created
   before the Trainer — on CPU Lightning drops the hook;
 * ``strategy-registered``: the same, with a DDPStrategy that registers the hook on CPU too (what Lightning does on
@@ -42,7 +43,7 @@ class Net(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -83,12 +84,13 @@ def main() -> None:
     state: Any = None
     if a.mode == "callback":
         opts: dict[str, Any] = {} if a.hook in tailq.hooks.BUILTINS else {
-            "bits": 3, "error_feedback": True, "measure_every": 4, "min_bucket": 0}
+            "bits": 3, "error_feedback": True, "measure_every": 4, "min_bucket": 0, "route": "twophase"}
         cb = TailqCallback(a.hook, **opts)
         callbacks.append(cb)
         strategy: Any = "ddp"
     else:
-        state, hook = tailq.ddp_hook("tnq", bits=3, min_bucket=0)  # before the Trainer: no process group yet
+        # before the Trainer: no process group yet (route pinned: on loopback "auto" may rightly pick bf16)
+        state, hook = tailq.ddp_hook("tnq", bits=3, min_bucket=0, route="twophase")
         cls = DDPStrategy if a.mode == "strategy" else RegisteringDDP
         strategy = cls(ddp_comm_state=state, ddp_comm_hook=hook)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=a.epochs, callbacks=callbacks,

@@ -45,7 +45,7 @@ def test_callback_trains_logs_and_resumes_exactly(tmp_path: Path) -> None:
         assert r["hook_step"] == r["global_step"] > 0  # the hook ran on every step, on CPU
         assert 3.0 < r["bits"] < 16.0  # 3-bit codes plus statistics and headers; bf16 is 16
         assert r["after"] < 0.6 * r["before"]
-        assert {"tailq/bits_per_coord", "tailq/step", "tailq/vnmse", "tailq/route/allgather"} <= set(r["logged"])
+        assert {"tailq/bits_per_coord", "tailq/step", "tailq/vnmse", "tailq/route/twophase"} <= set(r["logged"])
         assert 3.0 < r["logged_bits"] < 16.0
     for run in (half, full, resumed):
         assert _same(run[0]["params"], run[1]["params"])  # every rank holds the same model
