@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,18 @@ def cmd_design(args: argparse.Namespace) -> int:
         raise UsageError(f"--bits must be in 1..8; got {args.bits}")
     if args.mc_samples < 1:
         raise UsageError(f"--mc-samples must be >= 1; got {args.mc_samples}")
-    tail, samples, note = _tail_from_args(args)
+    if args.seed < 0:
+        raise UsageError(f"--seed must be an integer >= 0; got {args.seed}")
+    for name in ("scale", "gamma", "m"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number; got {value}")
+    try:
+        tail, samples, note = _tail_from_args(args)
+    except UsageError:
+        raise
+    except ValueError as err:  # the tail model refused the given parameters or samples: its message names them
+        raise UsageError(f"--tail {args.tail}: {err}") from err
     try:
         des = theory.design(args.scheme, tail, args.bits, refine=args.refine)
     except theory.HeavyTailError as err:
@@ -172,16 +184,26 @@ def cmd_design(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 # tailq fit
+FIT_MIN_VALUES = 50
 def cmd_fit(args: argparse.Namespace) -> int:
     from scipy import stats as sstats
 
     from tailq import theory
 
     x = load_samples(args.file)
-    if not np.any(x):
-        raise UsageError(f"{args.file}: every value is zero; there is no tail to fit")
+    nonzero = int(np.count_nonzero(x))
+    if nonzero < FIT_MIN_VALUES:
+        raise UsageError(f"{args.file}: {nonzero} non-zero values; a tail fit needs at least {FIT_MIN_VALUES} "
+                         "(the power-law fit's minimum tail)")
+    mags = np.abs(x[x != 0])
+    if mags.min() == mags.max():
+        raise UsageError(f"{args.file}: every non-zero value has the same magnitude ({mags[0]:g}); there is no "
+                         "tail to fit")
     lap = theory.fit_laplace(x)
-    pl = theory.fit_powerlaw(x)
+    try:
+        pl = theory.fit_powerlaw(x)
+    except ValueError as err:  # too few distinct tail values: say so, fit and design the rest
+        raise UsageError(f"{args.file}: the power-law fit is impossible on these values ({err})") from err
     out: dict[str, Any] = {
         "file": args.file,
         "n": int(x.size),
@@ -352,7 +374,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     net = _network(args.net, notes)
     steps, every = DEFAULT_STEPS.get(args.workload, (300, 25))
     cfg = RunConfig(workload=args.workload, hook=args.compressor, hook_options=opts, workers=args.workers,
-                    steps=args.steps or steps, eval_every=args.eval_every or every, seed=args.seed,
+                    steps=steps if args.steps is None else args.steps,
+                    eval_every=every if args.eval_every is None else args.eval_every, seed=args.seed,
                     net=net, run_dir=args.run_dir or f"runs/train-{args.compressor}",
                     checkpoint_every=args.checkpoint_every, **_extra(args)).validate()
     check_data(cfg.workload, cfg.data_dir)
@@ -368,11 +391,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tailq.harness.compare import DEFAULT_METHODS, FSDP_METHODS, Y1_METHODS, compare, parse_method
+    from tailq.harness.compare import (
+        DEFAULT_METHODS,
+        FSDP_METHODS,
+        Y1_METHODS,
+        ComparisonIncomplete,
+        compare,
+        parse_method,
+        resume,
+    )
     from tailq.harness.report import print_table
     from tailq.harness.workloads import DEFAULT_STEPS, DataError, check_data, load_workload
 
     _require_harness_extras()
+    def run(fn: Any) -> Path:
+        try:
+            return Path(fn())
+        except ComparisonIncomplete as err:  # the table of what finished, then the failures (exit 1)
+            if (err.root / "results.json").is_file():
+                print_table(json.loads((err.root / "results.json").read_text()))
+            raise
+
+    if args.resume:
+        return _compare_done(run(lambda: resume(args.resume)), [], args.json)
     notes: list[str] = []
     workload, workers = args.workload, args.workers
     methods = [parse_method(m) for m in args.methods] if args.methods else list(
@@ -389,16 +430,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_data(workload, args.data_dir)
     net = _network(args.net, notes)
     steps, every = DEFAULT_STEPS.get(workload, (300, 25))
-    root = compare(workload=workload, workers=workers, net=net, methods=methods, steps=args.steps or steps,
-                   eval_every=args.eval_every or every, seed=args.seed, out_dir=args.out, run_id=args.id,
-                   target_fraction=args.target, extra=_extra(args), notes=notes)
+    root = run(lambda: compare(workload=workload, workers=workers, net=net, methods=methods,
+                               steps=steps if args.steps is None else args.steps,
+                               eval_every=every if args.eval_every is None else args.eval_every, seed=args.seed,
+                               out_dir=args.out, run_id=args.id, target_fraction=args.target, extra=_extra(args),
+                               notes=notes))
+    return _compare_done(root, notes, args.json)
+
+
+def _compare_done(root: Path, notes: list[str], json_path: str | None) -> int:
+    from tailq.harness.report import print_table
+
     summary = json.loads((root / "results.json").read_text())
     print_table(summary)
     for n in notes:
         print(f"note: {n}")
     print(f"report: {root / 'report.md'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary, indent=2))
     return 0
 
 
@@ -408,8 +457,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if not (root / "results.json").is_file():
         raise UsageError(f"{root} has no results.json (is it a directory written by tailq compare?)")
-    path = render(root)
-    print_table(json.loads((root / "results.json").read_text()))
+    bad = (f"{root / 'results.json'} is not a tailq comparison summary; rebuild it with tailq compare --resume "
+           f"{root}")
+    try:
+        summary = json.loads((root / "results.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"{bad} (not JSON: {err})") from err
+    need = ("runs", "network", "workload", "workers", "target_accuracy", "steps")
+    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list) or any(k not in summary
+                                                                                          for k in need):
+        raise UsageError(f"{bad} (it needs the keys {', '.join(need)})")
+    try:
+        path = render(root)
+        print_table(summary)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise UsageError(f"{bad} (a field is missing or malformed: {type(err).__name__}: {err})") from err
     print(f"report: {path}")
     return 0
 
@@ -492,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs", help="parent directory of the run directory")
     s.add_argument("--id", help="run directory name (default: a timestamp)")
     s.add_argument("--json", metavar="PATH", help="also write the summary JSON here")
+    s.add_argument("--resume", metavar="DIR", help="continue the comparison in DIR: keep its finished runs, rerun "
+                   "the missing or failed ones with its saved arguments, rebuild the report (other options ignored)")
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("report", help="re-render report.md and plots of a comparison directory")
@@ -523,7 +587,7 @@ def _harness_common(s: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from tailq.harness.launch import RunFailed
+    from tailq.harness.launch import RunFailed, Stopped
 
     try:
         return int(args.func(args) or 0)
@@ -533,6 +597,14 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"tailq {args.command}: the run failed: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM/SIGHUP (Stopped): workers stopped, networks removed
+        signum = err.signum if isinstance(err, Stopped) else 2
+        what = err if isinstance(err, Stopped) else "interrupted"
+        root = getattr(err, "tailq_root", None)
+        kept = f" Finished runs are kept: continue with tailq compare --resume {root}" if root else ""
+        print(f"tailq {args.command}: {what}; its workers were stopped and its network removed.{kept}",
+              file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

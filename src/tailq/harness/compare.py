@@ -22,9 +22,11 @@ from tailq.comm.network import Network
 from tailq.errors import UsageError
 
 from .config import RunConfig, parse_value
-from .launch import launch_run
+from .launch import RunFailed, launch_run
+from .netem import EmulationError
 
-__all__ = ["Method", "DEFAULT_METHODS", "FSDP_METHODS", "Y1_METHODS", "compare", "summarize", "parse_method"]
+__all__ = ["ComparisonIncomplete", "Method", "DEFAULT_METHODS", "FSDP_METHODS", "Y1_METHODS", "compare", "resume",
+           "summarize", "parse_method"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,9 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> d
     }
 
 
+PLAN = "compare.json"  # the comparison's arguments, written before the first run: what --resume continues
+
+
 def compare(
     *,
     workload: str = "digits",
@@ -163,10 +168,17 @@ def compare(
     extra: dict[str, Any] | None = None,
     notes: list[str] | None = None,
     quiet: bool = False,
+    resume: bool = False,
 ) -> Path:
-    """Run every method, write results.json, report.md and plots; return the run directory."""
+    """Run every method, write results.json, report.md and plots; return the run directory.
+
+    Each run's ``result.json`` is written when it ends. A method whose run fails is recorded as failed (its error
+    and log tail in ``<label>/failed.json`` and in results.json) and the comparison goes on with the others;
+    :class:`ComparisonIncomplete` is raised after the report is written. ``resume=True`` (``tailq compare
+    --resume DIR``, see :func:`resume`) keeps every finished run whose configuration matches and reruns the rest.
+    Without the bf16 baseline nothing can be judged: if it fails, the comparison stops there.
+    """
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     methods = list(methods or DEFAULT_METHODS)
     if isinstance(net, str):  # --net text from a library caller
@@ -178,15 +190,68 @@ def compare(
         methods.insert(0, Method("bf16"))
     # the baseline (plain bf16) first: it sets the time budget and the target
     methods.sort(key=lambda m: (m.hook != "bf16", m.options != ()))
+    labels = [m.label for m in methods]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise UsageError(f"--methods: {', '.join(dupes)} given more than once (each method is one run directory)")
     if not 0 < target_fraction <= 1:
         raise UsageError(f"--target must be in (0, 1]; got {target_fraction}")
     run_id = run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(out_dir) / run_id
+    # every method validated (its hook built, unbound) before anything starts
     configs = [RunConfig(workload=workload, hook=m.hook, hook_options=dict(m.options), workers=workers, steps=steps,
                          eval_every=eval_every, seed=seed, net=net, run_dir=str(root / m.label), label=m.label,
                          **(extra or {})).validate() for m in methods]
+    plan = {"workload": workload, "workers": workers, "net": net.as_arg(), "steps": steps, "eval_every": eval_every,
+            "seed": seed, "target_fraction": target_fraction, "extra": extra or {}, "notes": list(notes or []),
+            "methods": [[m.hook, [list(kv) for kv in m.options]] for m in methods]}
+    root.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (root / PLAN).write_text(json.dumps(plan, indent=2))
     con = Console(quiet=quiet)
-    results = []
+    try:
+        results, failed, kept = _run_all(configs, target_fraction, con, quiet, resume)
+    except KeyboardInterrupt as err:  # SIGINT, SIGTERM, SIGHUP: the finished runs stay; say where to resume
+        err.tailq_root = root  # type: ignore[attr-defined]
+        raise
+    if not any(r["config"]["hook"] == "bf16" for r in results):
+        raise ComparisonIncomplete(root, failed, f"the bf16 baseline failed, so nothing can be judged: "
+                                   f"{failed[0]['error'].splitlines()[0] if failed else ''}")
+    summary = summarize(results, target_fraction)
+    summary.update({
+        "id": run_id,
+        "workload": workload,
+        "workload_note": results[0]["workload_note"],
+        "parameters": results[0]["parameters"],
+        "workers": workers,
+        "fsdp": bool((extra or {}).get("fsdp", False)),
+        "steps": steps,
+        "seed": seed,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
+        "notes": list(notes or []) + [f"{r['name']}: {n}" for r in results for n in r.get("exit_notes", [])]
+        + ([f"resumed: kept the finished runs of {', '.join(kept)}"] if kept else []),
+        "failed": [{k: f[k] for k in ("name", "error")} for f in failed],
+        "run_dirs": {c.name: str(Path(c.run_dir)) for c in configs if any(r["name"] == c.name for r in results)},
+    })
+    (root / "results.json").write_text(json.dumps(summary, indent=2))
+    from .report import render
+
+    render(root)
+    if failed:
+        raise ComparisonIncomplete(root, failed, "")
+    return root
+
+
+def _run_all(configs: list[RunConfig], target_fraction: float, con: Any, quiet: bool,
+             resume: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Every run in order (bf16 first: its clock sets the others' budget, its best accuracy their target);
+    returns (results, failures, names of the runs kept from before)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    kept: list[str] = []
     budget = None
     target: float | None = None
     with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -201,31 +266,78 @@ def compare(
                 text = "" if info is None else f"acc {info['accuracy']:.3f}, clock {info['clock']:.1f}s"
                 bar.update(task, completed=step, info=text)
 
-            res = launch_run(cfg, progress=progress)
+            res = _finished(cfg) if resume else None
+            if res is not None:
+                kept.append(cfg.name)
+                bar.update(task, completed=cfg.steps, info="kept (finished before)")
+            else:
+                (Path(cfg.run_dir) / FAILED).unlink(missing_ok=True)
+                try:
+                    res = launch_run(cfg, progress=progress)
+                except (RunFailed, EmulationError) as err:
+                    failed.append(_record_failure(cfg, err))
+                    bar.update(task, info="[red]failed[/red]")
+                    if budget is None:  # the baseline: nothing can be judged without it
+                        break
+                    continue
             results.append(res)
             if cfg.hook == "bf16" and budget is None:  # the first bf16 run is the baseline
                 budget = 3.0 * res["steps"][-1]["clock"]
                 target = target_fraction * max(h["accuracy"] for h in res["history"])
-    summary = summarize(results, target_fraction)
-    summary.update({
-        "id": run_id,
-        "workload": workload,
-        "workload_note": results[0]["workload_note"],
-        "parameters": results[0]["parameters"],
-        "workers": workers,
-        "fsdp": bool((extra or {}).get("fsdp", False)),
-        "steps": steps,
-        "seed": seed,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
-        "notes": list(notes or []) + [f"{r['name']}: {n}" for r in results for n in r.get("exit_notes", [])],
-        "run_dirs": {r["name"]: str(Path(c.run_dir)) for r, c in zip(results, configs, strict=True)},
-    })
-    (root / "results.json").write_text(json.dumps(summary, indent=2))
-    from .report import render
+    return results, failed, kept
 
-    render(root)
-    return root
+
+FAILED = "failed.json"
+
+
+class ComparisonIncomplete(RunFailed):
+    """Some methods of a comparison failed; the others' results (and the report, when bf16 finished) are kept."""
+
+    def __init__(self, root: Path, failed: list[dict[str, Any]], why: str) -> None:
+        self.root, self.failed = root, failed
+        names = ", ".join(f["name"] for f in failed)
+        head = why or f"{len(failed)} method(s) failed: {names}; the others are in {root / 'results.json'}"
+        details = "\n".join(f"--- {f['name']}: {f['error']}" for f in failed)
+        super().__init__(f"{head}\nrerun what is missing with: tailq compare --resume {root}\n{details}")
+
+
+def _record_failure(cfg: RunConfig, err: Exception) -> dict[str, Any]:
+    """``<run_dir>/failed.json``: the method, its error and the end of every rank's log."""
+    run_dir = Path(cfg.run_dir)
+    logs = {p.name: p.read_text(errors="replace")[-2000:] for p in sorted(run_dir.glob("rank*.log"))}
+    info = {"name": cfg.name, "error": str(err), "logs": logs,
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _finished(cfg: RunConfig) -> dict[str, Any] | None:
+    """The run's saved result if it finished with exactly this configuration (``--resume`` keeps it)."""
+    path = Path(cfg.run_dir) / "result.json"
+    try:
+        res: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if res.get("config") != cfg.to_dict() or not res.get("history") or not res.get("steps"):
+        return None
+    return res
+
+
+def resume(root: str | Path, *, quiet: bool = False) -> Path:
+    """Continue the comparison in ``root`` (``tailq compare --resume DIR``): the finished runs are kept, the
+    missing or failed ones rerun with the saved arguments, and the report rebuilt."""
+    root = Path(root)
+    try:
+        plan = json.loads((root / PLAN).read_text())
+        methods = [Method(hook, tuple((k, v) for k, v in opts)) for hook, opts in plan["methods"]]
+        args = {k: plan[k] for k in ("workload", "workers", "net", "steps", "eval_every", "seed", "target_fraction",
+                                     "extra", "notes")}
+    except FileNotFoundError:
+        raise UsageError(f"--resume: {root} has no {PLAN} (a directory written by tailq compare)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--resume: {root / PLAN} is not a comparison plan ({err})") from err
+    return compare(methods=methods, out_dir=str(root.parent), run_id=root.name, quiet=quiet, resume=True, **args)
 
 
 def _cpus() -> int:

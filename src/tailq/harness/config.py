@@ -74,10 +74,11 @@ class RunConfig:
                         ("measure_every", 0)):
             check_int(f"--{key.replace('_', '-')}", getattr(self, key), lo, error=UsageError)
         bits = self.hook_options.get("bits")
-        if bits is not None:
-            from tailq.codec import get_compressor_class
+        if isinstance(bits, int) and not isinstance(bits, bool):
+            from tailq.codec import list_compressors
 
-            opt = get_compressor_class(self.hook).options.get("bits")
+            cls = list_compressors().get(self.hook)
+            opt = cls.options.get("bits") if cls is not None else None
             if opt is not None and not (opt.low <= bits <= opt.high):
                 raise UsageError(f"--bits for {self.hook} must be in {opt.low:g}..{opt.high:g}; got {bits}")
         if self.lr is not None and not self.lr > 0:
@@ -106,7 +107,31 @@ class RunConfig:
                                  "parameter all-gathers are not in the wire log, so a modeled clock would omit them")
         elif "reduce" in self.hook_options:
             raise UsageError("the method option reduce= applies to --fsdp runs only")
+        self._check_hook_options()
         return self
+
+    def _check_hook_options(self) -> None:
+        """Build the run's hook (or FSDP reduce-scatter) here, unbound, so a bad option fails before any worker
+        starts, with the hook's own message (which names the option and the accepted values)."""
+        from tailq.hooks import BUILTINS, ddp_hook
+
+        opts = dict(self.hook_options)
+        what = f"method {self.name}: " if self.label else ""
+        if self.fsdp and self.hook not in BUILTINS:
+            from tailq.fsdp import reduce_scatter
+
+            build: Any = lambda: reduce_scatter(self.hook, **opts)  # noqa: E731
+        else:
+            if self.fsdp:
+                opts.pop("reduce", None)
+            build = lambda: ddp_hook(self.hook, **opts)[0]  # noqa: E731
+        try:
+            state = build()
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"{what}{err}") from err
+        close = getattr(state, "close", None)
+        if close is not None:
+            close()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (the network as its ``--net`` text)."""

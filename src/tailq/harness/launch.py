@@ -5,19 +5,28 @@ MASTER_PORT set. With an emulated network each rank runs inside its own network 
 (``ip netns exec``) and Gloo is pinned to that namespace's interface (``GLOO_SOCKET_IFNAME``). The network is
 torn down when the run ends, fails or is interrupted. If any rank fails, the others are stopped and the error
 names the rank and shows the end of its output.
+
+A launcher stopped by SIGTERM or SIGHUP (what Slurm and Kubernetes send) stops its workers and removes its
+network before it exits (:class:`Stopped`); the workers also die with the launcher if it is killed outright
+(``PR_SET_PDEATHSIG``). A rank marks the end of its last collective with ``rank{r}.done``: a rank that fails
+after that (a crash in process teardown) costs nothing, the run's result stands with a note.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from tailq.comm.network import Network
@@ -25,11 +34,57 @@ from tailq.comm.network import Network
 from .config import RunConfig
 from .netem import EmulatedNetwork
 
-__all__ = ["launch_run", "reap", "RunFailed"]
+__all__ = ["launch_run", "reap", "RunFailed", "Stopped", "stop_on_signals", "done_marker"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class RunFailed(RuntimeError):
     pass
+
+
+class Stopped(KeyboardInterrupt):
+    """The launcher received SIGTERM or SIGHUP: the run's workers are stopped and its network removed."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Stopped` in the main thread while inside (so every ``finally`` runs:
+    workers reaped, networks removed); the previous handlers come back after. A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, old in prev.items():
+        if old is not signal.SIG_IGN and old is not _raise_stopped:
+            signal.signal(sig, _raise_stopped)
+    try:
+        yield
+    finally:
+        for sig, old in prev.items():
+            if old is not None:
+                signal.signal(sig, old)
+
+
+def done_marker(run_dir: Path, rank: int) -> Path:
+    """The file a rank writes once its last collective of the run has completed."""
+    return run_dir / f"rank{rank}.done"
+
+
+def _die_with_parent() -> None:
+    """Worker pre-exec: SIGKILL when the launcher's thread dies (``ip netns exec`` execs, keeping it)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
 
 
 def _free_port() -> int:
@@ -65,9 +120,11 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").unlink(missing_ok=True)
     (run_dir / "progress.json").unlink(missing_ok=True)
+    for rank in range(cfg.workers):
+        done_marker(run_dir, rank).unlink(missing_ok=True)
     config_path = run_dir / "config.json"
     cfg.save(config_path)
-    with _network(cfg.net, cfg.workers) as net:
+    with stop_on_signals(), _network(cfg.net, cfg.workers) as net:
         tx0 = net.tx_bytes() if net is not None else None
         procs, logs = [], []
         port = 29500 if net is not None else _free_port()
@@ -82,7 +139,8 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
             log = open(run_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
             logs.append(log)
             cmd = [*prefix, sys.executable, "-m", "tailq.harness.worker", "--config", str(config_path)]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None))
         try:
             exit_notes = _wait(procs, run_dir, cfg, progress, timeout_s)
         finally:
@@ -103,37 +161,40 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
 
 def _wait(procs: list[subprocess.Popen[bytes]], run_dir: Path, cfg: RunConfig, progress: Any,
           timeout_s: float) -> list[str]:
-    """Wait for every rank; returns notes on ranks that failed only after rank 0 had written the finished result
-    (a crash in process teardown — Gloo's threads at exit — costs nothing: every collective had completed)."""
+    """Wait for every rank; returns notes on ranks that failed only after their last collective (``rank{r}.done``)
+    or after rank 0 had written the finished result: a crash in process teardown (Gloo's threads at exit) costs
+    nothing, every collective had completed."""
     deadline = time.monotonic() + timeout_s
     last_step = 0
     notes: list[str] = []
     while True:
         codes = [p.poll() for p in procs]
         failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-        if failed and (run_dir / "result.json").is_file():
-            for rank, code in failed:
-                note = (f"rank {rank} exited with status {code} after rank 0 had written the finished result "
-                        "(a crash at process exit); the result stands")
-                if note not in notes:
-                    notes.append(note)
-            failed = []
-            if all(c is not None for c in codes):
-                return notes
-            deadline = min(deadline, time.monotonic() + 60)  # the others are finishing too
+        written = (run_dir / "result.json").is_file()
+        late = [(r, c) for r, c in failed if written or done_marker(run_dir, r).is_file()]
+        for rank, code in late:
+            note = (f"rank {rank} exited with status {code} after its last collective of the run (a crash at "
+                    "process exit); the result stands")
+            if note not in notes:
+                notes.append(note)
+                deadline = min(deadline, time.monotonic() + 120)  # the others are finishing too
+        failed = [f for f in failed if f not in late]
         if failed:
             rank, code = failed[0]
             time.sleep(0.5)  # let the other ranks notice and print their side
             tail = (run_dir / f"rank{rank}.log").read_text(errors="replace")[-4000:]
             raise RunFailed(f"run {cfg.name}: rank {rank} exited with status {code}. Its output ends with:\n{tail}")
-        if all(c == 0 for c in codes) or (notes and all(c is not None for c in codes)):
+        if all(c is not None for c in codes):
+            if not written and not (run_dir / "result.json").is_file():
+                return notes  # the caller reports the missing result
             if progress is not None:
                 progress(cfg.steps, cfg.steps, None)
             return notes
         if time.monotonic() > deadline:
-            if notes:  # the result is written; ranks still tearing down are killed by the caller
-                return [*notes, "ranks still running 60 s after the result was written were killed"]
-            raise RunFailed(f"run {cfg.name}: did not finish within {timeout_s:.0f} s")
+            if notes and (run_dir / "result.json").is_file():  # ranks still tearing down are killed by the caller
+                return [*notes, "ranks still running 120 s after the others had finished were killed"]
+            raise RunFailed(f"run {cfg.name}: did not finish within {timeout_s:.0f} s" if not notes else
+                            f"run {cfg.name}: {'; '.join(notes)}, but rank 0 did not write its result within 120 s")
         if progress is not None:
             try:
                 info = json.loads((run_dir / "progress.json").read_text())

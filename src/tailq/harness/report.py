@@ -39,6 +39,8 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
             f"{1e3 * r['codec_s']:.1f}",
             f"{1e3 * r['comm_s']:.1f}",
         ])
+    for f in summary.get("failed", []):  # a method whose run failed: recorded, never silently dropped
+        rows.append([f["name"], "FAILED", *["—"] * (len(HEADER) - 2)])
     return rows
 
 
@@ -243,6 +245,10 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         lines += ["", f"Below the target when the {summary['steps']}-step budget ended, so trained on until "
                   "reaching it (up to 3× the steps, within 3× bf16's clock; final accuracy is at that step): "
                   + ", ".join(ext) + "."]
+    for f in summary.get("failed", []):
+        first = f["error"].strip().splitlines()[0] if f["error"].strip() else "(no message)"
+        lines += ["", f"**{f['name']} FAILED**: {first} (its error and every rank's log tail: "
+                  f"`{f['name']}/failed.json`; rerun it with `tailq compare --resume DIR`)"]
     lines += ["", *[f"> note: {n}" for n in summary.get("notes", [])], ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS]
     lines += _routes_section(runs)

@@ -35,6 +35,7 @@ import tailq
 from .config import RunConfig
 from .fsdp import full_state as fsdp_full_state
 from .fsdp import shard as fsdp_shard
+from .launch import done_marker
 from .workloads import Workload, load_workload
 
 CKPT_KEEP = 2
@@ -108,9 +109,13 @@ def run(cfg: RunConfig) -> dict[str, Any] | None:
     torch.set_num_threads(cfg.threads)
     init_group(rank, world, datetime.timedelta(seconds=300))
     try:
-        return _train(cfg, rank, world)
+        result = _train(cfg, rank, world)
+        # every collective of the run has completed: a failure from here on (teardown) costs the run nothing
+        done_marker(Path(cfg.run_dir), rank).write_text("done\n")
     finally:
         dist.destroy_process_group()
+    _maybe_fail_at_exit(cfg, rank)
+    return result
 
 
 def init_group(rank: int, world: int, timeout: datetime.timedelta) -> None:
@@ -208,7 +213,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
         steps_log.append({"step": step, "clock": clock, "step_s": step_clock, "wall_s": step_wall,
                           "codec_s": lap.codec_s, "comm_s": lap.comm_s, "loss": float(loss.detach())})
         step += 1
-        _maybe_fail(rank, step)
+        _maybe_fail(cfg, rank, step)
         if step % cfg.eval_every == 0 or step in (cfg.steps, limit):
             dist.barrier()
             full = fsdp_full_state(model) if cfg.fsdp else None  # a collective: every rank
@@ -283,14 +288,27 @@ def _unsharded(wl: Workload, full: dict[str, torch.Tensor]) -> torch.nn.Module:
     return model
 
 
-def _maybe_fail(rank: int, step: int) -> None:
+def _fault_here(cfg: RunConfig) -> bool:
+    """Fault injection applies to this run: TAILQ_FAULT_LABEL, when set, names the one run (a compare method)."""
+    label = os.environ.get("TAILQ_FAULT_LABEL")
+    return label is None or label == cfg.name
+
+
+def _maybe_fail(cfg: RunConfig, rank: int, step: int) -> None:
     """Fault injection for tests: TAILQ_FAULT_EXIT_AT_STEP=k and TAILQ_FAULT_RANK=r make rank r die abruptly
     after step k — on the first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT is 0 or unset)."""
     at = os.environ.get("TAILQ_FAULT_EXIT_AT_STEP")
-    if at is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    if at is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or not _fault_here(cfg):
         return
     if step == int(at) and rank == int(os.environ.get("TAILQ_FAULT_RANK", "1")):
         os._exit(17)
+
+
+def _maybe_fail_at_exit(cfg: RunConfig, rank: int) -> None:
+    """Fault injection for tests: TAILQ_FAULT_ABORT_AT_EXIT=r makes rank r abort (SIGABRT, as a C++ terminate in
+    teardown would) after its last collective and the process group's destruction."""
+    if os.environ.get("TAILQ_FAULT_ABORT_AT_EXIT") == str(rank) and _fault_here(cfg):
+        os.abort()
 
 
 def _batch(wl: Workload, rank: int, world: int, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

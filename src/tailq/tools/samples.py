@@ -25,6 +25,8 @@ def load_samples(path: str) -> np.ndarray:
             arr = np.load(p, allow_pickle=False)
         except ValueError as err:
             raise UsageError(f"{path}: cannot read as a plain .npy array without pickle ({err})") from err
+        if arr.dtype.kind not in "fiu":  # complex, strings, booleans, structured: not gradient values
+            raise UsageError(f"{path}: holds {arr.dtype} values; expected real numbers (a float or integer array)")
         arrays = [np.asarray(arr, dtype=np.float64).ravel()]
     elif suffix in (".pt", ".pth"):
         import torch

@@ -1,0 +1,195 @@
+"""The fault matrix of the harness and the CLI: bad input gets one clear line and exit status 2 before anything
+starts; a comparison never loses finished work (a failed method is recorded, the others go on, ``--resume`` reruns
+only what is missing); a worker that dies at exit after its last collective costs nothing; SIGTERM and SIGHUP to the
+launcher stop its workers and remove its network. README's "What happens when…" table names these tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailq.cli import main
+from tailq.comm.network import Network
+from tailq.harness.compare import ComparisonIncomplete, compare, parse_method, resume
+from tailq.harness.config import RunConfig
+from tailq.harness.launch import launch_run
+from tailq.harness.netem import emulation_available
+
+
+# -- bad input: one line, exit 2, nothing started ------------------------------------------------------------
+def _files(tmp: Path) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    arrays = {"tiny": rng.standard_normal(20), "const": np.ones(1000), "complex": rng.standard_normal(500) + 1j,
+              "strings": np.array(["a", "b"] * 100)}
+    out = {}
+    for name, arr in arrays.items():
+        np.save(tmp / f"{name}.npy", arr)
+        out[name] = str(tmp / f"{name}.npy")
+    (tmp / "corrupt").mkdir()
+    (tmp / "corrupt" / "results.json").write_text('{"runs": [')
+    (tmp / "partial").mkdir()
+    (tmp / "partial" / "results.json").write_text('{"runs": []}')
+    return out
+
+
+DESIGN = ["design", "--scheme", "tnq", "--tail", "laplace", "--bits", "3"]
+HARNESS = ["--net", "none", "--workers", "2"]
+BAD_INPUT = [
+    # (argv, the words the one line must contain)
+    (["train", *HARNESS, "--steps", "0"], "--steps must be an integer >= 1; got 0"),
+    (["train", *HARNESS, "--eval-every", "0"], "--eval-every must be an integer >= 1; got 0"),
+    (["compare", *HARNESS, "--steps", "0"], "--steps must be an integer >= 1"),
+    (["compare", *HARNESS, "--methods", "bf16", "tnq:3", "tnq:3"], "tnq-3b given more than once"),
+    (["compare", "--net", "garbage"], "--net: cannot use 'garbage'"),
+    (["compare", *HARNESS, "--methods", "bf16", "tnq:3:foo=1"], "unknown option(s) foo"),
+    (["compare", *HARNESS, "--methods", "bf16", "tnq:3:bits=abc"], "option 'bits' must be an integer, got 'abc'"),
+    (["compare", *HARNESS, "--methods", "bf16", "powersgd:3"], "powersgd: unknown option(s) ['bits']"),
+    (["compare", *HARNESS, "--methods", "bf16", "nosuch:3"], "must be one of"),
+    (["train", *HARNESS, "--compressor", "powersgd", "--bits", "3"], "powersgd: unknown option(s) ['bits']"),
+    (["train", *HARNESS, "--compressor", "tnq", "--bits", "9"], "--bits for tnq must be in 1..8; got 9"),
+    ([*DESIGN, "--scale", "inf"], "--scale must be a finite number; got inf"),
+    ([*DESIGN, "--scale", "1", "--seed", "-1"], "--seed must be an integer >= 0; got -1"),
+    (["fit", "{tiny}"], "20 non-zero values; a tail fit needs at least 50"),
+    (["fit", "{const}"], "every non-zero value has the same magnitude"),
+    (["fit", "{complex}"], "holds complex128 values; expected real numbers"),
+    (["fit", "{strings}"], "expected real numbers"),
+    (["report", "{tmp}/corrupt"], "is not a tailq comparison summary"),
+    (["report", "{tmp}/partial"], "is not a tailq comparison summary"),
+    (["compare", "--resume", "{tmp}/nothing-here"], "has no compare.json"),
+]
+
+
+@pytest.mark.parametrize(("argv", "words"), BAD_INPUT, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_clear_line_and_exit_2(argv: list[str], words: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    files = _files(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a run directory would land here: nothing may be created
+    argv = [a.format(tmp=tmp_path, **files) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"tailq {argv[0]}: error: "), err
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # validated before anything started
+
+
+# -- a comparison never loses finished work ------------------------------------------------------------------
+COMPARE = {"workload": "synthetic", "workers": 2, "net": "none", "steps": 6, "eval_every": 3, "quiet": True}
+
+
+def test_a_failed_method_is_recorded_the_others_go_on_and_resume_reruns_only_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    methods = [parse_method(m) for m in ("bf16", "fp32", "fp16")]
+    monkeypatch.setenv("TAILQ_FAULT_LABEL", "fp32")  # fp32's rank 1 dies after step 3; bf16 and fp16 do not
+    monkeypatch.setenv("TAILQ_FAULT_EXIT_AT_STEP", "3")
+    monkeypatch.setenv("TAILQ_FAULT_RANK", "1")
+    with pytest.raises(ComparisonIncomplete, match=r"1 method\(s\) failed: fp32(.|\n)*--resume"):
+        compare(methods=methods, out_dir=str(tmp_path), run_id="c", **COMPARE)  # type: ignore[arg-type]
+    root = tmp_path / "c"
+    summary = json.loads((root / "results.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == ["bf16", "fp16"]  # the one after the failure ran too
+    assert [f["name"] for f in summary["failed"]] == ["fp32"]
+    assert "rank 1 exited with status 17" in summary["failed"][0]["error"]
+    failed = json.loads((root / "fp32" / "failed.json").read_text())
+    assert set(failed["logs"]) == {"rank0.log", "rank1.log"}
+    assert "fp32 FAILED" in (root / "report.md").read_text()
+    kept = {n: (root / n / "result.json").stat().st_mtime_ns for n in ("bf16", "fp16")}
+
+    monkeypatch.delenv("TAILQ_FAULT_EXIT_AT_STEP")
+    resume(root, quiet=True)
+    summary = json.loads((root / "results.json").read_text())
+    assert sorted(r["name"] for r in summary["runs"]) == ["bf16", "fp16", "fp32"] and not summary["failed"]
+    assert {n: (root / n / "result.json").stat().st_mtime_ns for n in kept} == kept  # not rerun
+    assert any("resumed: kept the finished runs of bf16, fp16" in n for n in summary["notes"])
+    assert not (root / "fp32" / "failed.json").exists()
+
+
+def test_a_worker_that_dies_at_exit_after_its_last_collective_costs_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fresh-clone `make demo` failure: a rank aborted (SIGABRT) in teardown after training."""
+    monkeypatch.setenv("TAILQ_FAULT_ABORT_AT_EXIT", "1")
+    cfg = RunConfig(workload="synthetic", hook="bf16", workers=2, steps=6, eval_every=3, net=Network("none", None),
+                    run_dir=str(tmp_path / "run"))
+    res = launch_run(cfg)
+    assert res["steps_done"] == 6
+    assert res["exit_notes"] == ["rank 1 exited with status -6 after its last collective of the run (a crash at "
+                                 "process exit); the result stands"]
+
+
+# -- SIGTERM / SIGHUP to the launcher ------------------------------------------------------------------------
+def _workers_of(run_dir: Path) -> list[int]:
+    """Live worker processes of the run (their command line names the run's config.json)."""
+    needle = str(run_dir / "config.json").encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+                state = (proc / "stat").read_text().split(") ")[-1][:1]
+            except OSError:
+                continue
+            if needle in cmd and b"tailq.harness.worker" in cmd and state != "Z":
+                pids.append(int(proc.name))
+    return pids
+
+
+def _start(argv: list[str], run_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "w") as fh:
+        p = subprocess.Popen([sys.executable, "-m", "tailq.cli", *argv], stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while len(_workers_of(run_dir)) < 2 or not (run_dir / "progress.json").is_file():  # training has begun
+        assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    return p
+
+
+def _stopped(p: subprocess.Popen[bytes], sig: int, run_dir: Path, log: Path) -> str:
+    p.send_signal(sig)
+    p.wait(timeout=60)
+    out = log.read_text()
+    assert p.returncode == 128 + sig, out[-3000:]
+    deadline = time.time() + 10
+    while _workers_of(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _workers_of(run_dir), "workers outlived the launcher"
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_to_train_stops_its_workers(sig: int, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = ["train", "--workload", "synthetic", "--workers", "2", "--net", "none", "--steps", "1000000",
+            "--compressor", "bf16", "--run-dir", str(run_dir)]
+    out = _stopped(_start(argv, run_dir, tmp_path / "log"), sig, run_dir, tmp_path / "log")
+    assert f"stopped by {signal.Signals(sig).name}; its workers were stopped" in out
+
+
+def _ours(pid: int) -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {ln.split()[0] for ln in out.splitlines() if re.match(rf"tq-{pid}-n\d+-", ln)}
+
+
+EMULATION, WHY = emulation_available(Network.parse("50mbit"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not EMULATION, reason=f"network emulation unavailable: {WHY}")
+def test_sigterm_to_compare_on_an_emulated_network_stops_workers_and_removes_namespaces(tmp_path: Path) -> None:
+    run_dir = tmp_path / "c" / "bf16"
+    argv = ["compare", "--workload", "synthetic", "--workers", "2", "--net", "50mbit", "--steps", "1000000",
+            "--methods", "bf16", "--out", str(tmp_path), "--id", "c"]
+    p = _start(argv, run_dir, tmp_path / "log")
+    assert _ours(p.pid)
+    out = _stopped(p, signal.SIGTERM, run_dir, tmp_path / "log")
+    assert not _ours(p.pid), "namespaces left behind"
+    assert f"continue with tailq compare --resume {tmp_path / 'c'}" in out
+    assert os.path.isfile(tmp_path / "c" / "compare.json")
