@@ -21,7 +21,9 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -330,10 +332,29 @@ def _jsonable(obj: Any) -> Any:
 
 
 def main() -> None:
+    """Run one rank, then leave with ``os._exit``: never through interpreter finalization.
+
+    Gloo's worker threads run (and later release) the Python ``Future.then`` callbacks of PyTorch's PowerSGD hook,
+    and they outlive ``destroy_process_group()`` while DDP's reducer still holds the group. A Gloo thread that needs
+    the GIL after finalization has begun is ended by CPython with ``pthread_exit``, whose forced unwind meets a
+    ``noexcept`` frame of the C++ future code: ``std::terminate`` — "terminate called without an active exception",
+    SIGABRT, after every result was written (the stack, reproduced: README "What happens when…"). Exiting without
+    finalization leaves no such window; stdout and stderr are flushed first, and every file was closed by then.
+    """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     args = ap.parse_args()
-    run(RunConfig.load(args.config).validate())
+    code = 0
+    try:
+        run(RunConfig.load(args.config).validate())
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else 1
+    except BaseException:  # noqa: BLE001 - printed like Python would, then the same exit without finalization
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
