@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 
 from .base import (
+    FLOAT32_MAX,
     Aggregation,
     AgreesScales,
     Compressor,
@@ -28,6 +29,7 @@ for _module in pkgutil.iter_modules(__path__):  # sorted by name: the registrati
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "FLOAT32_MAX",
     "Aggregation",
     "AgreesScales",
     "Codebook",

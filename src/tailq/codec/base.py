@@ -10,6 +10,11 @@ Every compressor (ours and the baselines) is a small class with three jobs (GRAC
 Bits on the wire are always counted from the bytes of the tensors in :class:`Encoded`
 (codes, scales, statistics, indices: all metadata included), never from a formula.
 
+Every encoding records its maker (:attr:`Encoded.maker`, local metadata that never goes on the wire): the
+compressor's name and the options that define the format (:attr:`Compressor.format_options`), not its seed.
+``decode`` refuses an encoding made by another compressor, or by the same one with another format, with a
+ValueError. The base class stamps and checks this for every subclass (:meth:`Compressor.__init_subclass__`).
+
 How a distributed run aggregates a compressor is declared by its ``aggregation`` class attribute
 (:class:`Aggregation`); the two families that agree something across ranks before rounding implement a protocol
 on top of the interface above: :class:`SharesCodebook` (statistics → one codebook) and :class:`AgreesScales`
@@ -22,6 +27,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -38,6 +44,7 @@ __all__ = [
     "AgreesScales",
     "Compressor",
     "Encoded",
+    "FLOAT32_MAX",
     "Option",
     "SharesCodebook",
     "check_input",
@@ -54,12 +61,16 @@ class Encoded:
 
     ``tensors`` holds *only* what a receiver needs to decode (payload and metadata); its byte size is the
     wire cost. ``info`` holds diagnostics that never leave the sender (the design used, alpha, ...).
+    ``maker`` is the :attr:`Compressor.format_id` of the compressor that made it (set by its ``encode``); a
+    decoder with another format id refuses it. ``None`` (an encoding assembled by hand, e.g. from received
+    tensors) is not checked.
     """
 
     tensors: dict[str, torch.Tensor]
     shape: torch.Size
     dtype: torch.dtype
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    maker: str | None = None
 
     @property
     def numel(self) -> int:
@@ -78,11 +89,16 @@ class Encoded:
         return self.wire_bits() / n if n else float("nan")
 
 
+FLOAT32_MAX: float = float(torch.finfo(torch.float32).max)
+"""The largest finite float32 (≈ 3.4028e38): compressors compute in float32, so inputs must lie within ±this."""
+
+
 def check_input(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     """Validate a gradient tensor and return it flattened as float32 (a view when possible).
 
-    Raises a ValueError naming ``name`` for non-floating or non-finite input. Empty tensors are allowed
-    (every compressor maps empty in to empty out).
+    Raises a ValueError naming ``name`` for non-finite input, or for finite values of a wider dtype (float64)
+    beyond float32's range (they would become ±inf in the cast); a TypeError for non-floating input. Empty
+    tensors are allowed (every compressor maps empty in to empty out).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -96,7 +112,15 @@ def check_input(x: torch.Tensor, name: str = "x") -> torch.Tensor:
             f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf of {flat.numel()}); "
             "compressors need finite input (the DDP hooks route such buckets uncompressed)"
         )
-    return flat.to(torch.float32)
+    out = flat.to(torch.float32)
+    if flat.dtype != torch.float32 and out.numel() and not bool(torch.isfinite(out).all()):
+        n_big = int(torch.isinf(out).sum())
+        largest = float(flat.abs().max())
+        raise ValueError(
+            f"{name} has {n_big} value(s) beyond float32's range ±{FLOAT32_MAX:.4g} (largest |{name}| = "
+            f"{largest:.4g}, dtype {flat.dtype}); compressors compute in float32: scale the input into that range"
+        )
+    return out
 
 
 class Aggregation(enum.Enum):
@@ -126,6 +150,9 @@ class Compressor(abc.ABC):
     ``counter_randomness``: ``encode`` accepts a :class:`~tailq.kernels.RandKey` as its generator (counter-based
     rounding, bit-identical across kernel paths); others take a ``torch.Generator`` (the hook seeds one per key).
     ``fixed_bits``: code bits per coordinate of a compressor without a ``bits`` option (ternary: 2, sign: 1).
+    ``format_options``: the options that change the encoded format or its decoding (``None``: all of them);
+    with the name they make :attr:`format_id`, which every encoding carries and ``decode`` checks. The seed
+    never belongs to it: ranks encode with different seeds and decode each other's encodings.
     """
 
     name: ClassVar[str]
@@ -138,6 +165,18 @@ class Compressor(abc.ABC):
     counter_randomness: ClassVar[bool] = False
     fixed_bits: ClassVar[int | None] = None
     options: ClassVar[dict[str, Option]] = {}
+    format_options: ClassVar[tuple[str, ...] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap the subclass's own ``encode`` / ``encode_with`` (stamp the maker) and ``decode`` (check it)."""
+        super().__init_subclass__(**kwargs)
+        for name in ("encode", "encode_with"):
+            fn = cls.__dict__.get(name)
+            if callable(fn) and not hasattr(fn, "__tailq_maker__"):
+                setattr(cls, name, _stamping(fn))
+        fn = cls.__dict__.get("decode")
+        if callable(fn) and not hasattr(fn, "__tailq_maker__"):
+            cls.decode = _checking(fn)  # type: ignore[method-assign]
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.options) - {"seed"})
@@ -174,6 +213,13 @@ class Compressor(abc.ABC):
         """The options that define this compressor (what every rank must agree on)."""
         return {"name": self.name, "seed": self.seed, **{k: getattr(self, k) for k in self.options}}
 
+    @property
+    def format_id(self) -> str:
+        """The name and the format options, e.g. ``"qsgd(bits=4, bucket_size=512)"``: what an encoding's
+        :attr:`Encoded.maker` must equal for ``decode`` to accept it (the seed is not part of it)."""
+        keys = self.options if self.format_options is None else self.format_options
+        return f"{self.name}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options)
         return f"{type(self).__name__}({opts})"
@@ -181,6 +227,37 @@ class Compressor(abc.ABC):
     @staticmethod
     def _empty(x: torch.Tensor, **tensors: torch.Tensor) -> Encoded:
         return Encoded(tensors=dict(tensors), shape=x.shape, dtype=x.dtype, info={"empty": True})
+
+
+def _stamping(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (an encode) that records the compressor's :attr:`~Compressor.format_id` in the returned Encoded."""
+
+    @functools.wraps(fn)
+    def encode(self: Compressor, *args: Any, **kwargs: Any) -> Any:
+        enc = fn(self, *args, **kwargs)
+        if isinstance(enc, Encoded):
+            enc.maker = self.format_id
+        return enc
+
+    encode.__tailq_maker__ = True  # type: ignore[attr-defined]
+    return encode
+
+
+def _checking(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a decode) that first refuses an Encoded made by a compressor of another format id."""
+
+    @functools.wraps(fn)
+    def decode(self: Compressor, enc: Encoded, *args: Any, **kwargs: Any) -> Any:
+        maker = getattr(enc, "maker", None)
+        if maker is not None and maker != self.format_id:
+            raise ValueError(
+                f"decode: this encoding was made by {maker}; this decoder is {self.format_id}. Decode with a "
+                "compressor of the same name and format options (seeds may differ)"
+            )
+        return fn(self, enc, *args, **kwargs)
+
+    decode.__tailq_maker__ = True  # type: ignore[attr-defined]
+    return decode
 
 
 @runtime_checkable

@@ -101,7 +101,11 @@ def stochastic_round_levels(x: torch.Tensor, levels: torch.Tensor, generator: Ge
 class Codebook:
     """A strictly increasing level set l_0 < … < l_s (float32) and how to round onto it.
 
-    ``uniform`` codebooks (equal spacing) use an affine fast path; both paths are unbiased.
+    ``uniform`` codebooks (equal spacing) use an affine fast path; both paths are unbiased. The affine path
+    computes ``x − l_0`` and ``k·step`` in float32, so a uniform codebook whose span ``l_s − l_0`` exceeds
+    float32's largest value (|levels| beyond ≈ 1.7e38) rounds and decodes through its levels instead
+    (``uniform`` is then False: the same grid and values, no overflow). An interval wider than float32's largest
+    value cannot be rounded in float32 at all: ValueError.
     """
 
     levels: torch.Tensor
@@ -115,6 +119,16 @@ class Codebook:
             )
         if not bool(torch.isfinite(lv).all()) or not bool((lv[1:] > lv[:-1]).all()):
             raise ValueError(f"levels must be finite and strictly increasing; got {lv.tolist()}")
+        widths = lv[1:].to(torch.float32) - lv[:-1].to(torch.float32)
+        if not bool(torch.isfinite(widths).all()):
+            raise ValueError(
+                f"levels [{float(lv[0]):.4g} .. {float(lv[-1]):.4g}] have an interval wider than float32's largest "
+                f"value {torch.finfo(torch.float32).max:.4g}: the rounding arithmetic overflows float32; scale the "
+                "input so that |x| stays below about 1.7e38 (or use more bits)"
+            )
+        span = lv[-1:].to(torch.float32) - lv[:1].to(torch.float32)
+        if self.uniform and not bool(torch.isfinite(span).all()):
+            object.__setattr__(self, "uniform", False)  # the affine arithmetic would overflow (see the class doc)
 
     @classmethod
     def from_levels(

@@ -37,6 +37,7 @@ class EFSign(Compressor):
     fixed_bits = 1
     memory = True
     options: ClassVar[dict[str, Option]] = {}
+    format_options: ClassVar[tuple[str, ...]] = ()
 
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> Encoded:
         """Deterministic: ``generator`` is accepted for the common interface and ignored."""

@@ -44,6 +44,7 @@ class _BucketNormQuantizer(Compressor):
         ),
         "bucket_size": Option(int, 512, "coordinates per bucket (one float32 L2 norm each)", 1, 2**31),
     }
+    format_options: ClassVar[tuple[str, ...]] = ("bits", "bucket_size")
     bits: int
     bucket_size: int
 

@@ -99,6 +99,7 @@ class SingleScale(Compressor):
     options: ClassVar[dict[str, Option]] = {
         "bits": Option(int, 4, "bits per coordinate (s = 2^bits - 1 intervals on [-M, M])", 1, 8),
     }
+    format_options: ClassVar[tuple[str, ...]] = ("bits",)
     bits: int
 
     @property

@@ -29,14 +29,20 @@ def laplace_stats(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.tensor(n, dtype=torch.float64, device=x.device), s.to(x.device)])
 
 
-def histogram_stats(x: torch.Tensor, with_logs: bool = True) -> torch.Tensor:
+def histogram_stats(x: torch.Tensor, with_logs: bool = True, shift: int = 0) -> torch.Tensor:
     """The mergeable |x| histogram (counts, Σ|x|, Σ ln|x| per bin) as one float64 vector.
 
     ``with_logs=False`` returns ``[counts, Σ|x|]`` in float32 (a third of the bytes): all the empirical design
     needs. The per-bin log-sums serve the power-law fit only. Counts are exact in float32 up to 2^24 per bin;
     beyond that they round by a few parts in 10^8, which no design can notice.
+
+    ``shift``: bin (and sum) the magnitudes in units of 2^shift, i.e. the histogram of |x|·2^-shift (the octave
+    shift of :mod:`tailq.theory.histogram`). The product is exact in float64 for every float32 input, so the
+    statistics are those of the shifted values bit for bit; ``shift = 0`` is the plain histogram.
     """
     a = x.reshape(-1).abs().to(torch.float64)
+    if shift:
+        a = a * 2.0 ** -int(shift)
     nonzero = a >= HIST_LO
     la = torch.where(nonzero, torch.log2(a.clamp_min(HIST_LO)), torch.zeros_like(a))
     idx = torch.floor((la - _LOG2_LO) * HIST_BINS_PER_OCTAVE).to(torch.int64) + 1

@@ -53,6 +53,7 @@ class TernGrad(Compressor):
             int, 0, "coordinates per scale group (own sigma and scale); 0 = one group per tensor", 0, 2**31
         ),
     }
+    format_options: ClassVar[tuple[str, ...]] = ("bucket_size",)  # clip_sigma changes what is sent, not how
     clip_sigma: float
     bucket_size: int
 

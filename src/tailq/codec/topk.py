@@ -40,6 +40,7 @@ class TopK(Compressor):
             float, 0.01, "fraction of coordinates kept; k = max(1, round(ratio*d))", 0.0, 1.0, low_open=True
         ),
     }
+    format_options: ClassVar[tuple[str, ...]] = ()  # k is the number of values sent
     ratio: float
 
     def k(self, d: int) -> int:

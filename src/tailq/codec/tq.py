@@ -14,6 +14,12 @@ the empirical design and says so in ``info["fallback"]``), ``empirical`` (the hi
 Wire format: the codes packed densely at ``bits`` bits, plus the codebook the receiver needs — TUQ sends α
 (one float32, the grid is implied by ``bits``); TNQ/TBQ send their s + 1 levels (float32). An all-zero
 input sends one float32 zero and no codes (zero in → zero out, exactly).
+
+Scale: the histogram tails bin |g|·2^-shift for an integer octave shift (:mod:`tailq.theory.histogram`) and
+scale the design back by 2^shift, so the design is the same at every scale a float32 can carry. ``encode``
+bins at shift 0 (today's binning) and, only when the bucket fell outside the bins' range, bins again at the
+shift its statistics give (``info["shift"]``, ``info["rebinned"]``); the distributed layer keeps the shift per
+bucket (:mod:`tailq.comm.agree`). The Laplace statistics ``[n, Σ|g|]`` are scale-free as they are.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ import torch
 from tailq import theory
 from tailq.kernels import RandKey, dispatch
 
-from .base import Aggregation, Compressor, Encoded, Option, check_input, register
+from .base import FLOAT32_MAX, Aggregation, Compressor, Encoded, Option, check_input, register
 from .codebook import Codebook
 from .stats import histogram_stats, laplace_stats
 
 __all__ = ["TUQ", "TNQ", "TBQ", "TruncatedQuantizer", "DesignResult", "checked_input"]
 
 TAILS = ("laplace", "powerlaw", "empirical")
+MAX_REBINS = 3
+"""At most this many re-binnings of one bucket (one suffices unless it has more than 2^28 elements)."""
 
 
 class DesignResult:
@@ -69,8 +77,27 @@ class DesignResult:
         return d
 
 
+def _histogram(stats: np.ndarray) -> Any:
+    """The :class:`~tailq.theory.LogHistogram` of histogram statistics (with or without the log-sums)."""
+    if stats.size == 2 * theory.HIST_NBINS:  # empirical statistics carry no log-sums (not needed)
+        stats = np.concatenate([stats, np.zeros(theory.HIST_NBINS)])
+    return theory.LogHistogram.from_stats(stats)
+
+
+def _f32_levels(levels: Any, shift: int = 0) -> np.ndarray:
+    """float64 ``levels``·2^shift, scaled down (if need be) so the outer level is at most float32's largest value.
+
+    Every input is within ±FLOAT32_MAX, so lowering an outer level above it to it clips nothing more.
+    """
+    lv = np.ldexp(np.asarray(levels, dtype=np.float64), int(shift))
+    top = float(np.abs(lv).max())
+    return lv * (FLOAT32_MAX / top) if top > FLOAT32_MAX else lv
+
+
 @functools.lru_cache(maxsize=256)
-def _design_cached(scheme: str, tail_kind: str, bits: int, refine: bool, stats_bytes: bytes) -> DesignResult:
+def _design_cached(
+    scheme: str, tail_kind: str, bits: int, refine: bool, shift: int, stats_bytes: bytes
+) -> DesignResult:
     stats = np.frombuffer(stats_bytes, dtype=np.float64)
     uniform = scheme == "tuq"
     if tail_kind == "laplace":
@@ -79,11 +106,10 @@ def _design_cached(scheme: str, tail_kind: str, bits: int, refine: bool, stats_b
             return DesignResult(None, None, None, zero=True)
         tail: Any = theory.LaplaceTail(scale=total / n)
         des = theory.design(scheme, tail, bits)
-        return DesignResult(Codebook.from_levels(des.levels, uniform=uniform), des, tail)
+        return DesignResult(Codebook.from_levels(_f32_levels(des.levels), uniform=uniform), des, tail)
 
-    if stats.size == 2 * theory.HIST_NBINS:  # empirical statistics carry no log-sums (not needed)
-        stats = np.concatenate([stats, np.zeros(theory.HIST_NBINS)])
-    hist = theory.LogHistogram.from_stats(stats)
+    # the histogram is of |g|·2^-shift: design on those units, then scale the levels back by 2^shift (exact)
+    hist = _histogram(stats)
     if hist.n == 0 or float(hist.sum_abs.sum()) == 0.0:
         return DesignResult(None, None, None, zero=True)
     fallback = None
@@ -93,7 +119,8 @@ def _design_cached(scheme: str, tail_kind: str, bits: int, refine: bool, stats_b
             tail = fit.tail
             des = theory.design(scheme, tail, bits)
             levels, note = _cap_to_data(des, tail, hist)
-            return DesignResult(Codebook.from_levels(levels, uniform=uniform), des, tail, fallback=note)
+            cb = Codebook.from_levels(_f32_levels(levels, shift), uniform=uniform)
+            return DesignResult(cb, des, tail, fallback=note)
         except (theory.HeavyTailError, ValueError) as err:
             fallback = f"power-law design not applicable ({err}); used the empirical design"
     try:
@@ -101,11 +128,13 @@ def _design_cached(scheme: str, tail_kind: str, bits: int, refine: bool, stats_b
         des = theory.design(scheme, tail, bits, refine=refine)
         levels, note = _cap_to_data(des, tail, hist)
         notes = "; ".join(n for n in (fallback, note) if n) or None
-        return DesignResult(Codebook.from_levels(levels, uniform=uniform), des, tail, fallback=notes)
+        cb = Codebook.from_levels(_f32_levels(levels, shift), uniform=uniform)
+        return DesignResult(cb, des, tail, fallback=notes)
     except ValueError as err:
-        # Every |g| is below the histogram's zero bin (< 2^-40): a uniform grid on the bound is exact enough
-        # (error < 2^-80 per coordinate) and keeps zero in -> zero out for true zeros.
-        bound = float(hist.max_abs_bound)
+        # Every |g| is below the histogram's zero bin (< 2^-40 in the binned units; encode re-bins such a bucket,
+        # so this is reached only when told to design at that shift): a uniform grid on the bound is exact enough
+        # (error < 2^-80 per coordinate in those units) and keeps zero in -> zero out for true zeros.
+        bound = float(np.ldexp(hist.max_abs_bound, int(shift)))
         note = f"empirical design degenerate ({err}); used a uniform grid on [-{bound:.3g}, {bound:.3g}]"
         return DesignResult(Codebook.uniform_grid(bound, 2**bits - 1), None, None, fallback=note)
 
@@ -127,6 +156,10 @@ def _cap_to_data(des: Any, tail: Any, hist: Any) -> tuple[np.ndarray, str | None
     return levels, f"alpha*={des.alpha:.4g} exceeds the data's max|g| bound {bound:.4g}; capped there"
 
 
+_SHIFT_LIMIT = 300  # octave shifts beyond float32's exponents (2^-149 .. 2^128) with margin; float64-exact
+_TOP_SHIFT = 127 - 12  # max|g| near float32's top (2^127..2^128): binned into [2^12, 2^16)
+
+
 class TruncatedQuantizer(Compressor):
     """Shared implementation of TUQ / TNQ / TBQ. Subclasses set ``name`` and ``scheme``."""
 
@@ -142,14 +175,20 @@ class TruncatedQuantizer(Compressor):
         "bits": Option(int, 3, "bits per coordinate of the code (s = 2^bits - 1 intervals)", 1, 8),
         "tail": Option(str, "empirical", "tail model the design is fitted to", choices=TAILS),
     }
+    format_options: ClassVar[tuple[str, ...]] = ("bits",)  # the design (tail, refine) travels in the encoding
     bits: int
     tail: str
 
     # -- codebook agreement (the distributed layer all-reduces local_stats with SUM) -------------------
-    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
-        """Summable float64 statistics of ``x`` that define the codebook."""
+    def local_stats(self, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
+        """Summable float64 statistics of ``x`` that define the codebook.
+
+        ``shift``: the octave shift of the histogram tails (bin |x|·2^-shift; every rank must use the same one);
+        the Laplace statistics take none (they are scale-free).
+        """
+        shift = self._check_shift(shift)
         if self.tail == "empirical":  # fused fast path: finite check + histogram in one pass (same bits)
-            res = dispatch.histogram_stats(_flat32(x))
+            res = dispatch.histogram_stats(_flat32(x), shift)
             if res is not None:
                 if res[1]:
                     check_input(x)  # raises the usual error naming the non-finite values
@@ -157,26 +196,85 @@ class TruncatedQuantizer(Compressor):
         flat = check_input(x)
         if self.tail == "laplace":
             return laplace_stats(flat)
-        return histogram_stats(flat, with_logs=self.tail == "powerlaw")
+        return histogram_stats(flat, with_logs=self.tail == "powerlaw", shift=shift)
 
-    def design_from_stats(self, stats: torch.Tensor) -> DesignResult:
-        """Fit + design from (agreed) statistics; a pure, cached function of the statistics."""
+    def _check_shift(self, shift: Any) -> int:
+        if isinstance(shift, bool) or not isinstance(shift, int):
+            raise TypeError(f"{self.name}: shift must be an integer (an octave shift), got {shift!r}")
+        if shift and self.tail == "laplace":
+            raise ValueError(f"{self.name}: shift applies to the histogram tails (powerlaw, empirical); tail="
+                             f"'laplace' statistics are scale-free, so shift must be 0; got {shift}")
+        if not -_SHIFT_LIMIT <= shift <= _SHIFT_LIMIT:
+            raise ValueError(f"{self.name}: shift must be in [-{_SHIFT_LIMIT}, {_SHIFT_LIMIT}] (float32 magnitudes "
+                             f"span 2^-149 .. 2^128); got {shift}")
+        return int(shift)
+
+    def design_from_stats(self, stats: torch.Tensor, shift: int = 0) -> DesignResult:
+        """Fit + design from (agreed) statistics binned at ``shift``; a pure, cached function of both."""
+        shift = self._check_shift(shift)
         key = stats.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
-        return _design_cached(self.scheme, self.tail, self.bits, bool(getattr(self, "refine", False)), key)
+        refine = bool(getattr(self, "refine", False))
+        return _design_cached(self.scheme, self.tail, self.bits, refine, shift, key)
 
-    def codebook(self, stats: torch.Tensor) -> Codebook | None:
-        """The codebook for these statistics (``None`` when every input was zero)."""
-        return self.design_from_stats(stats).codebook
+    def codebook(self, stats: torch.Tensor, shift: int = 0) -> Codebook | None:
+        """The codebook for these statistics, binned at ``shift`` (``None`` when every input was zero)."""
+        return self.design_from_stats(stats, shift).codebook
+
+    def rebin_shift(self, stats: torch.Tensor, shift: int = 0) -> int | None:
+        """``None`` when these statistics (binned at ``shift``) represent their bucket; else the shift to bin it
+        again with (its max|g| fell outside the histogram's range, :func:`tailq.theory.hist_in_range`).
+
+        A pure function of the (agreed) statistics, so every rank decides alike. Always ``None`` for the Laplace
+        tail. Statistics whose overflow-bin sum overflowed float32 say max|g| is near float32's top.
+        """
+        if self.tail == "laplace":
+            return None
+        st = stats.detach().to("cpu", torch.float64).reshape(-1).numpy()
+        if not np.isfinite(st).all():  # an overflow-bin Σ beyond float32: max|g| >= 2^128 / n, bin it near the top
+            return _TOP_SHIFT
+        hist = _histogram(st)
+        if theory.hist_in_range(hist):
+            return None
+        return theory.hist_shift(hist, shift)
+
+    def next_shift(self, stats: torch.Tensor, shift: int = 0) -> int:
+        """The shift to bin this bucket's next statistics with, from the ones agreed at ``shift``
+        (:func:`tailq.theory.hist_shift`: unchanged while max|g| stays in [2^-12, 2^12) of the binned units)."""
+        if self.tail == "laplace":
+            return 0
+        st = stats.detach().to("cpu", torch.float64).reshape(-1).numpy()
+        if not np.isfinite(st).all():
+            return _TOP_SHIFT
+        return theory.hist_shift(_histogram(st), shift)
+
+    def local_design(self, x: torch.Tensor) -> tuple[DesignResult, int, int]:
+        """The design from ``x``'s own statistics: ``(design, shift, re-binnings)``. Binned at shift 0 first and,
+        only while the statistics fall outside the histogram's range, again at :meth:`rebin_shift`'s shift."""
+        stats = self.local_stats(x)  # validates x (finite) on the way
+        shift, rebins = 0, 0
+        while rebins < MAX_REBINS:
+            new = self.rebin_shift(stats, shift)
+            if new is None or new == shift:
+                break
+            shift, rebins = new, rebins + 1
+            stats = self.local_stats(x, shift)
+        return self.design_from_stats(stats, shift), shift, rebins
+
+    def local_codebook(self, x: torch.Tensor) -> Codebook | None:
+        """The codebook :meth:`encode` would use for ``x`` alone (any scale; ``None`` when ``x`` is zero)."""
+        return self.local_design(x)[0].codebook
 
     # -- encode / decode ---------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | RandKey | None = None) -> Encoded:
         """Design from ``x``'s own statistics, then truncate, round and pack (see :meth:`encode_with`)."""
-        stats = self.local_stats(x)  # validates x (finite) on the way
+        res, shift, rebins = self.local_design(x)
         flat = _flat32(x)
         if flat.numel() == 0:
             return self._empty(x)
-        res = self.design_from_stats(stats)
-        return self._encode(x, flat, res.codebook, generator, res.info())
+        info = res.info()
+        if self.tail != "laplace":
+            info.update(shift=shift, rebinned=rebins)
+        return self._encode(x, flat, res.codebook, generator, info)
 
     def encode_with(
         self, x: torch.Tensor, codebook: Codebook | None, *, generator: torch.Generator | RandKey | None = None
@@ -226,7 +324,7 @@ class TruncatedQuantizer(Compressor):
         flat = check_input(x)
         if flat.numel() == 0:
             return flat.reshape(x.shape)
-        cb = self.codebook(self.local_stats(flat))
+        cb = self.local_codebook(flat)
         return (torch.zeros_like(flat) if cb is None else cb.truncate(flat)).reshape(x.shape)
 
 

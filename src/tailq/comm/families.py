@@ -50,10 +50,20 @@ class Family(Protocol):
     uses_stats: bool
     """Whether the codebook comes from agreed statistics (the per-rank family agrees a non-finite flag only)."""
 
-    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
+    def local_stats(self, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
+        """This rank's statistics, binned at the octave ``shift`` (the same on every rank; 0 where not binned)."""
         ...
 
-    def codebook(self, stats: torch.Tensor) -> Codebook | None:
+    def codebook(self, stats: torch.Tensor, shift: int = 0) -> Codebook | None:
+        ...
+
+    def rebin_shift(self, stats: torch.Tensor, shift: int) -> int | None:
+        """``None`` when the agreed statistics (binned at ``shift``) represent the bucket; else the shift to agree
+        them again with (a pure function of the agreed statistics: every rank decides alike)."""
+        ...
+
+    def next_shift(self, stats: torch.Tensor, shift: int) -> int:
+        """The shift for this bucket's next statistics, from the ones agreed at ``shift``."""
         ...
 
     def dense_bytes(self, numel: int) -> int:
@@ -96,7 +106,11 @@ def family_for(comp: Compressor, *, fine_bits: int, keep_own: bool, gather_bits:
 
 
 class _Agreeing:
-    """What the two families that agree statistics share: the compressor's statistics, codebook and code width."""
+    """What the two families that agree statistics share: the compressor's statistics, codebook and code width.
+
+    A compressor whose statistics are a histogram with an octave shift (``rebin_shift``, as the truncated
+    quantizers) gets it passed through; for the others the shift is always 0 and never corrected.
+    """
 
     uses_stats = True
     shardable = False
@@ -104,13 +118,27 @@ class _Agreeing:
     def __init__(self, comp: SharesCodebook | AgreesScales) -> None:
         self.bits = comp.bits
         self.stats_op = comp.stats_op
-        self._stats, self._codebook = comp.local_stats, comp.codebook
+        self._comp: Any = comp
+        self.octave_shift = callable(getattr(comp, "rebin_shift", None))
+        """The compressor bins its statistics at an octave shift (``local_stats(x, shift)``, ...)."""
 
-    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
-        return self._stats(x)
+    def local_stats(self, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
+        if self.octave_shift:
+            return self._comp.local_stats(x, shift)
+        _no_shift(shift)
+        return self._comp.local_stats(x)
 
-    def codebook(self, stats: torch.Tensor) -> Codebook | None:
-        return self._codebook(stats)
+    def codebook(self, stats: torch.Tensor, shift: int = 0) -> Codebook | None:
+        if self.octave_shift:
+            return self._comp.codebook(stats, shift)
+        _no_shift(shift)
+        return self._comp.codebook(stats)
+
+    def rebin_shift(self, stats: torch.Tensor, shift: int) -> int | None:
+        return self._comp.rebin_shift(stats, shift) if self.octave_shift else None
+
+    def next_shift(self, stats: torch.Tensor, shift: int) -> int:
+        return int(self._comp.next_shift(stats, shift)) if self.octave_shift else 0
 
     def dense_bytes(self, numel: int) -> int:
         return math.ceil(numel * self.bits / 8)
@@ -219,6 +247,11 @@ class _CodebookCoder:
         return self.cb.truncate(self.x)
 
 
+def _no_shift(shift: int) -> None:
+    if shift:
+        raise RuntimeError(f"an octave shift ({shift}) for a compressor whose statistics take none")
+
+
 def _kept(mine: torch.Tensor | None) -> torch.Tensor:
     if mine is None:
         raise RuntimeError("this rank's own decode was not kept (the family was built with keep_own=False)")
@@ -292,11 +325,17 @@ class PerRank:
     def __init__(self, comp: Compressor) -> None:
         self.comp = comp
 
-    def local_stats(self, x: torch.Tensor) -> torch.Tensor:
+    def local_stats(self, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.float64)
 
-    def codebook(self, stats: torch.Tensor) -> Codebook | None:
+    def codebook(self, stats: torch.Tensor, shift: int = 0) -> Codebook | None:
         return None
+
+    def rebin_shift(self, stats: torch.Tensor, shift: int) -> int | None:
+        return None
+
+    def next_shift(self, stats: torch.Tensor, shift: int) -> int:
+        return 0
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one entry per bucket size, lives as long as the hook
     def template(self, numel: int) -> tuple[tuple[str, torch.dtype, int], ...]:
@@ -338,7 +377,8 @@ class _PerRankCoder:
     def decode_dense_mean(self, rows: torch.Tensor) -> torch.Tensor:
         assert self._enc is not None
         tmpl = self.family.template(self.numel)
-        shell = Encoded({}, self._enc.shape, self._enc.dtype)
+        # every rank's compressor has this configuration (checked when the hook starts): its format id
+        shell = Encoded({}, self._enc.shape, self._enc.dtype, maker=self.comp.format_id)
         mean = torch.zeros(self.numel, dtype=torch.float32, device=self.x.device)
         for row in rows:
             shell.tensors = _deserialize(row, tmpl)

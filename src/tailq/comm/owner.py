@@ -82,7 +82,9 @@ class OwnerRequantizer:
             levels = kept["levels"].double() * (sum_abs / kept["sum_abs"])
             kept["uses"] += 1
         else:
-            cb = self.comp.codebook(self.comp.local_stats(v))
+            # the compressor's own design for this shard at any scale (its octave shift), where it has one
+            own = getattr(self.comp, "local_codebook", None)
+            cb = own(v) if callable(own) else self.comp.codebook(self.comp.local_stats(v))
             if cb is None:
                 return torch.zeros(self.header_len, dtype=torch.float32)
             levels = cb.levels.double()

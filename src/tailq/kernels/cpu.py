@@ -558,13 +558,14 @@ HIST_CHUNK = 1 << 20  # elements per chunk of the histogram (its float64 workspa
 
 
 def _hist_fn() -> Callable[..., Any]:
-    def hist(x: torch.Tensor, thr: torch.Tensor, idx_out: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    def hist(x: torch.Tensor, thr: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, idx_out: torch.Tensor,
+             w_out: torch.Tensor) -> torch.Tensor:
         b = x.view(torch.int32) & 0x7FFFFFFF
         e = b >> 23
         m = b & 0x7FFFFF
-        idx = bins_from_bits(e, m, thr)
+        idx = bins_from_bits(e - shift, m, thr)  # the bin of |x|·2^-shift: its exponent minus the shift
         idx_out.copy_(idx.to(torch.uint8))
-        w_out.copy_(x.abs().to(torch.float64))
+        w_out.copy_(x.abs().to(torch.float64) * scale)  # scale = 2^-shift: exact in float64
         bad = (e == 255).sum()
         tiny = ((idx == 0) & (b != 0)).sum()  # non-zero magnitudes in the zero bin
         over = (idx == _HIST_OVER).sum()
@@ -585,8 +586,8 @@ def nonfinite_count(x: torch.Tensor) -> int:
     return int(_compile(("nonfinite",), _finite_fn())(_alias(x.contiguous(), x.numel())))
 
 
-def histogram_stats(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(histogram_stats(x, with_logs=False), number of non-finite entries)`` — the same float32 vector.
+def histogram_stats(x: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, int]:
+    """``(histogram_stats(x, with_logs=False, shift=shift), number of non-finite entries)`` — the same vector.
 
     One compiled pass per chunk computes the bin index from the float's exponent and mantissa (no logarithm)
     and |x| in float64; ``torch.bincount`` adds them up. Within a regular bin every |x| has the same binary
@@ -594,13 +595,22 @@ def histogram_stats(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     any order: the result equals the reference's sequential sum bit for bit. The zero bin (non-zero |x| < 2^-40)
     and the overflow bin (|x| >= 2^16) mix exponents; when they are occupied their sums are redone in element
     order, exactly as the reference adds them.
+
+    ``shift`` (the octave shift): bins of |x|·2^-shift, from the exponent minus ``shift``, and sums of
+    |x|·2^-shift (exact in float64). Subnormal inputs have no implicit leading bit, so a shift that could bin one
+    into a regular bin (``shift < MIN_SHIFT``) is refused: the dispatcher leaves such a call to the reference.
     """
     from tailq.theory.histogram import HIST_NBINS
 
+    if shift < MIN_SHIFT:
+        raise ValueError(f"histogram_stats: shift must be >= {MIN_SHIFT} (subnormals stay in the zero bin); "
+                         f"got {shift}")
     flat = x.reshape(-1)
     n = flat.numel()
     dev = flat.device
     thr = _thresholds(dev)
+    sh = torch.tensor(int(shift), dtype=torch.int32, device=dev)
+    scale = torch.tensor(2.0 ** -int(shift), dtype=torch.float64, device=dev)
     chunk = min(n, HIST_CHUNK)
     idx_ws = _workspace("hist_idx", chunk, torch.uint8, dev)
     w_ws = _workspace("hist_w", chunk, torch.float64, dev)
@@ -612,7 +622,7 @@ def histogram_stats(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         part = flat[lo : lo + chunk]
         k = part.numel()
         iw, ww = _alias(idx_ws, k), _alias(w_ws, k)
-        flags += fn(_alias(part, k), thr, iw, ww)
+        flags += fn(_alias(part, k), thr, sh, scale, iw, ww)
         counts += torch.bincount(iw, minlength=HIST_NBINS)  # serial loops: inductor has no histogram primitive
         sums += torch.bincount(iw, weights=ww, minlength=HIST_NBINS)
     bad, tiny, over = (int(v) for v in flags.tolist())
@@ -620,14 +630,17 @@ def histogram_stats(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         return sums.new_zeros(0), bad
     for b_idx, occupied in ((0, tiny), (_HIST_OVER, over)):
         if occupied:  # redo this bin's sum in element order (the reference's association)
-            a = flat.abs()
-            sel = a[_bins_reference_mask(a, b_idx)].to(torch.float64)
+            a = flat.abs().to(torch.float64)
+            if shift:
+                a = a * 2.0 ** -int(shift)
+            sel = a[_bins_reference_mask(a, b_idx)]
             sums[b_idx] = torch.bincount(torch.zeros(sel.numel(), dtype=torch.int64, device=dev), weights=sel,
                                          minlength=1)[0]  # fmt: skip
     return torch.cat([counts.to(torch.float64), sums]).to(torch.float32), 0
 
 
 _HIST_OVER = 225  # HIST_K + 1 (asserted against the theory constants in _thresholds)
+MIN_SHIFT = -86  # from 2^-86 on, every subnormal |x| (< 2^-126) falls in the zero bin (|x|·2^-shift < 2^-40)
 
 
 def _bins_reference_mask(a: torch.Tensor, b_idx: int) -> torch.Tensor:

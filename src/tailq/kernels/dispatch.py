@@ -241,12 +241,15 @@ def decode_lanes(
     return res
 
 
-def histogram_stats(x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """``(stats, non-finite count)``: ``stats`` equal to ``tailq.codec.stats.histogram_stats(x, with_logs=False)``
-    bit for bit when the count is 0 (an empty tensor otherwise: the caller raises its usual error)."""
-    if not _eligible(x):
+def histogram_stats(x: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, int] | None:
+    """``(stats, non-finite count)``: ``stats`` equal to ``tailq.codec.stats.histogram_stats(x, with_logs=False,
+    shift=shift)`` bit for bit when the count is 0 (an empty tensor otherwise: the caller raises its usual error).
+    Shifts below ``cpu.MIN_SHIFT`` (where a subnormal could leave the zero bin) use the reference."""
+    from .cpu import MIN_SHIFT
+
+    if not _eligible(x) or shift < MIN_SHIFT:
         return None
-    out: tuple[torch.Tensor, int] | None = _run(x.device, x.numel(), "histogram_stats", x)
+    out: tuple[torch.Tensor, int] | None = _run(x.device, x.numel(), "histogram_stats", x, int(shift))
     return out
 
 

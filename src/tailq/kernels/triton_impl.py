@@ -304,7 +304,7 @@ def decode_lanes(
     return out
 
 
-def histogram_stats(x: torch.Tensor) -> None:
+def histogram_stats(x: torch.Tensor, shift: int = 0) -> None:
     """Not implemented in Triton: the torch reference runs on the GPU."""
     return None
 

@@ -7,6 +7,7 @@ from .design import LAPLACE_C, SCHEMES, Design, HeavyTailError, design, etq_boun
 from .fit import PowerLawFit, fit_laplace, fit_powerlaw, fit_powerlaw_hist, laplace_from_hist
 from .histogram import (
     HIST_BINS_PER_OCTAVE,
+    HIST_FIT_LO,
     HIST_HI,
     HIST_K,
     HIST_LO,
@@ -15,6 +16,8 @@ from .histogram import (
     LogHistogram,
     hist_bin_index,
     hist_edges,
+    hist_in_range,
+    hist_shift,
 )
 from .tails import EmpiricalTail, LaplaceTail, PowerLawTail, Tail
 
@@ -37,6 +40,9 @@ __all__ = [
     "HIST_STATS_LEN",
     "hist_edges",
     "hist_bin_index",
+    "HIST_FIT_LO",
+    "hist_in_range",
+    "hist_shift",
     "Design",
     "HeavyTailError",
     "SCHEMES",

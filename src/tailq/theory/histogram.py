@@ -16,6 +16,13 @@ Histograms add: summing two statistics vectors is exactly merging the two histog
 on one histogram with a plain all-reduce. Near a bin edge the index computed in float64 here and the one
 computed by another implementation may differ by one bin; that changes nothing downstream (every consumer
 only uses the summed statistics).
+
+**Octave shift (scale-free binning).** The bins span 56 octaves; a bucket far outside them (max|g| < 2^-16,
+where most magnitudes fall in the zero bin, or max|g| >= 2^16, the overflow bin) is binned as |g|·2^-s for an
+integer shift s known to every rank, and the design made on those units is scaled back by 2^s (exact for
+powers of two). :func:`hist_in_range` says whether a histogram represents its samples (max|g| in
+[``HIST_FIT_LO``, ``HIST_HI``)); :func:`hist_shift` gives the shift to bin the next samples like these with.
+s = 0 is today's binning, and the shift stays 0 for every bucket whose max|g| lies in [2^-12, 2^12).
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ __all__ = [
     "LogHistogram",
     "hist_edges",
     "hist_bin_index",
+    "HIST_FIT_LO",
+    "hist_in_range",
+    "hist_shift",
 ]
 
 HIST_LO: float = 2.0**-40
@@ -47,6 +57,14 @@ HIST_STATS_LEN: int = 3 * HIST_NBINS
 
 _LOG2_LO = math.log2(HIST_LO)
 _LN2 = math.log(2.0)
+
+HIST_FIT_LO: float = 2.0**-16
+"""The bins represent a bucket whose max|g| lies in [HIST_FIT_LO, HIST_HI): no overflow, and 24 octaves of log
+bins below the largest magnitude (what falls in the zero bin is then below 2^-24·max|g|)."""
+_FIT_FIRST = HIST_BINS_PER_OCTAVE * 24 + 1  # the first bin at or above HIST_FIT_LO = LO·2^24
+_KEEP = (HIST_BINS_PER_OCTAVE * 28 + 1, HIST_BINS_PER_OCTAVE * 52)  # the bins of [2^-12, 2^12): keep the shift
+_KEEP_OCTAVES = 12  # a shift is 0 whenever max|g| lies in [2^-KEEP, 2^KEEP)
+_LOOSE_TOP = 12  # an upper bound on max|g| (overflow or zero bin) is put in [2^12, 2^13) by the new shift
 
 
 def hist_edges() -> NDArray[np.float64]:
@@ -220,3 +238,45 @@ class LogHistogram:
             f"zero_bin={self.counts[0]:.0f}, overflow={self.counts[HIST_K + 1]:.0f})"
         )
 
+
+def _top(h: LogHistogram) -> tuple[int, float] | None:
+    """(highest bin holding a non-zero magnitude, an upper bound on max|g|); ``None`` when every sample is 0.
+
+    A regular top bin bounds max|g| within a quarter octave (:attr:`LogHistogram.max_abs_bound`); the overflow
+    bin by ``S − (c − 1)·HI``; the zero bin by its Σ|g| (every magnitude in it is >= 0)."""
+    nz = np.flatnonzero(h.counts[1:] > 0)
+    if nz.size:
+        return int(nz[-1]) + 1, h.max_abs_bound
+    if h.sum_abs[0] > 0:
+        return 0, float(h.sum_abs[0])
+    return None
+
+
+def hist_in_range(h: LogHistogram) -> bool:
+    """Whether the bins represent ``h``'s samples: max|g| in [``HIST_FIT_LO``, ``HIST_HI``) (nothing overflowed,
+    24 octaves of log bins below the largest magnitude), or every sample is zero."""
+    top = _top(h)
+    return top is None or _FIT_FIRST <= top[0] <= HIST_K
+
+
+def hist_shift(h: LogHistogram, shift: int = 0) -> int:
+    """The octave shift to bin samples like ``h``'s with, ``h`` having been binned as |g|·2^-``shift``.
+
+    * ``shift`` itself while max|g|·2^-shift lies in [2^-12, 2^12) (or every sample is zero): a small drift
+      never changes the binning;
+    * else 0 when the absolute max|g| lies in [2^-12, 2^12) (today's binning);
+    * else the exponent of max|g| (it then bins into [1, 2)), or, when only an upper bound is known (the samples
+      overflowed or fell in the zero bin), that bound's exponent − 12: the bound lands in [2^12, 2^13), and max|g|
+      (at least the bound / count) within the range for up to 2^28 samples.
+    """
+    s = int(shift)
+    top = _top(h)
+    if top is None:
+        return s
+    j, bound = top
+    if _KEEP[0] <= j <= _KEEP[1]:
+        return s
+    e = s + math.frexp(bound)[1] - 1  # floor(log2 max|g|) in absolute units (an upper bound when loose)
+    if 1 <= j <= HIST_K:
+        return 0 if -_KEEP_OCTAVES <= e < _KEEP_OCTAVES else e
+    return e - _LOOSE_TOP
