@@ -30,7 +30,8 @@ def test_a_crash_at_exit_before_rank0_writes_the_result_waits_for_it(tmp_path: P
     """The race of the fresh-clone `make demo` failure: rank 1 finished every collective and died at exit while
     rank 0 was still evaluating; with its done marker the run waits for rank 0's result."""
     done_marker(tmp_path, 1).write_text("done\n")
-    slow_rank0 = f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(tmp_path / 'result.json')!r}).write_text('{{}}')"
+    result = str(tmp_path / "result.json")
+    slow_rank0 = f"import time, pathlib; time.sleep(1.5); pathlib.Path({result!r}).write_text('{{}}')"
     notes = _wait(_procs(tmp_path, slow_rank0), tmp_path, RunConfig(), None, timeout_s=60)
     assert (tmp_path / "result.json").is_file()
     assert len(notes) == 1 and "rank 1 exited with status -6" in notes[0]

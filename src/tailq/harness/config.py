@@ -79,7 +79,7 @@ class RunConfig:
 
             cls = list_compressors().get(self.hook)
             opt = cls.options.get("bits") if cls is not None else None
-            if opt is not None and not (opt.low <= bits <= opt.high):
+            if opt is not None and opt.low is not None and opt.high is not None and not opt.low <= bits <= opt.high:
                 raise UsageError(f"--bits for {self.hook} must be in {opt.low:g}..{opt.high:g}; got {bits}")
         if self.lr is not None and not self.lr > 0:
             raise UsageError(f"--lr must be > 0; got {self.lr}")
