@@ -71,10 +71,11 @@ def _entry(fn: Any, rank: int, world: int, init_file: str, q: Any, args: tuple[A
 
 
 def launch(fn: Any, world: int, *args: Any, timeout: float = 300.0, expect: int | None = None,
-           init: bool = True) -> list[Any]:
+           init: bool = True, check_exit: bool = False) -> list[Any]:
     """Run fn on ``world`` ranks; returns results in rank order (``expect`` = how many ranks report).
 
     ``init=False``: no process group is created; ``fn(rank, world, init_file, *args)`` calls :func:`init_group`.
+    ``check_exit``: also fail unless every process exited with status 0 (a signal, e.g. SIGABRT, is -6).
     """
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
@@ -108,6 +109,8 @@ def launch(fn: Any, world: int, *args: Any, timeout: float = 300.0, expect: int 
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    if check_exit:
+        errors += [f"rank {r}: exit status {p.exitcode}" for r, p in enumerate(procs) if p.exitcode != 0]
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in sorted(results)]

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import time
 from typing import Any
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from .network import ring_traffic_bytes
 
-__all__ = ["Comm", "Tag", "WireLog", "WireRecord"]
+__all__ = ["Comm", "Tag", "WireLog", "WireRecord", "group_timeout_s", "own_group"]
 
 # kinds of traffic: what the compressed method costs, and what is only measurement
 METHOD_KINDS = ("payload", "stats", "index", "passthrough", "fallback", "plan")
@@ -30,6 +31,58 @@ METHOD_KINDS = ("payload", "stats", "index", "passthrough", "fallback", "plan")
 
 # torch >= 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; the package supports both.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def group_timeout_s(group: Any) -> float | None:
+    """The timeout ``group``'s backend applies to each of its collectives (``init_process_group(timeout=…)``,
+    ``new_group(timeout=…)``), in seconds; ``None`` where the backend does not say."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    for device in getattr(pg, "_device_types", ()):
+        try:
+            return float(pg._get_backend(device).options._timeout.total_seconds())
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+    return None
+
+
+def own_group(group: Any) -> Any:
+    """A new process group with the ranks (in the same order), backend and timeout of ``group`` (default: the
+    default group), for one hook's collectives alone.
+
+    Why: DDP issues collectives of its own on its process group while the hooks' buckets are in flight — the
+    used-parameter all-reduce at the end of every backward with ``find_unused_parameters=True`` (and in the first
+    iteration with ``static_graph=True``), from the autograd thread, while the hook's collectives come from its
+    ordered worker thread. Two threads issuing collectives on one group interleave differently on each rank, and
+    Gloo pairs collectives by their order of issue: a hang, a size-mismatch abort, or silently mixed payloads.
+    (With NCCL two threads enqueuing on one communicator can deadlock the same way.) On a group of its own the
+    hook is the only one issuing collectives, from one thread, in bucket order.
+
+    Every rank of ``group`` must call this at the same point of its program (the hooks do at their first bucket
+    inside a backward); ranks outside ``group`` need not: a proper subgroup is created with group-local
+    synchronization (its name hashed from its ranks), the whole world with torch's ordinary creation order.
+    Group creation rendezvouses through the store, not through collectives on ``group``, so it never races with
+    collectives in flight there. The group lives as long as the process group machinery
+    (``destroy_process_group()`` releases it): destroying it earlier, rank by rank, could let a later group's
+    hashed name repeat this one's in the store.
+    """
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    ranks = dist.get_process_group_ranks(pg)
+    kwargs: dict[str, Any] = {"backend": dist.get_backend(pg), "group_desc": "tailq_hook"}
+    timeout = group_timeout_s(pg)
+    if timeout is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
+    if "sort_ranks" in inspect.signature(dist.new_group).parameters:
+        kwargs["sort_ranks"] = False  # group rank r stays rank r of the caller's group
+    subgroup = len(ranks) < dist.get_world_size()
+    try:
+        new = dist.new_group(ranks=ranks, use_local_synchronization=subgroup, **kwargs)
+    except Exception as err:
+        raise RuntimeError(f"tailq: could not create the hook's own process group (ranks {ranks}, backend "
+                           f"{kwargs['backend']}): {err}") from err
+    if dist.get_process_group_ranks(new) != ranks:
+        raise RuntimeError(f"tailq: the hook's own process group has ranks {dist.get_process_group_ranks(new)}, "
+                           f"its process group {ranks}")
+    return new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,21 +160,40 @@ class WireLog:
 class Comm:
     """Collectives on one process group, each recorded in the wire log under its :class:`Tag` and kind.
 
-    Every call is blocking unless stated; every wait has the timeout. ``seconds`` accumulates the time spent
+    Every call is blocking unless stated; every wait has the timeout (``timeout_s``; the group's own timeout
+    applies too, and whichever is shorter fires first: the error names it). ``seconds`` accumulates the time spent
     waiting for collectives.
     """
 
     def __init__(self, group: Any, log: WireLog, timeout_s: float) -> None:
-        self.group = group
-        self.n = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
         self.log = log
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.seconds = 0.0  # time spent waiting for collectives
+        self.n: int = dist.get_world_size(group)
+        self._set_group(group)
+
+    def use_group(self, group: Any) -> None:
+        """Issue every later collective on ``group`` (one of the same size; see :func:`own_group`)."""
+        n = dist.get_world_size(group)
+        if n != self.n:
+            raise ValueError(f"tailq: cannot move the hook's collectives from a group of {self.n} ranks to one of {n}")
+        self._set_group(group)
+
+    def _set_group(self, group: Any) -> None:
+        self.group = group
+        self.rank: int = dist.get_rank(group)
+        self.group_timeout_s = group_timeout_s(group)
         backend = str(dist.get_backend(group)).lower()
         # small CPU tensors (agreed statistics, config digests) must travel on the group's device where the
         # backend has no CPU support (a pure NCCL group): staged through the current CUDA device and back
         self.cpu_ok = any(b in backend for b in ("gloo", "mpi", "cpu:")) or not torch.cuda.is_available()
+
+    def _timeout_text(self) -> str:
+        """The timeout that applied to a wait: the hook's ``timeout_s`` or the group's own, whichever is shorter."""
+        mine, group = self.timeout.total_seconds(), self.group_timeout_s
+        if group is not None and group < mine:
+            return f"{group:g} s (the process group's timeout; the hook's timeout_s is {mine:g} s)"
+        return f"{mine:g} s"
 
     def _staged(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` itself, or a copy on the current CUDA device when the group cannot take CPU tensors."""
@@ -140,7 +212,7 @@ class Comm:
             work.wait(self.timeout)
         except Exception as err:
             raise RuntimeError(
-                f"tailq: {what} failed or timed out after {self.timeout.total_seconds():g} s on rank {self.rank} "
+                f"tailq: {what} failed or timed out after {self._timeout_text()} on rank {self.rank} "
                 f"(a peer may have died or be configured differently): {err}"
             ) from err
         finally:

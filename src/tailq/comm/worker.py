@@ -6,7 +6,11 @@ in whatever order the previous collectives complete, which can differ between ra
 exchange mismatched messages and abort (pytorch/pytorch#58467). Here every bucket's job runs on one thread,
 strictly one after another, and the next job starts only when the previous bucket's result is complete, so
 every rank issues the same collectives in the same order. Backward keeps computing meanwhile: the worker is not
-the autograd thread.
+the autograd thread. (DDP's own collectives come from the autograd thread, so a hook's collectives go on a group
+of their own: :func:`tailq.comm.wire.own_group`.)
+
+:class:`Handoff` turns the worker's futures into the futures a hook returns to DDP, so that a failure reaches the
+user as the hook's own exception.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd import Variable
 
-__all__ = ["OrderedWorker"]
+__all__ = ["Handoff", "OrderedWorker"]
 
 _STOP = object()
 
@@ -72,3 +77,63 @@ class OrderedWorker:
         if self._thread.is_alive():
             self._q.put(_STOP)
             self._thread.join(timeout)
+
+
+class Handoff:
+    """What a hook returns to DDP for one bucket: a future of the averaged tensor, and the error raised cleanly.
+
+    A hook's future that fails cannot hand DDP its exception: DDP's reducer reads the value of a Python future set
+    with ``set_exception`` as a tensor and reports ``Unable to cast <message> to Tensor``, and a ``then`` callback
+    that raises becomes ``Got the following error when running the callback: …`` with a traceback inside the
+    message. So inside a backward the first bucket of each backward queues an autograd final callback (it runs
+    before DDP's own, which DDP queues at the last bucket) that waits for this backward's buckets in order and
+    re-raises the first failure itself: ``loss.backward()`` raises the hook's exception, type and message
+    unchanged. The future DDP gets completes with the bucket's tensor either way (with ``static_graph=True`` DDP
+    reads the first iteration's buckets inside a callback of its own, before ours runs). Outside a backward (a
+    hook called directly) the returned future carries the exception, which ``wait()`` raises.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, list[Any]] = {}  # autograd graph task -> its buckets' futures, in hook order
+
+    def __call__(self, src: Any, bucket: Any, on_done: Callable[[], None] | None = None
+                 ) -> torch.futures.Future[torch.Tensor]:
+        """The future for DDP of the bucket whose result ``src`` (a future) will hold; ``on_done`` runs when
+        ``src`` completes (on the thread that completes it)."""
+        in_backward = self._watch(src)
+        out: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+        def finish(f: Any) -> None:
+            try:
+                if on_done is not None:
+                    on_done()
+                value = f.value()
+            except BaseException as err:  # noqa: BLE001 - re-raised by the final callback, or by out.wait()
+                if in_backward:
+                    out.set_result(bucket.buffer())
+                else:
+                    out.set_exception(err if isinstance(err, Exception) else RuntimeError(repr(err)))  # type: ignore[arg-type]
+                return
+            out.set_result(value[0] if isinstance(value, list) else value)
+
+        src.add_done_callback(finish)
+        return out
+
+    def _watch(self, src: Any) -> bool:
+        task = int(torch._C._current_graph_task_id())
+        if task < 0:
+            return False
+        with self._lock:
+            first = task not in self._pending
+            self._pending.setdefault(task, []).append(src)
+        if first:
+            Variable._execution_engine.queue_callback(lambda: self._raise_first(task))
+        return True
+
+    def _raise_first(self, task: int) -> None:
+        """The autograd final callback: wait for the backward's buckets in order; raise the first failure."""
+        with self._lock:
+            futs = self._pending.pop(task, [])
+        for f in futs:
+            f.wait()  # a Python future set with an exception raises that exception itself

@@ -12,7 +12,21 @@ wrappers here fix exactly that and nothing else:
   mismatched messages (pytorch/pytorch#58467). On Gloo the hook runs on an :class:`OrderedWorker`, one bucket
   at a time, so every rank issues the same collectives in the same order. On NCCL it runs as shipped.
 
-Every wrapper counts the bytes handed to its collectives in ``state.metrics`` like the tailq hooks.
+What they add, as the tailq hooks do:
+
+* **their own process group**: from the first bucket inside a backward every collective of the hook goes on a
+  group of its own with the ranks, backend and timeout of ``process_group`` (:func:`~tailq.comm.wire.own_group`;
+  PowerSGD's ``PowerSGDState.process_group`` is switched to it). DDP issues collectives of its own on its group
+  from the autograd thread (the used-parameter all-reduce with ``find_unused_parameters=True``, and in the first
+  iteration with ``static_graph=True``); PowerSGD's ordered worker issuing on the same group would interleave with
+  them differently on each rank (Gloo: a hang or an abort; NCCL: two threads enqueuing on one communicator can
+  deadlock).
+* **the configuration check**: on the first bucket, before any payload collective, every rank's configuration
+  digest is all-gathered (:meth:`~tailq.comm.wire.Comm.verify_same_config`, the same one-int64 all-gather the tailq
+  hooks issue first, so a builtin on one rank and a tailq compressor on another fail the same way); ranks
+  configured differently (``bf16`` and ``fp16``, PowerSGD ranks 1 and 2, ``bf16`` and ``tnq``) raise on every rank
+  with every rank's configuration listed.
+* **wire accounting**: the bytes handed to the collectives in ``state.metrics``.
 """
 
 import time
@@ -24,10 +38,11 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 from tailq.comm.network import ring_traffic_bytes
-from tailq.comm.wire import WireRecord
-from tailq.comm.worker import OrderedWorker
+from tailq.comm.wire import Comm, Tag, WireRecord, own_group
+from tailq.comm.worker import Handoff, OrderedWorker
 from tailq.options import check_int
 
+from .config import HookConfig
 from .metrics import HookMetrics
 
 __all__ = ["BuiltinState", "builtin_hook", "BUILTINS"]
@@ -56,8 +71,13 @@ class BuiltinState:
             raise ValueError(f"unknown built-in hook {name!r}; available: {', '.join(BUILTINS)}")
         self.name = name
         self.process_group = process_group
+        self.group: Any = process_group  # where the collectives go: process_group, then the hook's own (_use_own_group)
         self._ordered = ordered
         self._bound: tuple[int, str] | None = None  # (world size, backend) once bound: see _bind
+        self._comm: Comm | None = None  # the configuration check's collectives (bound with the group)
+        self._own_group: Any = None
+        self._verified = False
+        self._handoff = Handoff()
         self.worker: OrderedWorker | None = None
         self.metrics = HookMetrics()
         self.step = 0
@@ -87,6 +107,7 @@ class BuiltinState:
                     "torch.distributed.init_process_group, but it must have been called by the first bucket; call "
                     "init_process_group before training")
             self._bound = (dist.get_world_size(self.process_group), str(dist.get_backend(self.process_group)))
+            self._comm = Comm(self.group, self.metrics.wire, HookConfig().timeout_s)
             # Gloo needs the ordered worker for PowerSGD (see module docstring); NCCL runs PyTorch's hook as is.
             ordered = self._ordered
             if ordered is None:
@@ -98,6 +119,27 @@ class BuiltinState:
     def bound(self) -> bool:
         """Whether the state has bound to its process group yet."""
         return self._bound is not None
+
+    def _use_own_group(self) -> None:
+        """Called by the hook on DDP's thread at its first bucket inside a backward, the same point on every rank:
+        create the hook's own process group; the collectives move there in :meth:`_prepare`, between two buckets."""
+        if self._own_group is None:
+            self._bind()
+            self._own_group = own_group(self.process_group)
+
+    def _prepare(self, bucket: dist.GradBucket) -> None:
+        """Before a bucket's collectives (where they run: the worker, or DDP's thread): move to the own group
+        once it exists, and on the first bucket check that every rank is configured the same."""
+        assert self._comm is not None
+        if self._own_group is not None and self.group is not self._own_group:
+            self.group = self._own_group
+            self._comm.use_group(self.group)
+            if self.powersgd is not None:
+                self.powersgd.process_group = self.group
+        if not self._verified:
+            n = bucket.buffer().numel()
+            self._comm.verify_same_config(self.config(), Tag(self.step, bucket.index(), n, "config"))
+            self._verified = True
 
     @property
     def n(self) -> int:
@@ -214,7 +256,8 @@ class BuiltinState:
 
 
 def _run(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    pg = state.process_group
+    state._prepare(bucket)
+    pg = state.group
     if state.priming:  # plain fp32 mean; PowerSGD's iteration count and memories untouched
         return default_hooks.allreduce_hook(pg, bucket)
     state._account(bucket)
@@ -229,17 +272,21 @@ def _run(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[t
 
 
 def builtin_hook(state: BuiltinState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook running PyTorch's own implementation (ordered on Gloo for PowerSGD)."""
+    """DDP communication hook running PyTorch's own implementation (ordered on Gloo for PowerSGD).
+
+    The first bucket checks the ranks' configurations (without the ordered worker: here, on DDP's thread, so a
+    mismatch raises from the hook call itself); inside a backward the hook's collectives go on its own group.
+    """
     t0 = time.perf_counter()
     state._bind()
+    if torch._C._current_graph_task_id() >= 0:  # called by DDP inside a backward
+        state._use_own_group()
     fut = state.worker.submit(_run, state, bucket) if state.worker is not None else _run(state, bucket)
 
-    def done(f: Any) -> torch.Tensor:
+    def done() -> None:
         # wall time from the hook call to the future's completion (overlaps backward); no codec time to split
         elapsed = time.perf_counter() - t0
         state.metrics.seconds["total"] += elapsed
         state.metrics.seconds["communicate"] += elapsed
-        value = f.value()
-        return value[0] if isinstance(value, list) else value
 
-    return fut.then(done)
+    return state._handoff(fut, bucket, done)

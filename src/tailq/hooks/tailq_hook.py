@@ -13,10 +13,15 @@ route only ``comm/routes/``:
 * **error feedback** (:class:`~tailq.codec.ErrorFeedback`), keyed per bucket like the policy's cache.
 
 Every bucket runs on the state's :class:`~tailq.comm.worker.OrderedWorker`, so all ranks issue their collectives
-in the same order. Faults: a bucket with NaN/Inf on any rank goes uncompressed in fp32 on every rank (detected
-through the agreed statistics), so non-finite values arrive exactly as with plain DDP and ``GradScaler`` skips the
-step. Ranks with different configurations fail on the first bucket with the configurations listed. Every wait
-has a timeout.
+in the same order, and — from the first bucket of a backward on — on a process group of the state's own
+(:func:`~tailq.comm.wire.own_group`: the ranks, backend and timeout of ``process_group``), so DDP's own collectives
+(``find_unused_parameters=True``, ``static_graph=True``) cannot interleave with them.
+
+Faults: a bucket with NaN/Inf on any rank goes uncompressed in fp32 on every rank (detected through the agreed
+statistics), so non-finite values arrive exactly as with plain DDP and ``GradScaler`` skips the step. Ranks with
+different configurations fail on the first bucket with the configurations listed. Every wait has a timeout. A
+failure inside a backward reaches the user as tailq's own exception, raised by ``loss.backward()``
+(:class:`~tailq.comm.worker.Handoff`).
 """
 
 import dataclasses
@@ -44,8 +49,8 @@ from tailq.comm.agree import policy_for
 from tailq.comm.families import family_for
 from tailq.comm.network import MAX_RATE_BPS, PLANNING_DEFAULT, Network, fit_network, ring_traffic_bytes
 from tailq.comm.routes import PASSTHROUGH, ROUTES, CodecCost, Planner, ShardCheck, zero_outcome
-from tailq.comm.wire import Comm, Tag
-from tailq.comm.worker import OrderedWorker
+from tailq.comm.wire import Comm, Tag, own_group
+from tailq.comm.worker import Handoff, OrderedWorker
 from tailq.kernels import RandKey, dispatch
 
 from .config import HookConfig
@@ -135,6 +140,8 @@ class TailqState:
         self.priming = False  # see tailq.hooks.prime_buckets
         self._verified = False
         self.worker = OrderedWorker()
+        self._handoff = Handoff()
+        self._own_group: Any = None  # the process group of this state's own, from the first bucket in a backward
         if dist.is_initialized():
             self._bind()
 
@@ -172,6 +179,15 @@ class TailqState:
     def bound(self) -> bool:
         """Whether the state has bound to its process group yet."""
         return self._comm is not None
+
+    def _use_own_group(self) -> None:
+        """Called by the hook on DDP's thread at its first bucket inside a backward — the same point on every rank:
+        create this state's own process group (:func:`~tailq.comm.wire.own_group`) and have the worker issue every
+        later collective there (switched between two jobs, so no bucket straddles two groups)."""
+        if self._own_group is None:
+            comm = self._bind()
+            self._own_group = own_group(self.process_group)
+            self.worker.submit(comm.use_group, self._own_group)
 
     # -- configuration and persistence ---------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -401,7 +417,8 @@ def _nonfinite_count(x: torch.Tensor) -> int:
 def tailq_hook(state: TailqState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: ``model.register_comm_hook(state, tailq_hook)``.
 
-    Each bucket, on the state's ordered worker thread (the same collective order on every rank):
+    Each bucket, on the state's ordered worker thread (the same collective order on every rank) and, inside a
+    backward, on the state's own process group (created at the first such bucket; see :class:`TailqState`):
 
     1. ``GradBucket.buffer()`` as float32, plus the error-feedback residual (``error_feedback``);
     2. agree statistics: one small all-reduce of :class:`~tailq.comm.agree.BucketStats` — the NaN/Inf count and
@@ -415,6 +432,10 @@ def tailq_hook(state: TailqState, bucket: dist.GradBucket) -> torch.futures.Futu
 
     Buckets smaller than ``min_bucket`` and the first ``warmup_steps`` steps go as bf16 instead. Cost per bucket:
     one statistics all-reduce (a few hundred values at most) and one payload collective; ``multi-scale`` adds its
-    index agreement.
+    index agreement. A failure raises from ``loss.backward()`` as tailq's exception (or from the returned future's
+    ``wait()`` when the hook is called outside a backward).
     """
-    return state.worker.submit(state.process, bucket)
+    state._bind()
+    if torch._C._current_graph_task_id() >= 0:  # called by DDP inside a backward
+        state._use_own_group()
+    return state._handoff(state.worker.submit(state.process, bucket), bucket)
