@@ -180,7 +180,10 @@ def _wait(procs: list[subprocess.Popen[bytes]], run_dir: Path, cfg: RunConfig, p
                 deadline = min(deadline, time.monotonic() + 120)  # the others are finishing too
         failed = [f for f in failed if f not in late]
         if failed:
-            rank, code = failed[0]
+            # the rank that failed first is the cause; peers that lost it fail moments later (status 1, a Python
+            # error about the closed connection): among ranks seen failing in the same poll, a crash or an exit
+            # status other than 1 is named first
+            rank, code = min(failed, key=lambda rc: (rc[1] == 1, rc[0]))
             time.sleep(0.5)  # let the other ranks notice and print their side
             tail = (run_dir / f"rank{rank}.log").read_text(errors="replace")[-4000:]
             raise RunFailed(f"run {cfg.name}: rank {rank} exited with status {code}. Its output ends with:\n{tail}")
