@@ -10,7 +10,7 @@ import tailq
 from tailq.codec.stats import histogram_stats
 from tailq.kernels import cpu as kcpu
 from tailq.kernels import use
-from tailq.theory import HIST_K, HIST_LO, hist_bin_index, hist_edges
+from tailq.theory import HIST_K, HIST_LO, HIST_NBINS, hist_bin_index, hist_edges
 
 
 def _fast_bins(a: np.ndarray) -> np.ndarray:
@@ -67,17 +67,53 @@ def test_fast_bin_index_on_random_magnitudes() -> None:
     assert _fast_bins(np.array([2.0**16], dtype=np.float32))[0] == HIST_K + 1
 
 
-@pytest.mark.parametrize("n", [1, 7, 1001, (1 << 20) + 4099])
-def test_fast_statistics_equal_the_reference_bit_for_bit(n: int) -> None:
+@pytest.mark.parametrize("impl", ["compiled", "inductor"])  # with and without the C kernels (conftest)
+@pytest.mark.parametrize("n", [1, 7, 1001, (1 << 20) + 4099, 2_500_001])
+def test_fast_statistics_equal_the_reference_bit_for_bit(n: int, impl: str) -> None:
     rng = np.random.default_rng(n)
     x = torch.from_numpy((rng.standard_cauchy(n) * 1e-3).astype(np.float32))
     special = torch.tensor([0.0, -0.0, 1e-45, -3e-42, 2.0**-40, 7e5, -2.0**16, 1e-30], dtype=torch.float32)
     k = min(n, special.numel())
     x[:k] = special[:k]
+    for shift in (0, -30, 17, kcpu.MIN_SHIFT):  # every bin occupied somewhere: zero, regular and overflow bins
+        ref = histogram_stats(x, with_logs=False, shift=shift)
+        got, bad = kcpu.histogram_stats(x, shift)
+        assert bad == 0
+        assert got.dtype == ref.dtype and torch.equal(got, ref), (impl, shift)
+
+
+def test_c_histogram_sums_are_exact_where_float32_sums_are_not() -> None:
+    """2^24 + 3 values of one bin: a float32 running sum stalls at 2^24 ulps, the integer significand sum and the
+    reference's float64 sum do not; both say 2^24 + 3 exactly."""
+    from tailq.kernels import native
+
+    if not native.available():
+        pytest.skip(f"no C kernels here: {native.why_unavailable()}")
+    x = torch.ones((1 << 24) + 3)
+    got, _ = kcpu.histogram_stats(x)
     ref = histogram_stats(x, with_logs=False)
-    got, bad = kcpu.histogram_stats(x)
-    assert bad == 0
-    assert got.dtype == ref.dtype and torch.equal(got, ref)
+    assert torch.equal(got, ref)
+    one_bin = int(torch.nonzero(got[:HIST_NBINS]).flatten()[0])
+    assert float(got[HIST_NBINS + one_bin]) == float(np.float32((1 << 24) + 3))
+
+
+def test_the_c_kernels_fail_over_to_inductor_when_no_compiler_works(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: object, caplog: pytest.LogCaptureFixture
+                                                                     ) -> None:  # fmt: skip
+    import logging
+
+    from tailq.kernels import native
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("TAILQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native.shutil, "which", lambda name: "/bin/false" if name == "/nonexistent/cc" else None)
+    x = torch.from_numpy(np.random.default_rng(5).standard_t(3.0, 50_000).astype(np.float32))
+    with caplog.at_level(logging.WARNING, logger="tailq.kernels"):
+        got, bad = kcpu.histogram_stats(x)
+    assert not native.available() and "failed" in (native.why_unavailable() or "")
+    assert any("could not be built" in r.getMessage() for r in caplog.records)
+    assert bad == 0 and torch.equal(got, histogram_stats(x, with_logs=False))
 
 
 def test_nonfinite_detected_and_reported_as_before() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from . import native
 from .rng import MIX_C1, MIX_C2, RandKey
 from .spec import RoundSpec
 
@@ -350,6 +351,8 @@ def encode_dense(x: torch.Tensor, spec: RoundSpec, key: RandKey, bits: int) -> t
     n = x.numel()
     dev = x.device
     mode = round_mode(spec)
+    if dev.type == "cpu" and native.available():
+        return _native_encode(x.contiguous(), spec, key, bits, mode)
     p = _params(spec, dev)
     kw = _kw(key, dev)
     xs = _alias(x, n)
@@ -365,6 +368,24 @@ def encode_dense(x: torch.Tensor, spec: RoundSpec, key: RandKey, bits: int) -> t
     words = torch.empty(m32 * bits, dtype=torch.int32, device=dev)
     _compile(("pack", bits), _pack_fn(bits))(ws, words)
     return _alias(words, (n * bits + 7) // 8, torch.uint8)
+
+
+def _native_encode(x: torch.Tensor, spec: RoundSpec, key: RandKey, bits: int, mode: str) -> torch.Tensor:
+    """The fused C round + pack (:mod:`tailq.kernels.native`): the same float32 arithmetic and tables as
+    :func:`_round`, one pass, no one-byte-per-code workspace in memory."""
+    cpu = torch.device("cpu")
+    t1 = t2 = None
+    if mode == "affine":
+        vals = [spec.low, spec.inv, float(spec.s), float(spec.s - 1)]
+    elif mode == "bs8":
+        vals = [0.0]
+        t1, t2 = spec.levels.contiguous(), spec.widths.contiguous()
+    else:
+        p = _params(spec, cpu)
+        vals = [float(p["lmin"]), float(p["lmax"]), float(spec.widths[0])]
+        t1, t2 = p["search"].contiguous(), p["wsearch"].contiguous()
+    params = torch.tensor(vals, dtype=torch.float32)
+    return native.encode_dense(x, key.words, mode, params, t1, t2, spec.s, bits)
 
 
 def _lanes_row_fn(mode: str) -> Callable[..., Any]:
@@ -495,6 +516,9 @@ def decode_dense(
 ) -> torch.Tensor:
     """``values[unpack_bits(packed, bits, n)]`` as float32 (into ``out`` when given)."""
     dev = packed.device
+    if dev.type == "cpu" and native.available():
+        out = torch.empty(n, dtype=torch.float32) if out is None else out
+        return native.decode_dense([packed.reshape(-1).contiguous()], bits, n, spec.values.contiguous(), out)
     m32 = -(-n // 32)
     ws = _workspace("codes", m32 * 32, torch.uint8, dev)
     _unpack_to_codes(packed, bits, n, ws)
@@ -509,6 +533,10 @@ def decode_dense_mean(
 ) -> torch.Tensor:
     """Mean over payloads of ``values[unpack_bits(p, bits, n)]``, summed in order from 0.0 (the reference)."""
     dev = payloads[0].device
+    if dev.type == "cpu" and native.available():
+        out = torch.empty(n, dtype=torch.float32) if out is None else out
+        flat = [p.reshape(-1).contiguous() for p in payloads]
+        return native.decode_dense(flat, bits, n, spec.values.contiguous(), out)
     count = len(payloads)
     m32 = -(-n // 32)
     ws = _workspace("codes_n", count * m32 * 32, torch.uint8, dev)
@@ -608,6 +636,14 @@ def histogram_stats(x: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, int]
     flat = x.reshape(-1)
     n = flat.numel()
     dev = flat.device
+    if dev.type == "cpu" and n <= native.MAX_NUMEL and native.available():
+        counts, sig, bad = native.histogram_bits(flat.contiguous(), int(shift), _threshold_ints())
+        if bad:
+            return counts.new_zeros(0).double(), bad
+        sums = torch.zeros(HIST_NBINS, dtype=torch.float64)
+        regular = slice(1, _HIST_OVER)
+        sums[regular] = sig[regular].to(torch.float64) * _REGULAR_SCALES  # exact: integers < 2^53 times powers of two
+        return _finish_bins(flat, shift, counts, sums, tiny=int(sig[0]), over=int(counts[_HIST_OVER]))
     thr = _thresholds(dev)
     sh = torch.tensor(int(shift), dtype=torch.int32, device=dev)
     scale = torch.tensor(2.0 ** -int(shift), dtype=torch.float64, device=dev)
@@ -628,6 +664,14 @@ def histogram_stats(x: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, int]
     bad, tiny, over = (int(v) for v in flags.tolist())
     if bad:
         return sums.new_zeros(0), bad
+    return _finish_bins(flat, shift, counts, sums, tiny=tiny, over=over)
+
+
+def _finish_bins(flat: torch.Tensor, shift: int, counts: torch.Tensor, sums: torch.Tensor, *, tiny: int, over: int
+                 ) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """The statistics vector from exact per-bin counts and regular-bin sums: the two mixed-exponent bins' sums,
+    when occupied, are redone in element order (the reference's association)."""
+    dev = flat.device
     for b_idx, occupied in ((0, tiny), (_HIST_OVER, over)):
         if occupied:  # redo this bin's sum in element order (the reference's association)
             a = flat.abs().to(torch.float64)
@@ -640,6 +684,9 @@ def histogram_stats(x: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, int]
 
 
 _HIST_OVER = 225  # HIST_K + 1 (asserted against the theory constants in _thresholds)
+# bins 1..224: every |x|·2^-shift of bin b has the biased exponent e = (b + 347) >> 2, so the bin's sum is its
+# integer significand sum times 2^(e - 150)
+_REGULAR_SCALES = torch.pow(2.0, (((torch.arange(1, _HIST_OVER) + 347) >> 2) - 150).to(torch.float64))
 MIN_SHIFT = -86  # from 2^-86 on, every subnormal |x| (< 2^-126) falls in the zero bin (|x|·2^-shift < 2^-40)
 
 
@@ -672,6 +719,11 @@ def mantissa_thresholds() -> list[int]:
             f = np.nextafter(f, np.float32(np.inf))
         out.append(int(np.array(f, dtype=np.float32).view(np.int32)) & 0x7FFFFF)
     return out
+
+
+def _threshold_ints() -> tuple[int, int, int]:
+    t = mantissa_thresholds()
+    return t[0], t[1], t[2]
 
 
 def _thresholds(device: torch.device) -> torch.Tensor:
