@@ -20,6 +20,8 @@ from typing import ClassVar
 
 import torch
 
+from tailq.kernels import baselines
+
 from .base import Compressor, Encoded, Option, check_input, register
 from .packing import pack_bits, unpack_bits
 
@@ -46,12 +48,22 @@ class EFSign(Compressor):
         if n == 0:
             return self._empty(x)
         scale = (flat.abs().sum(dtype=torch.float64) / n).to(torch.float32).reshape(1)
-        signs = (flat >= 0).to(torch.uint8)
-        return Encoded({"signs": pack_bits(signs, 1, check=False), "scale": scale}, x.shape, x.dtype)
+        packed = baselines.efsign_encode(flat)  # the sign bits in one fused pass where a fast path exists
+        if packed is None:
+            packed = pack_bits((flat >= 0).to(torch.uint8), 1, check=False)
+        return Encoded({"signs": packed, "scale": scale}, x.shape, x.dtype)
 
-    def decode(self, enc: Encoded) -> torch.Tensor:
+    def decode(self, enc: Encoded, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 decode shaped like the input; ``out``: a float32 tensor of as many elements to write into."""
         n = enc.numel
         if n == 0:
-            return torch.zeros(enc.shape, dtype=torch.float32)
-        b = unpack_bits(enc.tensors["signs"], 1, n).to(torch.float32)
-        return ((2.0 * b - 1.0) * enc.tensors["scale"].to(torch.float32)).reshape(enc.shape)
+            return torch.zeros(enc.shape, dtype=torch.float32) if out is None else out.reshape(enc.shape)
+        signs, scale = enc.tensors["signs"], enc.tensors["scale"]
+        fo = baselines.flat_out(out, n)
+        if out is None or fo is not None:
+            fast = baselines.efsign_decode(signs, scale, n, fo)
+            if fast is not None:
+                return fast.reshape(enc.shape)
+        b = unpack_bits(signs, 1, n).to(torch.float32)
+        dec = ((2.0 * b - 1.0) * scale.to(torch.float32)).reshape(enc.shape)
+        return dec if out is None else out.copy_(dec.reshape(out.shape)).reshape(enc.shape)

@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from tailq.kernels import RandKey, baselines
+
 from .base import Compressor, Encoded, Option, check_input, register
 from .codebook import stochastic_round_levels, stochastic_round_uniform
 from .packing import pack_bits, unpack_bits
@@ -61,38 +63,65 @@ class _BucketNormQuantizer(Compressor):
     def _magnitude(self, k: torch.Tensor) -> torch.Tensor:
         """float32 magnitude level of index k."""
 
+    def _fast_levels(self) -> torch.Tensor | None:
+        """What the fused kernels round onto: None for QSGD's uniform levels, the float32 levels otherwise."""
+        return None
+
     def _layout(self, n: int) -> tuple[int, int]:
         b = min(self.bucket_size, n)
         return b, -(-n // b)
 
+    def norms(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per-bucket float32 L2 norms of the flat float32 tensor: float64 norms rounded up to float32.
+
+        Every path uses this same torch reduction (its float64 rounding depends on torch's summation order).
+        """
+        n = flat.numel()
+        b, nb = self._layout(n)
+        pad = nb * b - n
+        v = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
+        norm64 = torch.linalg.vector_norm(v.view(nb, b), dim=1, dtype=torch.float64)
+        return round_up_f32(norm64, f"{self.name}: bucket L2 norm")
+
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> Encoded:
+        """``generator``: a ``torch.Generator`` or a :class:`~tailq.kernels.RandKey`; with a key the rounding,
+        sign and packing run fused where a fast path exists (:mod:`tailq.kernels.baselines`), same bytes."""
         flat = check_input(x)
         n = flat.numel()
         if n == 0:
             return self._empty(x)
         b, nb = self._layout(n)
-        pad = nb * b - n
-        v = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
-        norm64 = torch.linalg.vector_norm(v.view(nb, b), dim=1, dtype=torch.float64)
-        norms = round_up_f32(norm64, f"{self.name}: bucket L2 norm")
+        norms = self.norms(flat)
+        info: dict[str, Any] = {"buckets": nb, "bucket_size": b}
+        if isinstance(generator, RandKey):
+            packed = baselines.qsgd_encode(flat, norms, generator, self.bits, b, self._fast_levels())
+            if packed is not None:
+                return Encoded({"codes": packed, "norms": norms}, x.shape, x.dtype, info)
         ne = norms.repeat_interleave(b)[:n]
         r = flat.abs() / torch.where(ne > 0, ne, torch.ones_like(ne))
         k = self._round(r, self._gen(generator))
         codes = torch.where(flat < 0, -k, k) + self.s
-        info: dict[str, Any] = {"buckets": nb, "bucket_size": b}
         return Encoded(
             {"codes": pack_bits(codes, self.bits, check=False), "norms": norms}, x.shape, x.dtype, info
         )
 
-    def decode(self, enc: Encoded) -> torch.Tensor:
+    def decode(self, enc: Encoded, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 decode shaped like the input; ``out``: a float32 tensor of as many elements to write into."""
         n = enc.numel
         if n == 0:
-            return torch.zeros(enc.shape, dtype=torch.float32)
+            return torch.zeros(enc.shape, dtype=torch.float32) if out is None else out.reshape(enc.shape)
         b, _ = self._layout(n)
-        c = unpack_bits(enc.tensors["codes"], self.bits, n).to(torch.int64) - self.s
+        codes, norms = enc.tensors["codes"], enc.tensors["norms"]
+        fo = baselines.flat_out(out, n)
+        if out is None or fo is not None:
+            fast = baselines.qsgd_decode(codes, norms, self.bits, b, n, self._fast_levels(), fo)
+            if fast is not None:
+                return fast.reshape(enc.shape)
+        c = unpack_bits(codes, self.bits, n).to(torch.int64) - self.s
         mag = self._magnitude(c.abs())
-        ne = enc.tensors["norms"].to(torch.float32).repeat_interleave(b)[:n]
-        return (torch.where(c < 0, -mag, mag) * ne).reshape(enc.shape)
+        ne = norms.to(torch.float32).repeat_interleave(b)[:n]
+        dec = (torch.where(c < 0, -mag, mag) * ne).reshape(enc.shape)
+        return dec if out is None else out.copy_(dec.reshape(out.shape)).reshape(enc.shape)
 
 
 @register
@@ -141,3 +170,6 @@ class NUQSGD(_BucketNormQuantizer):
 
     def _magnitude(self, k: torch.Tensor) -> torch.Tensor:
         return self.levels(k.device)[k]
+
+    def _fast_levels(self) -> torch.Tensor | None:
+        return self.levels()

@@ -15,6 +15,11 @@ Wire format: codes b + 1 ∈ {0, 1, 2} packed at 2 bits (ceil(2n/8) bytes) plus 
 bits per coordinate = (8·ceil(n/4) + 32·groups) / n, groups = 1 (``bucket_size=0``) or ceil(n/bucket_size).
 
 Variance per coordinate: S·|g_c| − g_c² ≤ S²/4; per group E‖Q − g_c‖² = S·‖g_c‖₁ − ‖g_c‖².
+
+Randomness: a ``torch.Generator`` (``torch.rand``, the original reference) or a :class:`~tailq.kernels.RandKey`
+(counter-based: u_i = :func:`~tailq.kernels.counter_uniform` of element index i, as the codebook rounding uses
+it). With a key the clip, scale, codes and packing run fused where a fast path exists
+(:mod:`tailq.kernels.baselines`), with the same bytes; the thresholds stay the float64 torch reductions below.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import math
 from typing import Any, ClassVar
 
 import torch
+
+from tailq.kernels import RandKey, baselines, counter_uniform
 
 from .base import Compressor, Encoded, Option, check_input, register
 from .packing import pack_bits, unpack_bits
@@ -40,6 +47,7 @@ class TernGrad(Compressor):
     unbiased = True  # for the clipped input, see target()
     fixed_bits = 2  # ternary codes
     truncating = True
+    counter_randomness = True  # a RandKey gives the counter uniforms of tailq.kernels.rng
     options: ClassVar[dict[str, Option]] = {
         "clip_sigma": Option(
             float,
@@ -80,9 +88,10 @@ class TernGrad(Compressor):
         thr = (self.clip_sigma * sigma).to(torch.float32)
         return torch.where(sigma > 0, thr, torch.full_like(thr, math.inf))
 
-    def _clip(self, flat: torch.Tensor) -> torch.Tensor:
+    def _clip(self, flat: torch.Tensor, thr: torch.Tensor | None = None) -> torch.Tensor:
         b, _ = self._layout(flat.numel())
-        te = self.thresholds(flat).repeat_interleave(b)[: flat.numel()]
+        thr = self.thresholds(flat) if thr is None else thr
+        te = thr.repeat_interleave(b)[: flat.numel()]
         return torch.maximum(torch.minimum(flat, te), -te)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,26 +102,43 @@ class TernGrad(Compressor):
         return self._clip(flat).reshape(x.shape)
 
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> Encoded:
+        """``generator``: a ``torch.Generator`` or a :class:`~tailq.kernels.RandKey` (see the module doc)."""
         flat = check_input(x)
         n = flat.numel()
         if n == 0:
             return self._empty(x)
         b, nb = self._layout(n)
-        g = self._clip(flat)
+        info: dict[str, Any] = {"groups": nb}
+        thr = self.thresholds(flat)
+        if isinstance(generator, RandKey):
+            fast = baselines.terngrad_encode(flat, thr, generator, b)
+            if fast is not None:
+                return Encoded({"codes": fast[0], "scales": fast[1]}, x.shape, x.dtype, info)
+        g = self._clip(flat, thr)
         scales = self._groups(g.abs(), 0.0).amax(dim=1)
         se = scales.repeat_interleave(b)[:n]
         p = g.abs() / torch.where(se > 0, se, torch.ones_like(se))
-        u = torch.rand(n, generator=self._gen(generator), dtype=torch.float32, device=flat.device)
+        if isinstance(generator, RandKey):
+            u = counter_uniform(n, generator, device=flat.device)
+        else:
+            u = torch.rand(n, generator=self._gen(generator), dtype=torch.float32, device=flat.device)
         keep = (u < p).to(torch.int64)
         codes = torch.where(g < 0, -keep, keep) + 1
-        info: dict[str, Any] = {"groups": nb}
         return Encoded({"codes": pack_bits(codes, 2, check=False), "scales": scales}, x.shape, x.dtype, info)
 
-    def decode(self, enc: Encoded) -> torch.Tensor:
+    def decode(self, enc: Encoded, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 decode shaped like the input; ``out``: a float32 tensor of as many elements to write into."""
         n = enc.numel
         if n == 0:
-            return torch.zeros(enc.shape, dtype=torch.float32)
+            return torch.zeros(enc.shape, dtype=torch.float32) if out is None else out.reshape(enc.shape)
         b, _ = self._layout(n)
-        t = unpack_bits(enc.tensors["codes"], 2, n).to(torch.float32) - 1.0
-        se = enc.tensors["scales"].to(torch.float32).repeat_interleave(b)[:n]
-        return (t * se).reshape(enc.shape)
+        codes, scales = enc.tensors["codes"], enc.tensors["scales"]
+        fo = baselines.flat_out(out, n)
+        if out is None or fo is not None:
+            fast = baselines.terngrad_decode(codes, scales, b, n, fo)
+            if fast is not None:
+                return fast.reshape(enc.shape)
+        t = unpack_bits(codes, 2, n).to(torch.float32) - 1.0
+        se = scales.to(torch.float32).repeat_interleave(b)[:n]
+        dec = (t * se).reshape(enc.shape)
+        return dec if out is None else out.copy_(dec.reshape(out.shape)).reshape(enc.shape)
