@@ -24,6 +24,7 @@ from workers import (
     w_checkpoint,
     w_ddp_statistics,
     w_dead_peer,
+    w_decode_into_bucket,
     w_lanes_exact,
     w_mismatch,
     w_modes,
@@ -293,6 +294,14 @@ def test_two_phase_hands_the_bytes_of_the_cost_model(world: int, d: int) -> None
             assert [c for c, _ in r["handed"]] == ["all_to_all", "all_gather"]
             for (_, got), (_, model) in zip(r["handed"], r["model"], strict=True):
                 assert got == pytest.approx(model, rel=0.02)
+
+
+@pytest.mark.parametrize("world, d", [(2, 4099), (3, 1001)])
+def test_every_route_decodes_the_mean_into_the_buckets_own_buffer(world: int, d: int) -> None:
+    for rank_rows in launch(w_decode_into_bucket, world, d):
+        for name, route, identical, in_place in rank_rows:
+            assert identical, (name, route)  # the same bits as decoding into a fresh tensor and copying back
+            assert in_place, (name, route)  # and written straight into the bucket (no fresh tensor, no copy)
 
 
 def test_two_phase_records_the_error_of_each_phase() -> None:

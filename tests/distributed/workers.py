@@ -563,3 +563,32 @@ def w_plan(rank: int, world: int, net: str | None, warmup: int) -> dict[str, Any
     restored = again.planner.codec == state.planner.codec and again.network == state.network
     again.close()
     return {"plan": state.metrics.plan, "routes": routes, "restored": restored}
+
+
+def w_decode_into_bucket(rank: int, world: int, d: int) -> list[tuple[str, str, bool, bool]]:
+    """Each route's mean decoded into the bucket's own buffer equals the mean decoded into a fresh tensor, bit for
+    bit; returns (name, route, identical, decoded in place) per case."""
+    out = []
+    for name, route in (("tnq", "twophase"), ("tnq", "allgather"), ("tuq", "allreduce"), ("tbq", "twophase")):
+        g = heavy(d, seed=rank + 7)
+        res = []
+        for into in (True, False):
+            state = TailqState(name, bits=3, route=route, warmup_steps=0, min_bucket=0, measure_every=0, seed=3)
+            if not into:
+                state._decode_target = lambda buf: None  # type: ignore[method-assign]
+            buf = g.clone()
+            ptr = buf.data_ptr()
+            calls = []
+            orig = state.compress
+
+            def spy(*a: Any, _orig: Any = orig, _calls: list[Any] = calls, _ptr: int = ptr, **k: Any) -> torch.Tensor:
+                m = _orig(*a, **k)
+                _calls.append(m.data_ptr() == _ptr)
+                return m
+
+            state.compress = spy  # type: ignore[method-assign]
+            state.process(FakeBucket(buf))
+            state.close()
+            res.append((buf, calls[0]))
+        out.append((name, route, torch.equal(res[0][0], res[1][0]), res[0][1] and not res[1][1]))
+    return out

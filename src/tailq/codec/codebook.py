@@ -224,19 +224,23 @@ class Codebook:
         dec = self.decode(unpack_bits(packed, bits, n).to(torch.int64)).to(torch.float32)
         return dec if out is None else out.copy_(dec)
 
-    def decode_mean_packed(self, payloads: Sequence[torch.Tensor], bits: int, n: int) -> torch.Tensor:
+    def decode_mean_packed(
+        self, payloads: Sequence[torch.Tensor], bits: int, n: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean of the decodes of ``payloads`` (each ``bits``-bit packed codes of ``n`` elements).
 
-        Summed in payload order starting from 0.0, then divided by the count (the reference order).
+        Summed in payload order starting from 0.0, then divided by the count (the reference order). ``out``: a
+        float32 tensor of ``n`` elements to write the mean into (the fast path then allocates nothing).
         """
-        out = dispatch.decode_dense_mean(payloads, self.round_spec, bits, n)
-        if out is not None:
-            return out
+        res = dispatch.decode_dense_mean(payloads, self.round_spec, bits, n, out)
+        if res is not None:
+            return res
         device = payloads[0].device
         mean = torch.zeros(n, dtype=torch.float32, device=device)
         for p in payloads:
             mean += self.decode(unpack_bits(p, bits, n).to(torch.int64))
-        return mean / len(payloads)
+        mean = mean / len(payloads)
+        return mean if out is None else out.copy_(mean)
 
     def snap(self, grid: int) -> SnappedCodebook:
         """Snap the levels onto a uniform fine grid of ``grid + 1`` points spanning [l_0, l_s] (SPEC §6.1).
@@ -290,13 +294,17 @@ class SnappedCodebook:
                 return out
         return pack_lanes(self.encode_fine(x.reshape(-1), generator), plan, check=False)
 
-    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n: int, n_workers: int) -> torch.Tensor:
-        """``self.decode_sum(unpack_lanes(words, plan, n), n_workers)`` (fused when a kernel is available)."""
+    def decode_lanes(
+        self, words: torch.Tensor, plan: LanePlan, n: int, n_workers: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``self.decode_sum(unpack_lanes(words, plan, n), n_workers)`` (fused when a kernel is available), written
+        into ``out`` (float32, ``n`` elements) when given."""
         lo, hi = self.codebook.low, self.codebook.high
-        out = dispatch.decode_lanes(words, plan, n, lo, (hi - lo) / (self.grid * n_workers))
-        if out is not None:
-            return out
-        return self.decode_sum(unpack_lanes(words, plan, n, check=False), n_workers)
+        res = dispatch.decode_lanes(words, plan, n, lo, (hi - lo) / (self.grid * n_workers), out)
+        if res is not None:
+            return res
+        dec = self.decode_sum(unpack_lanes(words, plan, n, check=False), n_workers)
+        return dec if out is None else out.copy_(dec)
 
     def decode_sum(self, total: torch.Tensor, n_workers: int) -> torch.Tensor:
         """Exact mean from the sum of fine indices over ``n_workers``: l_0 + (K/N)·(l_s − l_0)/grid."""

@@ -183,6 +183,11 @@ class SharedCodebook(_Agreeing):
             self.owner.load_state_dict(state["owner"])
 
 
+def _into(res: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``res``, or ``res`` copied into ``out`` when the caller gave a destination."""
+    return res if out is None else out.copy_(res.reshape(-1))
+
+
 class _CodebookCoder:
     def __init__(self, x: torch.Tensor, cb: Codebook, bits: int, grid: int, keep_own: bool,
                  owner: OwnerRequantizer | None = None, key: str = "") -> None:
@@ -200,8 +205,9 @@ class _CodebookCoder:
         self.info = {"alpha": self.cb.high, "grid": self.grid, "levels": snapped.codebook.levels}
         return words
 
-    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int) -> torch.Tensor:
-        return self._snapped.decode_lanes(words, plan, self.numel, n_workers)
+    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return self._snapped.decode_lanes(words, plan, self.numel, n_workers, out)
 
     def encode_dense(self, key: RandKey) -> torch.Tensor:
         packed = self.cb.encode_packed(self.x, key, self.bits)  # round + dense pack, one pass with a RandKey
@@ -209,8 +215,8 @@ class _CodebookCoder:
         self.info = {"alpha": self.cb.high, "levels": self.cb.levels}
         return packed
 
-    def decode_dense_mean(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.cb.decode_mean_packed(list(rows), self.bits, self.numel)
+    def decode_dense_mean(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.cb.decode_mean_packed(list(rows), self.bits, self.numel, out)
 
     # -- the shard interface (two-phase) --------------------------------------------------------------------
     def encode_shards(self, key: RandKey, n_workers: int) -> tuple[torch.Tensor, int]:
@@ -232,12 +238,18 @@ class _CodebookCoder:
         payload = self.owner.requantize(f"{self.key}/{shard}", mean, valid, key)
         return payload, self.owner.decode(payload, m)
 
-    def dequantize(self, rows: torch.Tensor, m: int) -> torch.Tensor:
+    def dequantize(self, rows: torch.Tensor, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
         assert self.owner is not None
-        out = torch.empty(rows.shape[0] * m, dtype=torch.float32, device=self.x.device)
+        n = self.numel
+        if out is None:
+            out = torch.empty(rows.shape[0] * m, dtype=torch.float32, device=self.x.device)
         for r, row in enumerate(rows):
-            self.owner.decode(row, m, out[r * m : (r + 1) * m])
-        return out[: self.numel]
+            lo, hi = r * m, min((r + 1) * m, n)
+            if hi - lo == m:  # a whole shard: decoded in place
+                self.owner.decode(row, m, out[lo:hi])
+            elif hi > lo:  # the last shard ends in padding (out may hold only the bucket's values)
+                out[lo:hi] = self.owner.decode(row, m)[: hi - lo]
+        return out[:n]
 
     def own(self) -> torch.Tensor:
         assert self._own is not None, "own() before an encode"
@@ -292,18 +304,19 @@ class _ScalesCoder:
         codes = unpack_bits(self._encode(key).tensors["codes"], self.bits, self.numel)
         return pack_lanes(codes, plan, check=False)
 
-    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int) -> torch.Tensor:
+    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         total = unpack_lanes(words, plan, self.numel, check=False)
-        return self.comp.decode_sum(total, self.agreed, n_workers)
+        return _into(self.comp.decode_sum(total, self.agreed, n_workers), out)
 
     def encode_dense(self, key: RandKey) -> torch.Tensor:
         return self._encode(key).tensors["codes"]
 
-    def decode_dense_mean(self, rows: torch.Tensor) -> torch.Tensor:
+    def decode_dense_mean(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         acc = torch.zeros(self.numel, dtype=torch.float32, device=self.x.device)
         for row in rows:
             acc += unpack_bits(row, self.bits, self.numel).to(torch.float32)
-        return self.comp.decode_sum(acc, self.agreed, rows.shape[0])
+        return _into(self.comp.decode_sum(acc, self.agreed, rows.shape[0]), out)
 
     def own(self) -> torch.Tensor:
         assert self._enc is not None
@@ -374,7 +387,7 @@ class _PerRankCoder:
         self._enc = self.comp.encode(self.x, generator=key.torch_generator(self.x.device))
         return _serialize(self._enc.tensors, self.family.template(self.numel))
 
-    def decode_dense_mean(self, rows: torch.Tensor) -> torch.Tensor:
+    def decode_dense_mean(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         assert self._enc is not None
         tmpl = self.family.template(self.numel)
         # every rank's compressor has this configuration (checked when the hook starts): its format id
@@ -383,12 +396,13 @@ class _PerRankCoder:
         for row in rows:
             shell.tensors = _deserialize(row, tmpl)
             mean += self.comp.decode(shell).reshape(-1)
-        return mean / rows.shape[0]
+        return _into(mean / rows.shape[0], out)
 
     def encode_lanes(self, key: RandKey, plan: LanePlan) -> torch.Tensor:
         raise TypeError(f"{self.comp.name}: per-rank encodings are not summable")
 
-    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int) -> torch.Tensor:
+    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         raise TypeError(f"{self.comp.name}: per-rank encodings are not summable")
 
     def own(self) -> torch.Tensor:

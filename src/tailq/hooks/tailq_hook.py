@@ -258,7 +258,7 @@ class TailqState:
             timed = step < opts.warmup_steps and not self._planned and self.network_source == "fitted"
             mean = self._passthrough(g, Tag(step, idx, n, "passthrough"), timed=timed)
         else:
-            mean = self.compress(g, step, idx, bucket_key(bucket))
+            mean = self.compress(g, step, idx, bucket_key(bucket), dest=self._decode_target(buf))
         if exact is not None:  # measurement: not part of the method (its time goes to "measure")
             tm = time.perf_counter()
             phases = self._phase_errors(exact, self._shard, tag=Tag(step, idx, n, "measure"))
@@ -267,14 +267,25 @@ class TailqState:
         self.metrics.wire.count_bucket(n)
         if bucket.is_last():
             self.step += 1
-        buf.copy_(mean.reshape(buf.shape))
+        if mean.data_ptr() != buf.data_ptr():  # decoded elsewhere (passthrough, fallback, a non-fp32 bucket)
+            buf.copy_(mean.reshape(buf.shape))
         measured = sec["measure"] - meas0
         sec["total"] += time.perf_counter() - t0 - measured
         sec["communicate"] += self.comm.seconds - comm0 - measured
         return buf
 
-    def compress(self, g: torch.Tensor, step: int, idx: int, key: str) -> torch.Tensor:
-        """One bucket's compressed mean: compensate → agree → codebook → route → update (see :func:`tailq_hook`)."""
+    def _decode_target(self, buf: torch.Tensor) -> torch.Tensor | None:
+        """Where a route may decode the mean: the bucket's own buffer when it is contiguous float32 and nothing reads
+        the gradient after the route (error feedback's truncation target and the stale policy's fallback do)."""
+        if buf.dtype != torch.float32 or not buf.is_contiguous() or self.memory is not None or self.options.stale_stats:
+            return None
+        return buf.reshape(-1)
+
+    def compress(self, g: torch.Tensor, step: int, idx: int, key: str, dest: torch.Tensor | None = None
+                 ) -> torch.Tensor:  # fmt: skip
+        """One bucket's compressed mean: compensate → agree → codebook → route → update (see :func:`tailq_hook`).
+
+        ``dest``: where the route decodes the mean (see :meth:`_decode_target`); ``None``: a new tensor."""
         n = g.numel()
         if not self._planned:
             self._calibrate(g.device, Tag(step, idx, n, "plan"))
@@ -293,7 +304,7 @@ class TailqState:
             return self._fallback(g, dataclasses.replace(tag, route="fallback"), "non-finite gradient on some rank")
         coder = self.family.coder(xs, agreed.codebook, self.comm, tag, key)  # 3. the shared codebook, this rank's codes
         rkey = RandKey(self.seed, self.comm.rank, step, idx)  # counter-based randomness for this bucket and step
-        out = zero_outcome(xs, route) if coder is None else ROUTES[route].run(self.comm, tag, coder, rkey)  # 4.
+        out = zero_outcome(xs, route) if coder is None else ROUTES[route].run(self.comm, tag, coder, rkey, dest)  # 4.
         if not self.policy.settle(self.comm, key, agreed):  # stale statistics arriving now say NaN/Inf: void
             return self._fallback(g, dataclasses.replace(tag, route="fallback"),
                                   "non-finite gradient on some rank (seen in stale-mode stats)")

@@ -50,6 +50,13 @@ _SOURCE = r"""
 #include <omp.h>
 #include <math.h>
 
+#if defined(__x86_64__) && !defined(TQ_NO_CLONES)
+/* one build, the CPU's best variant picked at load time (AVX-512, AVX2, baseline) */
+#define TQ_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define TQ_CLONES
+#endif
+
 #define NB 226
 #define OVER 225
 #define SUBS 4
@@ -59,7 +66,7 @@ _SOURCE = r"""
 
 /* Bin and packed increment of BLOCK values: a branch-free loop the compiler vectorizes (AVX2 when the CPU has
    it, through target_clones), kept in L1 for the scatter loop that follows. */
-__attribute__((target_clones("avx2", "default")))
+TQ_CLONES
 static void bins_block(const uint32_t *restrict x, int64_t k, int shift, uint32_t t1, uint32_t t2, uint32_t t3,
                        int32_t *restrict idx, uint64_t *restrict inc, int64_t *restrict bad) {
     int64_t nbad = 0;
@@ -86,7 +93,7 @@ static inline uint32_t lowbias32(uint32_t v) {
 }
 
 /* Codes 0..s of k values starting at element index i0: affine (uniform codebooks) or a count over the levels. */
-__attribute__((target_clones("avx2", "default")))
+TQ_CLONES
 static void codes_affine(const float *restrict x, int64_t k, uint32_t i0, uint32_t k0, uint32_t k1, float low,
                          float inv, float smax, float smax1, int32_t *restrict out) {
     for (int64_t i = 0; i < k; i++) {
@@ -102,7 +109,7 @@ static void codes_affine(const float *restrict x, int64_t k, uint32_t i0, uint32
 }
 
 #define CODES_CHAIN(NAME, SIZE)                                                                                \
-__attribute__((target_clones("avx2", "default")))                                                              \
+TQ_CLONES                                                              \
 static void NAME(const float *restrict x, int64_t k, uint32_t i0, uint32_t k0, uint32_t k1,                    \
                  const float *restrict search, const float *restrict wsearch, float lmin, float lmax,          \
                  float w0, int32_t *restrict out) {                                                            \
@@ -144,21 +151,33 @@ static void codes_search(const float *restrict x, int64_t k, uint32_t i0, uint32
     }
 }
 
-/* codes c[0..rest) (< 2^bits) -> rest*bits bits, little-endian */
-static inline uint64_t compact8(const int32_t *c, int64_t rest, int bits) {
-    uint64_t t = 0;
-    for (int64_t q = 0; q < rest; q++) t |= (uint64_t)(uint32_t)c[q] << (q * bits);
-    return t;
+/* codes c[0..k) (< 2^BITS) -> ceil(k*BITS/8) bytes at out, little-endian, and no more (k a multiple of 8 except
+   in the last block) */
+#define PACK_BITS(BITS)                                                                                          \
+static void pack_##BITS(const int32_t *restrict c, int64_t k, uint8_t *restrict out) {                           \
+    int64_t nbytes = (k * BITS + 7) / 8;                                                                         \
+    for (int64_t g = 0; 8 * g < k; g++) {                                                                        \
+        int64_t rest = k - 8 * g < 8 ? k - 8 * g : 8;                                                            \
+        const int32_t *cg = c + 8 * g;                                                                           \
+        uint64_t t = 0;                                                                                          \
+        if (rest == 8) for (int q = 0; q < 8; q++) t |= (uint64_t)(uint32_t)cg[q] << (q * BITS);                 \
+        else for (int q = 0; q < rest; q++) t |= (uint64_t)(uint32_t)cg[q] << (q * BITS);                        \
+        if (g * BITS + 8 <= nbytes) memcpy(out + g * BITS, &t, 8); /* spare bytes: the next group's */           \
+        else memcpy(out + g * BITS, &t, (size_t)((rest * BITS + 7) / 8));                                         \
+    }                                                                                                            \
 }
+PACK_BITS(1) PACK_BITS(2) PACK_BITS(3) PACK_BITS(4) PACK_BITS(5) PACK_BITS(6) PACK_BITS(7)
 
 static void pack_block(const int32_t *restrict c, int64_t k, int bits, uint8_t *restrict out) {
-    /* out gets ceil(k*bits/8) bytes and no more; k is a multiple of 8 except in the last block */
-    int64_t nbytes = (k * bits + 7) / 8;
-    for (int64_t g = 0; 8 * g < k; g++) {
-        int64_t rest = k - 8 * g < 8 ? k - 8 * g : 8;
-        uint64_t t = compact8(c + 8 * g, rest, bits);
-        if (g * bits + 8 <= nbytes) memcpy(out + g * bits, &t, 8); /* spare bytes: overwritten by the next group */
-        else memcpy(out + g * bits, &t, (size_t)((rest * bits + 7) / 8));
+    switch (bits) {
+    case 1: pack_1(c, k, out); break;
+    case 2: pack_2(c, k, out); break;
+    case 3: pack_3(c, k, out); break;
+    case 4: pack_4(c, k, out); break;
+    case 5: pack_5(c, k, out); break;
+    case 6: pack_6(c, k, out); break;
+    case 7: pack_7(c, k, out); break;
+    default: for (int64_t i = 0; i < k; i++) out[i] = (uint8_t)c[i];
     }
 }
 
@@ -178,22 +197,50 @@ int tailq_encode_dense(const float *x, int64_t n, uint32_t k0, uint32_t k1, int 
         else if (mode == 1) codes_chain8(x + lo, k, (uint32_t)lo, k0, k1, t1, t2, p[0], p[1], p[2], codes);
         else if (mode == 3) codes_chain16(x + lo, k, (uint32_t)lo, k0, k1, t1, t2, p[0], p[1], p[2], codes);
         else codes_search(x + lo, k, (uint32_t)lo, k0, k1, t1, t2, s_or_nk, codes);
-        if (bits == 8) for (int64_t i = 0; i < k; i++) out[lo + i] = (uint8_t)codes[i];
-        else pack_block(codes, k, bits, out + lo / 8 * bits);
+        pack_block(codes, k, bits, out + lo / 8 * bits);
     }
     return 0;
 }
 
 /* ---- unpack + decode (table lookup) ---------------------------------------------------------------------- */
 
-static void unpack_block(const uint8_t *restrict in, int64_t k, int bits, uint8_t *restrict c) {
-    int64_t groups = (k + 7) / 8;
-    uint64_t m = ((uint64_t)1 << bits) - 1;
-    for (int64_t g = 0; g < groups; g++) {
-        int64_t rest = k - 8 * g < 8 ? k - 8 * g : 8;
-        uint64_t t = 0;
-        memcpy(&t, in + g * bits, (size_t)((rest * bits + 7) / 8));
-        for (int q = 0; q < 8; q++) c[8 * g + q] = (uint8_t)((t >> (q * bits)) & m);
+/* out[i] = tbl[code i] (acc = 0: store; acc = 1: add to out) for k codes of BITS bits starting at byte in[0]
+   (k a multiple of 8 except in the last block; the input holds exactly ceil(k*BITS/8) bytes from in) */
+#define DECODE_BITS(BITS)                                                                                        \
+static void dec_##BITS(const uint8_t *restrict in, int64_t k, const float *restrict tbl, int acc,                \
+                       float *restrict o) {                                                                      \
+    const uint64_t m = ((uint64_t)1 << BITS) - 1;                                                                \
+    int64_t nbytes = (k * BITS + 7) / 8;                                                                         \
+    for (int64_t g = 0; 8 * g < k; g++) {                                                                        \
+        uint64_t t = 0;                                                                                          \
+        int64_t rest = k - 8 * g < 8 ? k - 8 * g : 8;                                                            \
+        if (g * BITS + 8 <= nbytes) memcpy(&t, in + g * BITS, 8);                                                \
+        else memcpy(&t, in + g * BITS, (size_t)((rest * BITS + 7) / 8));                                         \
+        float *d = o + 8 * g;                                                                                    \
+        if (rest == 8) {                                                                                         \
+            if (acc) for (int q = 0; q < 8; q++) d[q] = d[q] + tbl[(t >> (q * BITS)) & m];                       \
+            else for (int q = 0; q < 8; q++) d[q] = tbl[(t >> (q * BITS)) & m];                                  \
+        } else {                                                                                                 \
+            if (acc) for (int q = 0; q < rest; q++) d[q] = d[q] + tbl[(t >> (q * BITS)) & m];                    \
+            else for (int q = 0; q < rest; q++) d[q] = tbl[(t >> (q * BITS)) & m];                               \
+        }                                                                                                        \
+    }                                                                                                            \
+}
+DECODE_BITS(1) DECODE_BITS(2) DECODE_BITS(3) DECODE_BITS(4) DECODE_BITS(5) DECODE_BITS(6) DECODE_BITS(7)
+
+static void dec_block(const uint8_t *restrict in, int64_t k, int bits, const float *restrict tbl, int acc,
+                      float *restrict o) {
+    switch (bits) {
+    case 1: dec_1(in, k, tbl, acc, o); break;
+    case 2: dec_2(in, k, tbl, acc, o); break;
+    case 3: dec_3(in, k, tbl, acc, o); break;
+    case 4: dec_4(in, k, tbl, acc, o); break;
+    case 5: dec_5(in, k, tbl, acc, o); break;
+    case 6: dec_6(in, k, tbl, acc, o); break;
+    case 7: dec_7(in, k, tbl, acc, o); break;
+    default:
+        if (acc) for (int64_t i = 0; i < k; i++) o[i] = o[i] + tbl[in[i]];
+        else for (int64_t i = 0; i < k; i++) o[i] = tbl[in[i]];
     }
 }
 
@@ -207,21 +254,11 @@ int tailq_decode_dense(const uint8_t *const *payloads, int count, int64_t n, int
     memcpy(tbl, values, sizeof(float) * (size_t)(nvalues < 256 ? nvalues : 256));
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        uint8_t codes[EBLOCK];
         int64_t lo = b * EBLOCK, k = n - lo < EBLOCK ? n - lo : EBLOCK;
         float *o = out + lo;
-        if (count == 1) {
-            if (bits == 8) for (int64_t i = 0; i < k; i++) o[i] = tbl[payloads[0][lo + i]];
-            else { unpack_block(payloads[0] + lo / 8 * bits, k, bits, codes);
-                   for (int64_t i = 0; i < k; i++) o[i] = tbl[codes[i]]; }
-            continue;
-        }
+        if (count == 1) { dec_block(payloads[0] + lo / 8 * bits, k, bits, tbl, 0, o); continue; }
         for (int64_t i = 0; i < k; i++) o[i] = 0.0f;
-        for (int r = 0; r < count; r++) {
-            const uint8_t *src = bits == 8 ? payloads[r] + lo : codes;
-            if (bits != 8) unpack_block(payloads[r] + lo / 8 * bits, k, bits, codes);
-            for (int64_t i = 0; i < k; i++) o[i] = o[i] + tbl[src[i]];
-        }
+        for (int r = 0; r < count; r++) dec_block(payloads[r] + lo / 8 * bits, k, bits, tbl, 1, o);
         float c = (float)count;
         for (int64_t i = 0; i < k; i++) o[i] = o[i] / c;
     }
@@ -318,6 +355,9 @@ def _build() -> ctypes.CDLL:
             lib = Path(tmp) / out.name
             res = subprocess.run([cc, *_FLAGS, str(src), "-o", str(lib)], capture_output=True, text=True,
                                  timeout=120)  # fmt: skip
+            if res.returncode != 0:  # an older compiler without these target_clones: one baseline build
+                res = subprocess.run([cc, *_FLAGS, "-DTQ_NO_CLONES", str(src), "-o", str(lib)], capture_output=True,
+                                     text=True, timeout=120)  # fmt: skip
             if res.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:500]}")
             os.replace(lib, out)  # atomic: concurrent builders (ranks starting together) never see a partial file

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
+
 from tailq.kernels import RandKey
 
 from ..wire import Comm, Tag
@@ -28,6 +30,6 @@ class AllGather:
     def codec_passes(self, numel: int, n_workers: int) -> float:
         return 1.0 + n_workers  # encode, then decode every rank's row
 
-    def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey) -> Outcome:
+    def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey, out: torch.Tensor | None = None) -> Outcome:
         rows = comm.all_gather(coder.encode_dense(key), tag, "payload")
-        return Outcome(coder.decode_dense_mean(rows), coder.own, coder.target, self.name, coder.info)
+        return Outcome(coder.decode_dense_mean(rows, out), coder.own, coder.target, self.name, coder.info)

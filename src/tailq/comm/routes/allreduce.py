@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from typing import ClassVar
 
+import torch
+
 from tailq.codec.packing import LanePlan, plan_lanes
 from tailq.kernels import RandKey
 
@@ -39,9 +41,10 @@ class AllReduce:
     def codec_passes(self, numel: int, n_workers: int) -> float:
         return 2.0  # encode into lanes, decode the summed lanes
 
-    def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey) -> Outcome:
+    def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey, out: torch.Tensor | None = None) -> Outcome:
         assert coder.grid is not None
         plan = lane_plan(comm.n, coder.grid)
         words = coder.encode_lanes(key, plan)
         comm.all_reduce(words, tag, "payload")
-        return Outcome(coder.decode_lanes(words, plan, comm.n), coder.own, coder.target, self.name, coder.info)
+        mean = coder.decode_lanes(words, plan, comm.n, out)
+        return Outcome(mean, coder.own, coder.target, self.name, coder.info)

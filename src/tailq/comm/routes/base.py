@@ -95,16 +95,17 @@ class Coder(Protocol):
         """This rank's payload for an all-gather (the same size on every rank)."""
         ...
 
-    def decode_dense_mean(self, rows: torch.Tensor) -> torch.Tensor:
-        """The mean over ranks from the gathered payloads, one row per rank."""
+    def decode_dense_mean(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean over ranks from the gathered payloads, one row per rank (written into ``out`` when given)."""
         ...
 
     def encode_lanes(self, key: RandKey, plan: LanePlan) -> torch.Tensor:
         """This rank's codes packed in headroom lanes (integer words an all-reduce SUM adds lane by lane)."""
         ...
 
-    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int) -> torch.Tensor:
-        """The exact mean from the all-reduced words."""
+    def decode_lanes(self, words: torch.Tensor, plan: LanePlan, n_workers: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The exact mean from the all-reduced words (written into ``out`` when given)."""
         ...
 
     def own(self) -> torch.Tensor:
@@ -132,8 +133,9 @@ class ShardCoder(Coder, Protocol):
         """The owner's payload for shard ``shard`` (its codebook header and codes) and that payload's decode."""
         ...
 
-    def dequantize(self, rows: torch.Tensor, m: int) -> torch.Tensor:
-        """The bucket's mean from every owner's payload (one row per shard): identical on every rank."""
+    def dequantize(self, rows: torch.Tensor, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The bucket's mean from every owner's payload (one row per shard): identical on every rank (written
+        into ``out``, the bucket's length, when given)."""
         ...
 
 
@@ -173,8 +175,9 @@ class Route(Protocol):
         """Encode and decode work, in passes over the bucket (the planner multiplies by a measured cost)."""
         ...
 
-    def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey) -> Outcome:
-        """Aggregate one bucket."""
+    def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey, out: torch.Tensor | None = None) -> Outcome:
+        """Aggregate one bucket. ``out``: a float32 tensor of the bucket's length the mean is decoded into (the
+        bucket's own buffer, so no fresh full-size tensor and no copy back); ``None``: a new tensor."""
         ...
 
 

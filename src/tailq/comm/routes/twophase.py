@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, cast
 
+import torch
+
 from tailq.kernels import RandKey
 
 from ..wire import Comm, Tag
@@ -42,14 +44,14 @@ class TwoPhase:
         # encode of its shard; decode every owner's shard
         return 3.0 + 2.0 / n_workers
 
-    def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey) -> Outcome:
+    def run(self, comm: Comm, tag: Tag, coder: Coder, key: RandKey, out: torch.Tensor | None = None) -> Outcome:
         sc = cast(ShardCoder, coder)
         n, r = comm.n, comm.rank
         packed, m = sc.encode_shards(key, n)
         rows = comm.all_to_all(packed, tag, "payload")  # row j: rank j's codes of my shard
         mean1 = sc.decode_shard_mean(rows, m)
         payload, mine = sc.requantize(mean1, r, dataclasses.replace(key, rank=key.rank + OWNER_STREAM))
-        mean = sc.dequantize(comm.all_gather(payload, tag, "payload"), m)
+        mean = sc.dequantize(comm.all_gather(payload, tag, "payload"), m, out)
         valid = max(0, min(m, coder.numel - r * m))
         check = ShardCheck(r * m, mean1[:valid], mine[:valid])
         return Outcome(mean, coder.own, coder.target, self.name, coder.info, check)
