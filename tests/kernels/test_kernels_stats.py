@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -80,6 +82,25 @@ def test_fast_statistics_equal_the_reference_bit_for_bit(n: int, impl: str) -> N
         got, bad = kcpu.histogram_stats(x, shift)
         assert bad == 0
         assert got.dtype == ref.dtype and torch.equal(got, ref), (impl, shift)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("n", [1, 7, 1001, 300_007])
+def test_triton_statistics_equal_the_reference_bit_for_bit(n: int) -> None:
+    from tailq.kernels import triton_impl  # interpreted on CPU tensors (TRITON_INTERPRET=1, see conftest)
+
+    rng = np.random.default_rng(n + 1)
+    x = torch.from_numpy((rng.standard_cauchy(n) * 1e-3).astype(np.float32))
+    special = torch.tensor([0.0, -0.0, 1e-45, -3e-42, 2.0**-40, 7e5, -2.0**16, 1e-30], dtype=torch.float32)
+    k = min(n, special.numel())
+    x[:k] = special[:k]
+    for shift in (0, -30, 17):
+        res = triton_impl.histogram_stats(x, shift)
+        assert res is not None and res[1] == 0
+        assert torch.equal(res[0], histogram_stats(x, with_logs=False, shift=shift)), shift
+    x[n // 2] = float("nan")
+    res = triton_impl.histogram_stats(x, 0)
+    assert res is not None and res[1] == 1
 
 
 def test_c_histogram_sums_are_exact_where_float32_sums_are_not() -> None:

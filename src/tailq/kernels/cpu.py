@@ -684,6 +684,7 @@ def _finish_bins(flat: torch.Tensor, shift: int, counts: torch.Tensor, sums: tor
 
 
 _HIST_OVER = 225  # HIST_K + 1 (asserted against the theory constants in _thresholds)
+NBINS = _HIST_OVER + 1
 # bins 1..224: every |x|·2^-shift of bin b has the biased exponent e = (b + 347) >> 2, so the bin's sum is its
 # integer significand sum times 2^(e - 150)
 _REGULAR_SCALES = torch.pow(2.0, (((torch.arange(1, _HIST_OVER) + 347) >> 2) - 150).to(torch.float64))

@@ -8,7 +8,8 @@ these kernels on CPU tensors under ``TRITON_INTERPRET=1``.
 
 Layouts: dense packing works on rows of 32 codes = ``bits`` little-endian 32-bit words (the byte stream of
 ``pack_bits``); lanes follow ``pack_lanes`` (code i in word i % nwords, lane i // nwords). Statistics and the
-finite check are not implemented here (they return ``None``: the torch reference runs on the GPU).
+finite check: the histogram (counts and exact integer significand sums by int64 atomics) is here; the finite check
+returns ``None`` (one torch reduction on the GPU).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import triton.language as tl
 from .rng import MIX_C1, MIX_C2, RandKey
 from .spec import RoundSpec
 
-__all__ = ["decode_dense", "decode_dense_mean", "decode_lanes", "encode_dense", "encode_lanes", "round_codes"]
+__all__ = ["decode_dense", "decode_dense_mean", "decode_lanes", "encode_dense", "encode_lanes", "histogram_stats",
+           "round_codes"]
 
 GROUPS = 32  # rows of 32 codes per program (1024 elements)
 LANE_BLOCK = 1024
@@ -304,9 +306,53 @@ def decode_lanes(
     return out
 
 
-def histogram_stats(x: torch.Tensor, shift: int = 0) -> None:
-    """Not implemented in Triton: the torch reference runs on the GPU."""
-    return None
+HIST_BLOCK = 1024
+
+
+@triton.jit
+def _hist_kernel(x_ptr, n, shift, t1, t2, t3, counts_ptr, sums_ptr, bad_ptr, BLOCK: tl.constexpr):
+    """Per value: its bin from the float's bits (as :func:`tailq.kernels.cpu.bins_from_bits` at ``shift``), one
+    count and its 24-bit significand added to the bin by int64 atomics (integer adds: exact in any order)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    b = tl.load(x_ptr + offs, mask=mask, other=0) & 0x7FFFFFFF
+    e = b >> 23
+    m = b & 0x7FFFFF
+    es = e - shift
+    sub = (m >= t1).to(tl.int32) + (m >= t2).to(tl.int32) + (m >= t3).to(tl.int32)
+    idx = tl.minimum(4 * es - 347 + sub, 225)
+    idx = tl.where(es < 87, 0, idx)
+    sig = tl.where(e != 0, m | 0x800000, m).to(tl.int64)
+    tl.atomic_add(counts_ptr + idx, tl.where(mask, 1, 0).to(tl.int64), mask=mask)
+    tl.atomic_add(sums_ptr + idx, sig, mask=mask)
+    tl.atomic_add(bad_ptr, tl.sum(tl.where(mask & (e == 255), 1, 0).to(tl.int64), axis=0))
+
+
+def histogram_stats(x: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, int] | None:
+    """``(histogram_stats(x, with_logs=False, shift=shift), non-finite count)``, bit for bit the reference's: exact
+    integer significand sums per regular bin (the CPU path's argument, :mod:`tailq.kernels.native`); the two
+    mixed-exponent bins, when occupied, are summed again in element order by the torch reference."""
+    from . import cpu
+
+    if shift < cpu.MIN_SHIFT:
+        raise ValueError(f"histogram_stats: shift must be >= {cpu.MIN_SHIFT}; got {shift}")
+    flat = x.reshape(-1).contiguous()
+    n, dev = flat.numel(), flat.device
+    if n > 1 << 29:  # a bin's significand sum could pass 2^53 (no longer the reference's float64 sum): reference
+        return None
+    counts = torch.zeros(cpu.NBINS, dtype=torch.int64, device=dev)
+    sig = torch.zeros(cpu.NBINS, dtype=torch.int64, device=dev)
+    bad = torch.zeros(1, dtype=torch.int64, device=dev)
+    t1, t2, t3 = cpu.mantissa_thresholds()
+    _hist_kernel[(triton.cdiv(n, HIST_BLOCK),)](flat.view(torch.int32), n, int(shift), t1, t2, t3, counts, sig, bad,
+                                                BLOCK=HIST_BLOCK)  # fmt: skip
+    nbad = int(bad[0])
+    if nbad:
+        return counts.new_zeros(0).double(), nbad
+    sums = torch.zeros(cpu.NBINS, dtype=torch.float64, device=dev)
+    sums[1 : cpu.NBINS - 1] = sig[1 : cpu.NBINS - 1].to(torch.float64) * cpu._REGULAR_SCALES.to(dev)
+    over = int(counts[cpu.NBINS - 1])
+    return cpu._finish_bins(flat, shift, counts, sums, tiny=int(sig[0]), over=over)
 
 
 def nonfinite_count(x: torch.Tensor) -> None:
