@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from tailq.kernels import dispatch
 from tailq.options import Option, check_int
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ def check_input(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     flat = x.reshape(-1)
-    if flat.numel() and not bool(torch.isfinite(flat).all()):
+    fast = dispatch.nonfinite_count(flat) if flat.dtype == torch.float32 and flat.is_contiguous() else None
+    if flat.numel() and (fast > 0 if fast is not None else not bool(torch.isfinite(flat).all())):
         n_nan = int(torch.isnan(flat).sum())
         n_inf = int(torch.isinf(flat).sum())
         raise ValueError(

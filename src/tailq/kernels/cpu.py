@@ -610,7 +610,9 @@ def _finite_fn() -> Callable[..., Any]:
 
 
 def nonfinite_count(x: torch.Tensor) -> int:
-    """Number of NaN/Inf entries of a float32 tensor (one compiled reduction)."""
+    """Number of NaN/Inf entries of a float32 tensor (one C or compiled reduction)."""
+    if x.device.type == "cpu" and native.available():
+        return native.nonfinite_count(x.contiguous())
     return int(_compile(("nonfinite",), _finite_fn())(_alias(x.contiguous(), x.numel())))
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["MAX_NUMEL", "NBINS", "available", "decode_dense", "encode_dense", "histogram_bits", "library",
-           "why_unavailable"]
+           "nonfinite_count", "why_unavailable"]
 
 log = logging.getLogger("tailq.kernels")
 
@@ -83,6 +83,25 @@ static void bins_block(const uint32_t *restrict x, int64_t k, int shift, uint32_
         inc[i] = ((uint64_t)1 << CSHIFT) | (uint64_t)(m | (e ? 0x800000u : 0u));
     }
     *bad += nbad;
+}
+
+/* number of NaN/Inf (exponent bits all ones) */
+TQ_CLONES
+static int64_t nonfinite_block(const uint32_t *restrict x, int64_t k) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < k; i++) c += (x[i] & 0x7F800000u) == 0x7F800000u;
+    return c;
+}
+
+int64_t tailq_nonfinite_f32(const uint32_t *x, int64_t n, int nthreads) {
+    int64_t total = 0, blocks = (n + 65535) / 65536;
+    if (nthreads < 1) nthreads = 1;
+    #pragma omp parallel for num_threads(nthreads) reduction(+:total) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t lo = b * 65536;
+        total += nonfinite_block(x + lo, n - lo < 65536 ? n - lo : 65536);
+    }
+    return total;
 }
 
 /* ---- stochastic rounding + dense packing (RoundSpec arithmetic, tailq.kernels.spec) ------------------- */
@@ -372,6 +391,8 @@ def _build() -> ctypes.CDLL:
     so.tailq_encode_dense.restype = ctypes.c_int
     so.tailq_decode_dense.argtypes = [vp, i32, i64, i32, vp, i32, i32, vp]
     so.tailq_decode_dense.restype = ctypes.c_int
+    so.tailq_nonfinite_f32.argtypes = [vp, i64, i32]
+    so.tailq_nonfinite_f32.restype = ctypes.c_int64
     return so
 
 
@@ -482,3 +503,12 @@ def decode_dense(payloads: list[torch.Tensor], bits: int, n: int, values: torch.
         lib.tailq_decode_dense(ptrs, len(payloads), n, int(bits), values.data_ptr(), values.numel(),
                                torch.get_num_threads(), out.data_ptr())  # fmt: skip
     return out
+
+
+def nonfinite_count(x: torch.Tensor) -> int:
+    """Number of NaN/Inf entries of a contiguous CPU float32 tensor (one vectorized pass over the exponent bits)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {why_unavailable()}")
+    _cpu_f32(x, "x")
+    return int(lib.tailq_nonfinite_f32(x.data_ptr(), x.numel(), torch.get_num_threads())) if x.numel() else 0
