@@ -9,7 +9,7 @@ another is subtracted from it):
 * round+pack — ``encode_packed`` / ``encode_lanes`` (the owner's requantization included);
 * collective: payload / statistics — the hook's collectives by kind (waiting on the other ranks included);
 * unpack+decode — ``decode_packed`` / ``decode_mean_packed`` / ``decode_lanes`` / the owner's decode;
-* copy-back — ``Tensor.copy_`` into the bucket's buffer;
+* copy-back — the bucket buffer's ``copy_`` (the mean written back into the bucket);
 * other — the rest of ``TailqState.process`` (Python, bookkeeping, small tensors), and hand-off — the hook call's
   time on the training thread minus ``process`` (the ordered worker thread's queue).
 
@@ -48,7 +48,6 @@ class Profiler:
     def __init__(self) -> None:
         self.acc: dict[str, float] = collections.defaultdict(float)
         self.local = threading.local()
-        self.buf_ptr = -1
 
     def _stack(self) -> list[float]:
         if not hasattr(self.local, "stack"):
@@ -100,7 +99,6 @@ def _install(prof: Profiler) -> None:
 
     for name in ("all_reduce", "all_gather", "all_to_all"):
         prof.wrap(wire.Comm, name, kind)
-    prof.wrap(torch.Tensor, "copy_", lambda self, *a, **k: "copy-back" if self.data_ptr() == prof.buf_ptr else "")
 
 
 def _worker(rank: int, world: int, init: str, numel: int, steps: int, threads: int, out: str) -> None:
@@ -133,7 +131,9 @@ def _worker(rank: int, world: int, init: str, numel: int, steps: int, threads: i
         per_step: list[dict[str, float]] = []
         for i in range(steps + 2):
             buf = g.clone()
-            prof.buf_ptr = buf.data_ptr()
+            # copy-back: the bucket buffer's own copy_ (an instance attribute: a class-wide wrapper would break
+            # dynamo's tracing of the compiled kernels, which call Tensor.copy_)
+            prof.wrap(buf, "copy_", "copy-back")
             prof.acc.clear()
             process_time.clear()
             dist.barrier()

@@ -379,7 +379,10 @@ def _native_encode(x: torch.Tensor, spec: RoundSpec, key: RandKey, bits: int, mo
         vals = [spec.low, spec.inv, float(spec.s), float(spec.s - 1)]
     elif mode == "bs8":
         vals = [0.0]
-        t1, t2 = spec.levels.contiguous(), spec.widths.contiguous()
+        t1 = torch.zeros(768, dtype=torch.float32)
+        t1[:256] = _params(spec, cpu)["search"]
+        t1[256 : 256 + spec.s + 1] = spec.levels
+        t1[512 : 512 + spec.s] = spec.widths
     else:
         p = _params(spec, cpu)
         vals = [float(p["lmin"]), float(p["lmax"]), float(spec.widths[0])]

@@ -156,17 +156,21 @@ static void NAME(const float *restrict x, int64_t k, uint32_t i0, uint32_t k0, u
 CODES_CHAIN(codes_chain8, 8)
 CODES_CHAIN(codes_chain16, 16)
 
-static void codes_search(const float *restrict x, int64_t k, uint32_t i0, uint32_t k0, uint32_t k1,
-                         const float *restrict levels, const float *restrict widths, int s,
-                         int32_t *restrict out) {
+/* tab = [search(256): l_q for 1 <= q <= s - 1, +inf beyond | levels (s + 1, padded to 256) | widths (s, padded)]:
+   a branchless binary search (8 steps, vectorized with gathers), j = #{q : xt >= l_q} */
+TQ_CLONES
+static void codes_bs8(const float *restrict x, int64_t k, uint32_t i0, uint32_t k0, uint32_t k1,
+                      const float *restrict tab, int s, int32_t *restrict out) {
+    const float *search = tab, *levels = tab + 256, *widths = tab + 512;
+    float lmin = levels[0], lmax = levels[s];
     for (int64_t i = 0; i < k; i++) {
         uint32_t h = lowbias32(lowbias32(((uint32_t)i + i0) ^ k0) ^ k1);
         float u = (float)(int32_t)(h >> 8) * (1.0f / 16777216.0f);
-        float xt = x[i] < levels[s] ? x[i] : levels[s];
-        xt = xt > levels[0] ? xt : levels[0];
-        int lo = 0, hi = s - 1; /* largest j in [0, s-1] with levels[j] <= xt */
-        while (lo < hi) { int mid = (lo + hi + 1) >> 1; if (xt >= levels[mid]) lo = mid; else hi = mid - 1; }
-        out[i] = lo + ((u * widths[lo]) < (xt - levels[lo]));
+        float xt = x[i] < lmax ? x[i] : lmax;
+        xt = xt > lmin ? xt : lmin;
+        int32_t j = 0;
+        for (int half = 128; half >= 1; half >>= 1) j = xt >= search[j + half] ? j + half : j;
+        out[i] = j + ((u * widths[j]) < (xt - levels[j]));
     }
 }
 
@@ -202,7 +206,7 @@ static void pack_block(const int32_t *restrict c, int64_t k, int bits, uint8_t *
 
 #define EBLOCK 4096
 /* mode 0 affine (p = {low, inv, smax, smax1}); 1 / 3: chain over 8 / 16 padded entries (t1 = search, t2 = wsearch,
-   p = {lmin, lmax, w0}); 2: binary search (t1 = levels, s + 1 entries; t2 = widths; s_or_nk = s). bits 1..8;
+   p = {lmin, lmax, w0}); 2: binary search (t1 = the 768-entry table of codes_bs8; s_or_nk = s). bits 1..8;
    out has ceil(n*bits/8) bytes. */
 int tailq_encode_dense(const float *x, int64_t n, uint32_t k0, uint32_t k1, int mode, const float *p,
                        const float *t1, const float *t2, int s_or_nk, int bits, int nthreads, uint8_t *out) {
@@ -215,7 +219,7 @@ int tailq_encode_dense(const float *x, int64_t n, uint32_t k0, uint32_t k1, int 
         if (mode == 0) codes_affine(x + lo, k, (uint32_t)lo, k0, k1, p[0], p[1], p[2], p[3], codes);
         else if (mode == 1) codes_chain8(x + lo, k, (uint32_t)lo, k0, k1, t1, t2, p[0], p[1], p[2], codes);
         else if (mode == 3) codes_chain16(x + lo, k, (uint32_t)lo, k0, k1, t1, t2, p[0], p[1], p[2], codes);
-        else codes_search(x + lo, k, (uint32_t)lo, k0, k1, t1, t2, s_or_nk, codes);
+        else codes_bs8(x + lo, k, (uint32_t)lo, k0, k1, t1, s_or_nk, codes);
         pack_block(codes, k, bits, out + lo / 8 * bits);
     }
     return 0;
