@@ -375,6 +375,8 @@ def _native_encode(x: torch.Tensor, spec: RoundSpec, key: RandKey, bits: int, mo
     :func:`_round`, one pass, no one-byte-per-code workspace in memory."""
     cpu = torch.device("cpu")
     t1 = t2 = None
+    if mode == "bs8" and spec.s <= 31:  # a 32-entry compare chain (vectorized) beats the search's gathers here
+        mode = "chain32"
     if mode == "affine":
         vals = [spec.low, spec.inv, float(spec.s), float(spec.s - 1)]
     elif mode == "bs8":
@@ -384,9 +386,12 @@ def _native_encode(x: torch.Tensor, spec: RoundSpec, key: RandKey, bits: int, mo
         t1[256 : 256 + spec.s + 1] = spec.levels
         t1[512 : 512 + spec.s] = spec.widths
     else:
-        p = _params(spec, cpu)
-        vals = [float(p["lmin"]), float(p["lmax"]), float(spec.widths[0])]
-        t1, t2 = p["search"].contiguous(), p["wsearch"].contiguous()
+        size = {"chain8": 8, "chain16": 16, "chain32": 32}[mode]
+        t1 = torch.full((size,), float("inf"), dtype=torch.float32)
+        t1[1 : spec.s] = spec.levels[1 : spec.s]  # l_1 .. l_{s-1}; +inf from s on (so j <= s - 1)
+        t2 = torch.zeros(size, dtype=torch.float32)
+        t2[1 : spec.s] = spec.widths[1 : spec.s]
+        vals = [float(spec.levels[0]), float(spec.levels[spec.s]), float(spec.widths[0])]
     params = torch.tensor(vals, dtype=torch.float32)
     return native.encode_dense(x, key.words, mode, params, t1, t2, spec.s, bits)
 

@@ -141,7 +141,7 @@ static void NAME(const float *restrict x, int64_t k, uint32_t i0, uint32_t k0, u
         xt = xt > lmin ? xt : lmin;                                                                            \
         float lo = lmin, w = w0;                                                                               \
         int32_t j = 0;                                                                                         \
-        _Pragma("GCC unroll 16")                                                                               \
+        _Pragma("GCC unroll 32")                                                                               \
         for (int q = 1; q < SIZE - 1; q++) {                                                                   \
             int ge = xt >= S[q];                                                                               \
             lo = ge ? S[q] : lo;                                                                               \
@@ -155,6 +155,7 @@ static void NAME(const float *restrict x, int64_t k, uint32_t i0, uint32_t k0, u
    padded tables; j = #{q : xt >= l_q}, with lo = l_j and w = w_j selected along the way */
 CODES_CHAIN(codes_chain8, 8)
 CODES_CHAIN(codes_chain16, 16)
+CODES_CHAIN(codes_chain32, 32)
 
 /* tab = [search(256): l_q for 1 <= q <= s - 1, +inf beyond | levels (s + 1, padded to 256) | widths (s, padded)]:
    a branchless binary search (8 steps, vectorized with gathers), j = #{q : xt >= l_q} */
@@ -169,7 +170,14 @@ static void codes_bs8(const float *restrict x, int64_t k, uint32_t i0, uint32_t 
         float xt = x[i] < lmax ? x[i] : lmax;
         xt = xt > lmin ? xt : lmin;
         int32_t j = 0;
-        for (int half = 128; half >= 1; half >>= 1) j = xt >= search[j + half] ? j + half : j;
+        j = xt >= search[j + 128] ? j + 128 : j;
+        j = xt >= search[j + 64] ? j + 64 : j;
+        j = xt >= search[j + 32] ? j + 32 : j;
+        j = xt >= search[j + 16] ? j + 16 : j;
+        j = xt >= search[j + 8] ? j + 8 : j;
+        j = xt >= search[j + 4] ? j + 4 : j;
+        j = xt >= search[j + 2] ? j + 2 : j;
+        j = xt >= search[j + 1] ? j + 1 : j;
         out[i] = j + ((u * widths[j]) < (xt - levels[j]));
     }
 }
@@ -205,9 +213,9 @@ static void pack_block(const int32_t *restrict c, int64_t k, int bits, uint8_t *
 }
 
 #define EBLOCK 4096
-/* mode 0 affine (p = {low, inv, smax, smax1}); 1 / 3: chain over 8 / 16 padded entries (t1 = search, t2 = wsearch,
-   p = {lmin, lmax, w0}); 2: binary search (t1 = the 768-entry table of codes_bs8; s_or_nk = s). bits 1..8;
-   out has ceil(n*bits/8) bytes. */
+/* mode 0 affine (p = {low, inv, smax, smax1}); 1 / 3 / 4: chain over 8 / 16 / 32 padded entries (t1 = search,
+   t2 = wsearch, p = {lmin, lmax, w0}); 2: binary search (t1 = the 768-entry table of codes_bs8; s_or_nk = s).
+   bits 1..8; out has ceil(n*bits/8) bytes. */
 int tailq_encode_dense(const float *x, int64_t n, uint32_t k0, uint32_t k1, int mode, const float *p,
                        const float *t1, const float *t2, int s_or_nk, int bits, int nthreads, uint8_t *out) {
     int64_t blocks = (n + EBLOCK - 1) / EBLOCK;
@@ -219,6 +227,7 @@ int tailq_encode_dense(const float *x, int64_t n, uint32_t k0, uint32_t k1, int 
         if (mode == 0) codes_affine(x + lo, k, (uint32_t)lo, k0, k1, p[0], p[1], p[2], p[3], codes);
         else if (mode == 1) codes_chain8(x + lo, k, (uint32_t)lo, k0, k1, t1, t2, p[0], p[1], p[2], codes);
         else if (mode == 3) codes_chain16(x + lo, k, (uint32_t)lo, k0, k1, t1, t2, p[0], p[1], p[2], codes);
+        else if (mode == 4) codes_chain32(x + lo, k, (uint32_t)lo, k0, k1, t1, t2, p[0], p[1], p[2], codes);
         else codes_bs8(x + lo, k, (uint32_t)lo, k0, k1, t1, s_or_nk, codes);
         pack_block(codes, k, bits, out + lo / 8 * bits);
     }
@@ -452,7 +461,7 @@ def histogram_bits(x: torch.Tensor, shift: int, thresholds: tuple[int, int, int]
     return counts, sums, int(flags[0])
 
 
-ENCODE_MODES = {"affine": 0, "chain8": 1, "bs8": 2, "chain16": 3}
+ENCODE_MODES = {"affine": 0, "chain8": 1, "bs8": 2, "chain16": 3, "chain32": 4}
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
