@@ -151,6 +151,8 @@ class Compressor(abc.ABC):
     declares ``SHARED_CODEBOOK`` or ``AGREED_SCALES`` implements the matching protocol.
     ``counter_randomness``: ``encode`` accepts a :class:`~tailq.kernels.RandKey` as its generator (counter-based
     rounding, bit-identical across kernel paths); others take a ``torch.Generator`` (the hook seeds one per key).
+    ``fast_paths``: ``encode``/``decode`` run through :mod:`tailq.kernels` fast paths (compiled CPU, Triton) when
+    one applies, with the reference's bytes (benchmarks time every path of such a compressor).
     ``fixed_bits``: code bits per coordinate of a compressor without a ``bits`` option (ternary: 2, sign: 1).
     ``format_options``: the options that change the encoded format or its decoding (``None``: all of them);
     with the name they make :attr:`format_id`, which every encoding carries and ``decode`` checks. The seed
@@ -165,6 +167,7 @@ class Compressor(abc.ABC):
     memory: ClassVar[bool] = False
     aggregation: ClassVar[Aggregation] = Aggregation.PER_RANK
     counter_randomness: ClassVar[bool] = False
+    fast_paths: ClassVar[bool] = False
     fixed_bits: ClassVar[int | None] = None
     options: ClassVar[dict[str, Option]] = {}
     format_options: ClassVar[tuple[str, ...] | None] = None

@@ -32,6 +32,8 @@ __all__ = ["EFSign"]
 class EFSign(Compressor):
     """EF-signSGD (Karimireddy et al., ICML 2019): 1 sign bit per coordinate + scale ‖v‖₁/d."""
 
+    fast_paths = True  # tailq.kernels.baselines
+
     name = "efsign"
     summary = "scaled sign, 1 bit per coordinate + one float32 scale ||v||_1/d; use with error feedback"
     paper = "Karimireddy et al. 2019, Error Feedback Fixes SignSGD (ICML)"

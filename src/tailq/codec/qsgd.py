@@ -38,6 +38,8 @@ __all__ = ["NUQSGD", "QSGD"]
 class _BucketNormQuantizer(Compressor):
     """Shared bucketing, norms, signs and packing; subclasses choose the magnitude levels."""
 
+    fast_paths = True  # tailq.kernels.baselines
+
     unbiased = True
     counter_randomness = True  # rounds through stochastic_round_* (a RandKey works)
     options: ClassVar[dict[str, Option]] = {

@@ -41,6 +41,8 @@ __all__ = ["TernGrad"]
 class TernGrad(Compressor):
     """TernGrad (Wen et al., NeurIPS 2017): 2-bit ternary codes, scale max|clip(g, c·σ)|; see module doc."""
 
+    fast_paths = True  # tailq.kernels.baselines
+
     name = "terngrad"
     summary = "ternary codes {-1, 0, 1} x max|g| after clipping at clip_sigma standard deviations"
     paper = "Wen et al. 2017, TernGrad (NeurIPS)"

@@ -84,8 +84,9 @@ def _time(fn: Callable[[], Any], repeat: int, device: torch.device) -> tuple[flo
 
 
 def _fast(cls: type[Compressor]) -> bool:
-    """Shared-codebook compressors round and pack through :class:`~tailq.codec.Codebook`: the fused kernels."""
-    return cls.aggregation is Aggregation.SHARED_CODEBOOK
+    """Shared-codebook compressors round and pack through :class:`~tailq.codec.Codebook` (the fused kernels);
+    others say so by ``fast_paths``."""
+    return cls.aggregation is Aggregation.SHARED_CODEBOOK or cls.fast_paths
 
 
 def _configs(only: list[str] | None, bits: tuple[int, ...]) -> list[tuple[str, int | None, dict[str, Any]]]:
