@@ -383,8 +383,10 @@ class _PerRankCoder:
         self._enc: Encoded | None = None
 
     def encode_dense(self, key: RandKey) -> torch.Tensor:
-        # per-rank-scaled compressors draw with torch.rand: a RandKey seeds their generator (same seed as before)
-        self._enc = self.comp.encode(self.x, generator=key.torch_generator(self.x.device))
+        # counter-based compressors (QSGD, NUQSGD, TernGrad) take the key itself, so their fused kernels run; the
+        # others draw with torch.rand from a generator the key seeds
+        gen: Any = key if self.comp.counter_randomness else key.torch_generator(self.x.device)
+        self._enc = self.comp.encode(self.x, generator=gen)
         return _serialize(self._enc.tensors, self.family.template(self.numel))
 
     def decode_dense_mean(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
