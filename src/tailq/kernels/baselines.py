@@ -44,32 +44,17 @@ __all__ = [
 ]
 
 
+def _resolve(path: str, op: str) -> Callable[..., Any]:
+    if path == "compiled":
+        return _COMPILED[op]
+    from . import triton_baselines
+
+    return getattr(triton_baselines, op)  # type: ignore[no-any-return]
+
+
 def _run(device: torch.device, numel: int, op: str, *args: Any) -> Any:
     """:func:`tailq.kernels.dispatch._run` for the operations of this module (same selection, same fallback)."""
-    path = dispatch.path_for(device, numel)
-    if path == "reference":
-        return None
-    try:
-        if path == "compiled":
-            fn: Callable[..., Any] = _COMPILED[op]
-        else:
-            from . import triton_baselines
-
-            fn = getattr(triton_baselines, op)
-        return fn(*args)
-    except Exception as err:  # noqa: BLE001 - any failure of a fast path falls back to the identical reference
-        with dispatch._lock:
-            first = path not in dispatch._broken
-            dispatch._broken[path] = f"{type(err).__name__}: {err}"
-        if first:
-            dispatch.log.warning(
-                "tailq.kernels: the %s path failed (%s: %s); using the plain-torch reference (same results) "
-                "for the rest of this process",
-                path,
-                type(err).__name__,
-                str(err).splitlines()[0] if str(err) else "",
-            )
-        return None
+    return dispatch._run(device, numel, op, *args, resolve=_resolve)
 
 
 def _scales_ok(t: torch.Tensor, count: int, device: torch.device) -> bool:

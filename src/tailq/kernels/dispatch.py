@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -143,12 +143,16 @@ def _impl(path: str) -> ModuleType:
     return triton_impl
 
 
-def _run(device: torch.device, numel: int, op: str, *args: Any) -> Any:
+def _run(device: torch.device, numel: int, op: str, *args: Any,
+         resolve: Callable[[str, str], Callable[..., Any]] | None = None) -> Any:  # fmt: skip
+    """``op`` on the path ``device`` takes now, or ``None`` for the reference (also after a failure, logged once).
+    ``resolve(path, op)``: where another module's operations live (default: :mod:`cpu` / :mod:`triton_impl`)."""
     path = path_for(device, numel)
     if path == "reference":
         return None
     try:
-        return getattr(_impl(path), op)(*args)
+        fn = resolve(path, op) if resolve is not None else getattr(_impl(path), op)
+        return fn(*args)
     except Exception as err:  # noqa: BLE001 - any failure of a fast path falls back to the identical reference
         with _lock:
             first = path not in _broken
