@@ -30,6 +30,7 @@ METHOD_KINDS = ("payload", "stats", "index", "passthrough", "fallback", "plan")
 
 
 # torch >= 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; the package supports both.
+_HELD_WORKS = 8  # Work objects kept alive after their wait (see Comm.__init__)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -170,6 +171,12 @@ class Comm:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.seconds = 0.0  # time spent waiting for collectives
         self.n: int = dist.get_world_size(group)
+        # the last few Work objects, kept so that the backend's thread never drops the last reference to one:
+        # Gloo's thread marks a Work complete and only then releases its own reference; if Python had already
+        # dropped it, the thread frees the Work's tensors and needs the GIL to release their Python objects, which
+        # aborts the process when that happens after interpreter finalization began (measured: 1 in 6 runs of the
+        # README's FSDP2 snippet under load; std::terminate in ~AsyncAlltoallWork on a Gloo thread)
+        self._held: collections.deque[Any] = collections.deque(maxlen=_HELD_WORKS)
         self._set_group(group)
 
     def use_group(self, group: Any) -> None:
@@ -207,6 +214,7 @@ class Comm:
                                 ring_traffic_bytes(collective, handed, self.n)))
 
     def _wait(self, work: Any, what: str) -> None:
+        self._held.append(work)
         t0 = time.perf_counter()
         try:
             work.wait(self.timeout)
@@ -225,6 +233,7 @@ class Comm:
         dev = self._staged(t)
         work = dist.all_reduce(dev, op=rop, group=self.group, async_op=True)
         if async_op:
+            self._held.append(work)
             if dev is not t:  # the caller waits on the Work and reads t: complete the copy-back first
                 work.wait(self.timeout)
                 t.copy_(dev)
