@@ -434,7 +434,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                steps=steps if args.steps is None else args.steps,
                                eval_every=every if args.eval_every is None else args.eval_every, seed=args.seed,
                                out_dir=args.out, run_id=args.id, target_fraction=args.target, extra=_extra(args),
-                               notes=notes))
+                               notes=notes, seeds=args.seeds))
     return _compare_done(root, notes, args.json)
 
 
@@ -551,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=("default", "y1"), default="default",
                    help="y1: [Y1]'s comparison (MNIST, 8 workers, QSGD/NUQSGD vs TUQ/TNQ/TBQ at 3 bits)")
     s.add_argument("--target", type=float, default=0.99, help="target = this fraction of bf16's best accuracy")
+    s.add_argument("--seeds", type=int, default=1,
+                   help="run the whole comparison with K seeds (--seed, --seed+1, ...): medians, exact "
+                        "order-statistic intervals and speedups paired by seed (default 1)")
     s.add_argument("--out", default="runs", help="parent directory of the run directory")
     s.add_argument("--id", help="run directory name (default: a timestamp)")
     s.add_argument("--json", metavar="PATH", help="also write the summary JSON here")

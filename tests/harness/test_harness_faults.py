@@ -48,6 +48,7 @@ BAD_INPUT = [
     (["train", *HARNESS, "--steps", "0"], "--steps must be an integer >= 1; got 0"),
     (["train", *HARNESS, "--eval-every", "0"], "--eval-every must be an integer >= 1; got 0"),
     (["compare", *HARNESS, "--steps", "0"], "--steps must be an integer >= 1"),
+    (["compare", *HARNESS, "--seeds", "0"], "--seeds must be an integer >= 1; got 0"),
     (["compare", *HARNESS, "--methods", "bf16", "tnq:3", "tnq:3"], "tnq-3b given more than once"),
     (["compare", "--net", "garbage"], "--net: cannot use 'garbage'"),
     (["compare", *HARNESS, "--methods", "bf16", "tnq:3:foo=1"], "unknown option(s) foo"),

@@ -24,9 +24,10 @@ from tailq.errors import UsageError
 from .config import RunConfig, parse_value
 from .launch import RunFailed, launch_run
 from .netem import EmulationError
+from .stats import crossing, median_interval, paired_ratios
 
-__all__ = ["ComparisonIncomplete", "Method", "DEFAULT_METHODS", "FSDP_METHODS", "Y1_METHODS", "compare", "resume",
-           "summarize", "parse_method"]
+__all__ = ["ComparisonIncomplete", "Method", "DEFAULT_METHODS", "FSDP_METHODS", "Y1_METHODS", "aggregate", "compare",
+           "resume", "summarize", "parse_method"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +105,13 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> d
     best_bf16 = max(h["accuracy"] for h in base["history"])
     target = target_fraction * best_bf16
     tta_bf16 = _tta(base["history"], target)
+    cross_bf16 = crossing(base["history"], target)
     runs = []
     for r in results:
         hist = r["history"]
         tta = _tta(hist, target)
+        cross = crossing(hist, target)
+        losses = [h["test_loss"] for h in hist if h.get("test_loss") is not None]
         vn = [v["vnmse"] for v in r.get("vnmse", []) if v["vnmse"] == v["vnmse"]]
         steps = r["steps"]
         params, n = r["parameters"], len(steps)
@@ -124,6 +128,12 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> d
             "tta_s": tta,
             "tta_step": _tta_step(hist, target),
             "speedup_vs_bf16": (tta_bf16 / tta) if (tta and tta_bf16) else None,
+            "tta_s_interp": cross["clock"] if cross else None,
+            "tta_step_interp": cross["step"] if cross else None,
+            "tta_interpolated": bool(cross and cross["interpolated"]),
+            "speedup_interp_vs_bf16": (cross_bf16["clock"] / cross["clock"]) if (cross and cross_bf16) else None,
+            "final_test_loss": losses[-1] if losses else None,
+            "best_test_loss": min(losses) if losses else None,
             "best_accuracy": max(h["accuracy"] for h in hist),
             "final_accuracy": hist[-1]["accuracy"],
             "accuracy_gap_vs_bf16": max(h["accuracy"] for h in hist) - best_bf16,
@@ -169,6 +179,7 @@ def compare(
     notes: list[str] | None = None,
     quiet: bool = False,
     resume: bool = False,
+    seeds: int = 1,
 ) -> Path:
     """Run every method, write results.json, report.md and plots; return the run directory.
 
@@ -177,8 +188,18 @@ def compare(
     :class:`ComparisonIncomplete` is raised after the report is written. ``resume=True`` (``tailq compare
     --resume DIR``, see :func:`resume`) keeps every finished run whose configuration matches and reruns the rest.
     Without the bf16 baseline nothing can be judged: if it fails, the comparison stops there.
+
+    ``seeds=K > 1``: the whole comparison K times, with seeds ``seed, seed+1, …`` (each in ``seed<S>/``, a complete
+    comparison with its own bf16 target), then :func:`aggregate` over them into the top ``results.json``.
     """
     from rich.console import Console
+
+    if not isinstance(seeds, int) or seeds < 1:
+        raise UsageError(f"--seeds must be an integer >= 1; got {seeds!r}")
+    if seeds > 1:
+        return _compare_seeds(seeds, workload=workload, workers=workers, net=net, methods=methods, steps=steps,
+                              eval_every=eval_every, seed=seed, out_dir=out_dir, run_id=run_id,
+                              target_fraction=target_fraction, extra=extra, notes=notes, quiet=quiet, resume=resume)
 
     methods = list(methods or DEFAULT_METHODS)
     if isinstance(net, str):  # --net text from a library caller
@@ -241,6 +262,133 @@ def compare(
     if failed:
         raise ComparisonIncomplete(root, failed, "")
     return root
+
+
+def _compare_seeds(seeds: int, *, out_dir: str, run_id: str | None, seed: int, resume: bool, quiet: bool,
+                   notes: list[str] | None, net: Network | str, methods: list[Method] | None,
+                   **args: Any) -> Path:
+    """K complete comparisons (``seed<S>/`` each), then their aggregate; a failed seed does not lose the others."""
+    run_id = run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(out_dir) / run_id
+    root.mkdir(parents=True, exist_ok=True)
+    net_arg = net if isinstance(net, str) else net.as_arg()
+    methods = list(methods or DEFAULT_METHODS)
+    if not resume:
+        plan = {**{k: args[k] for k in ("workload", "workers", "steps", "eval_every", "target_fraction")},
+                "net": net_arg, "seed": seed, "seeds": seeds, "extra": args.get("extra") or {},
+                "notes": list(notes or []), "methods": [[m.hook, [list(kv) for kv in m.options]] for m in methods]}
+        (root / PLAN).write_text(json.dumps(plan, indent=2))
+    summaries, failed = [], []
+    for s in range(seed, seed + seeds):
+        sub = root / f"seed{s}"
+        if not quiet:
+            print(f"seed {s} ({s - seed + 1} of {seeds})")
+        try:
+            compare(**args, net=net, methods=methods, seed=s, out_dir=str(root), run_id=sub.name, notes=notes,
+                    quiet=quiet, resume=resume and (sub / PLAN).is_file())
+        except ComparisonIncomplete as err:
+            failed += [{**f, "name": f"{f['name']} (seed {s})"} for f in err.failed] or [
+                {"name": f"seed {s}", "error": str(err)}]
+        except KeyboardInterrupt as err:
+            err.tailq_root = root  # type: ignore[attr-defined]
+            raise
+        if (sub / "results.json").is_file():
+            summaries.append(json.loads((sub / "results.json").read_text()))
+    if not summaries:
+        raise ComparisonIncomplete(root, failed, "no seed produced a comparison")
+    agg = aggregate(summaries)
+    agg.update({"id": run_id, "failed": [{k: f[k] for k in ("name", "error")} for f in failed],
+                "notes": list(notes or []) + [n for sm in summaries for n in sm.get("notes", [])
+                                               if n not in (notes or [])]})
+    (root / "results.json").write_text(json.dumps(agg, indent=2))
+    from .report import render
+
+    render(root)
+    if failed:
+        raise ComparisonIncomplete(root, failed, "")
+    return root
+
+
+_AGG_KEYS = ("tta_s_interp", "tta_s", "tta_step_interp", "best_accuracy", "final_accuracy", "final_test_loss",
+             "vnmse", "wire_bits_per_coord", "nic_bits_per_coord", "step_s", "codec_s", "comm_s")
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """inf (not reached) as None: results.json stays strict JSON."""
+    return {k: (None if isinstance(v, float) and v in (float("inf"), float("-inf")) else v) for k, v in d.items()}
+
+
+def aggregate(summaries: list[dict[str, Any]], level: float = 0.9) -> dict[str, Any]:
+    """One row per method over the seeds' summaries (see :mod:`tailq.harness.stats`).
+
+    Every quantity: median and the exact order-statistic interval at ``level`` (or [min, max] with its actual
+    coverage when the seeds are too few). TTA is the interpolated crossing (not reached = inf, so the median can
+    still be finite). Speedup vs bf16 is paired by seed: bf16's TTA / the method's in the same seed.
+    ``inside_noise``: the speedup's interval contains 1; ``vs_best``: the paired ratio against the method with the
+    best median speedup, ``tied_with_best`` when its interval contains 1. ``per_seed`` keeps every seed's summary.
+    """
+    if not summaries:
+        raise ValueError("aggregate needs at least one seed's summary")
+    first = summaries[0]
+    seeds = [int(sm["seed"]) for sm in summaries]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"aggregate: seeds repeat: {seeds}")
+    names = [r["name"] for r in first["runs"]]
+    by: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
+    for sm in summaries:
+        for r in sm["runs"]:
+            if r["name"] in by:
+                by[r["name"]][int(sm["seed"])] = r
+    base = next(r["name"] for r in first["runs"] if r["compressor"] == "bf16" and not r["options"])
+
+    def tta(name: str) -> dict[int, float | None]:
+        return {s: r["tta_s_interp"] for s, r in by[name].items()}
+
+    rows = []
+    for name in names:
+        runs = by[name]
+        if set(runs) != set(by[base]):
+            raise ValueError(f"aggregate: {name} ran for seeds {sorted(runs)}, bf16 for {sorted(by[base])}")
+        row: dict[str, Any] = {"name": name, "compressor": runs[seeds[0]]["compressor"],
+                               "bits": runs[seeds[0]]["bits"], "options": runs[seeds[0]]["options"],
+                               "seeds": sorted(runs), "reached": sum(r["tta_s_interp"] is not None
+                                                                     for r in runs.values())}
+        for key in _AGG_KEYS:
+            got = [r.get(key) for r in runs.values()]
+            vals: list[float] = ([float("inf") if v is None else float(v) for v in got] if key.startswith("tta")
+                                 else [float(v) for v in got if v is not None])
+            row[key] = _jsonable(median_interval(vals, level)) if vals else None
+        sp = paired_ratios(tta(base), tta(name))
+        row["speedup_vs_bf16"] = _jsonable(median_interval(sp, level)) if sp else None
+        row["speedup_per_seed"] = sp
+        rows.append(row)
+    for row in rows:
+        sp = row["speedup_vs_bf16"]
+        row["inside_noise"] = bool(sp and sp["lo"] is not None and sp["hi"] is not None
+                                   and sp["lo"] <= 1.0 <= sp["hi"]) if row["name"] != base else None
+    ranked = [r for r in rows if r["speedup_vs_bf16"] and r["speedup_vs_bf16"]["median"] is not None]
+    best = max(ranked, key=lambda r: r["speedup_vs_bf16"]["median"])["name"] if ranked else None
+    for row in rows:
+        if best is None:
+            continue
+        ratio = paired_ratios(tta(row["name"]), tta(best))  # the best's speedup over this method, per seed
+        row["vs_best"] = _jsonable(median_interval(ratio, level)) if ratio else None
+        vb = row["vs_best"]
+        row["tied_with_best"] = bool(vb and vb["lo"] is not None and vb["hi"] is not None and vb["lo"] <= 1.0)
+    return {
+        "workload": first["workload"], "workload_note": first.get("workload_note", ""),
+        "parameters": first.get("parameters"), "workers": first["workers"], "fsdp": first.get("fsdp", False),
+        "steps": first["steps"], "network": first["network"], "seeds": seeds, "level": level,
+        "target_fraction_of_bf16_best": first["target_fraction_of_bf16_best"],
+        "target_accuracy_per_seed": {str(sm["seed"]): sm["target_accuracy"] for sm in summaries},
+        "interval_method": "exact order statistics for the median (distribution-free; [min, max] with its actual "
+                           "coverage when fewer than 5 seeds)",
+        "tta": "interpolated crossing of the target between evaluations (training clock, evaluation excluded)",
+        "best": best, "baseline": base,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": first.get("machine", {}),
+        "runs": rows,
+        "per_seed": summaries,
+    }
 
 
 def _run_all(configs: list[RunConfig], target_fraction: float, con: Any, quiet: bool,
@@ -333,6 +481,7 @@ def resume(root: str | Path, *, quiet: bool = False) -> Path:
         methods = [Method(hook, tuple((k, v) for k, v in opts)) for hook, opts in plan["methods"]]
         args = {k: plan[k] for k in ("workload", "workers", "net", "steps", "eval_every", "seed", "target_fraction",
                                      "extra", "notes")}
+        args["seeds"] = int(plan.get("seeds", 1))
     except FileNotFoundError:
         raise UsageError(f"--resume: {root} has no {PLAN} (a directory written by tailq compare)") from None
     except (ValueError, KeyError, TypeError) as err:

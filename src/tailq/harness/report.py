@@ -28,10 +28,12 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
         rows.append([
             r["name"],
             _fmt(r["tta_s"], ".1f", "not reached"),
-            _fmt(r.get("tta_step"), "d"),
-            _fmt(r["speedup_vs_bf16"], ".2f") + ("×" if r["speedup_vs_bf16"] else ""),
+            _fmt(r.get("tta_step"), "d") + (f" ({r['tta_step_interp']:.0f})" if r.get("tta_interpolated") else ""),
+            _fmt(r["speedup_vs_bf16"], ".2f") + ("×" if r["speedup_vs_bf16"] else "")
+            + (f" ({r['speedup_interp_vs_bf16']:.2f}×)" if r.get("speedup_interp_vs_bf16") else ""),
             f"{r['best_accuracy']:.4f}",
             f"{r['final_accuracy']:.4f}",
+            _fmt(r.get("final_test_loss"), ".4f"),
             _fmt(r["wire_bits_per_coord"], ".2f"),
             _fmt(r["nic_bits_per_coord"], ".2f"),
             _fmt(r["vnmse"], ".3g"),
@@ -44,7 +46,8 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-HEADER = ["method", "TTA (s)", "at step", "speedup vs bf16", "best acc", "final acc", "bits/coord (hook)",
+HEADER = ["method", "TTA (s)", "at step (interp.)", "speedup vs bf16 (interp.)", "best acc", "final acc",
+          "final test loss", "bits/coord (hook)",
           "bits/coord (NIC)", "vNMSE", "step ms", "codec ms", "comm ms"]
 
 
@@ -52,6 +55,19 @@ def print_table(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if "per_seed" in summary:  # over seeds: medians and intervals
+        from rich.markup import escape
+
+        t = Table(title=escape(f"{summary['workload']}, {summary['workers']} workers, {summary['network']['rate']}; "
+                               f"{len(summary['seeds'])} seeds, median [interval]; {_coverage_text(summary)}"))
+        for h in SEED_HEADER:
+            t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
+        for row in seed_rows(summary):
+            t.add_row(*map(escape, row))
+        import sys
+
+        Console(width=None if sys.stdout.isatty() else 200).print(t)
+        return
     net = summary["network"]
     label = " [MODELED network]" if net.get("modeled") else ""
     fsdp = ", FSDP2" if summary.get("fsdp") else ""
@@ -77,10 +93,65 @@ def _load_runs(root: Path, summary: dict[str, Any]) -> dict[str, dict[str, Any]]
     return runs
 
 
+def _iv(d: dict[str, Any] | None, spec: str, unit: str = "", none: str = "—") -> str:
+    """``median [lo, hi]`` of an aggregate entry; an infinite end (not reached) as ∞."""
+    if not d:
+        return none
+
+    def one(v: Any) -> str:
+        return "∞" if v is None else format(v, spec) + unit
+
+    if d["n"] == 1 or d["lo"] == d["hi"]:
+        return one(d["median"])
+    return f"{one(d['median'])} [{one(d['lo'])}, {one(d['hi'])}]"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+SEED_HEADER = ["method", "reached", "TTA (s)", "speedup vs bf16 (paired)", "vs bf16", "steps to target",
+               "best acc", "final test loss", "vNMSE", "bits/coord (hook)", "step ms", "codec ms"]
+
+
+def seed_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    k = len(summary["seeds"])
+    for r in summary["runs"]:
+        noise = "—" if r.get("inside_noise") is None else ("inside noise" if r["inside_noise"] else
+                                                          ("faster" if r["speedup_vs_bf16"]["lo"] > 1 else "slower"))
+        if r["name"] == summary.get("best"):
+            noise += " (best)"
+        elif r.get("tied_with_best"):
+            noise += ", tied with best"
+        ms = {kk: ({**r[kk], **{x: None if r[kk][x] is None else 1e3 * r[kk][x] for x in ("median", "lo", "hi")}}
+                   if r.get(kk) else None) for kk in ("step_s", "codec_s")}
+        rows.append([r["name"], f"{r['reached']}/{k}", _iv(r["tta_s_interp"], ".1f"),
+                     _iv(r["speedup_vs_bf16"], ".2f", "×"), noise, _iv(r["tta_step_interp"], ".0f"),
+                     _iv(r["best_accuracy"], ".4f"), _iv(r["final_test_loss"], ".4f"), _iv(r["vnmse"], ".3g"),
+                     _iv(r["wire_bits_per_coord"], ".2f"), _iv(ms["step_s"], ".1f"), _iv(ms["codec_s"], ".1f")])
+    for f in summary.get("failed", []):
+        rows.append([f["name"], "FAILED", *["—"] * (len(SEED_HEADER) - 2)])
+    return rows
+
+
+def _coverage_text(summary: dict[str, Any]) -> str:
+    cov = {r["tta_s_interp"]["coverage"] for r in summary["runs"] if r.get("tta_s_interp")}
+    c = min(cov) if cov else 0.0
+    k = len(summary["seeds"])
+    short = "" if c >= summary["level"] else (f" — with {k} seeds no order-statistic interval reaches "
+                                              f"{summary['level']:.0%}; [min, max] is shown and covers {c:.1%}")
+    return f"intervals: {summary['interval_method']}, coverage {c:.1%}{short}"
+
+
 def render(root: str | Path) -> Path:
     """Write ``report.md`` and the plots into ``root`` (a comparison directory); return the report path."""
     root = Path(root)
     summary = json.loads((root / "results.json").read_text())
+    if "per_seed" in summary:
+        _steps_vs_vnmse_plot(root, summary)
+        (root / "report.md").write_text(_seed_markdown(summary))
+        return root / "report.md"
     runs = _load_runs(root, summary)
     _plots(root, summary, runs)
     md = _markdown(summary, runs)
@@ -155,6 +226,93 @@ def _plots(root: Path, summary: dict[str, Any], runs: dict[str, dict[str, Any]])
     plt.close(fig)
     # 4. gradient histogram with fitted tails and alpha*
     _histogram_plot(root, summary, runs, plt)
+    _steps_vs_vnmse_plot(root, summary)
+
+
+STEPS_PLOT = "steps_vs_vnmse.png"
+
+
+def _steps_vs_vnmse_plot(root: Path, summary: dict[str, Any]) -> None:
+    """Steps to target (interpolated) and final test loss against measured vNMSE, one point per method; over seeds
+    the medians with their intervals as error bars. Unreached runs at the top, marked ×."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    multi = "per_seed" in summary
+
+    def get(r: dict[str, Any], key: str) -> tuple[float | None, float | None, float | None]:
+        v = r.get(key)
+        if multi:
+            return (None, None, None) if not v else (v["median"], v["lo"], v["hi"])
+        return v, v, v
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    cmap = plt.get_cmap("tab10")
+    comps = sorted({r["compressor"] for r in summary["runs"]})
+    top = max([get(r, "tta_step_interp")[0] or 0 for r in summary["runs"]] + [1.0])
+    for r in summary["runs"]:
+        vn = get(r, "vnmse")[0]
+        if vn is None or vn <= 0:
+            continue
+        color = cmap(comps.index(r["compressor"]) % 10)
+        for ax, key in zip(axes, ("tta_step_interp", "final_test_loss"), strict=True):
+            y, lo, hi = get(r, key)
+            if y is None:
+                if key == "tta_step_interp":
+                    ax.scatter([vn], [1.1 * top], marker="x", color=color)
+                    ax.annotate(f"{r['name']} (not reached)", (vn, 1.1 * top), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points")
+                continue
+            yerr = None
+            if multi and lo is not None:
+                yerr = [[y - lo], [(hi if hi is not None else 1.1 * top) - y]]
+            ax.errorbar([vn], [y], yerr=yerr, fmt="o", color=color, capsize=3, markersize=4)
+            ax.annotate(r["name"], (vn, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for ax, lab in zip(axes, ("steps to target (interpolated)", "final test loss"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("measured vNMSE of the averaged gradient (median over samples)")
+        ax.set_ylabel(lab)
+        ax.grid(alpha=0.3)
+    seeds = f", median and interval over {len(summary['seeds'])} seeds" if multi else ""
+    fig.suptitle(f"{summary['workload']}, {summary['workers']} workers: error against convergence{seeds}")
+    fig.tight_layout()
+    fig.savefig(root / STEPS_PLOT, dpi=110)
+    plt.close(fig)
+
+
+def _seed_markdown(summary: dict[str, Any]) -> str:
+    net = summary["network"]
+    k = len(summary["seeds"])
+    targets = ", ".join(f"{float(v):.4f}" for v in summary["target_accuracy_per_seed"].values())
+    lines = [
+        f"# tailq comparison {summary.get('id', '')} over {k} seeds",
+        "",
+        f"- workload: **{summary['workload']}** — {summary.get('workload_note', '')}",
+        f"- workers: {summary['workers']}, steps per run: {summary['steps']}, seeds {summary['seeds']}",
+        f"- network: **{net['rate']}**" + (" (MODELED)" if net.get("modeled") else ""),
+        f"- target per seed ({summary['target_fraction_of_bf16_best']:.0%} of that seed's bf16 best): {targets}",
+        f"- {_coverage_text(summary)}",
+        f"- TTA: {summary['tta']}; not reached counts as ∞ (so a median can be finite when some seeds missed)",
+        "- speedup paired by seed: bf16's TTA / the method's, in the same seed (same data order and "
+        "initialization); **inside noise**: its interval contains 1. *tied with best*: the paired ratio against the "
+        "best method's TTA has an interval reaching 1.",
+        f"- machine: {summary.get('machine', {})}, date {summary.get('date', '')}",
+        "",
+        "Each cell: median [interval]. Every seed is a complete comparison in `seed<S>/` (its report, runs and "
+        "plots); `results.json` keeps them all under `per_seed`.",
+        "",
+        *_md_table(SEED_HEADER, seed_rows(summary)),
+    ]
+    for f in summary.get("failed", []):
+        first = f["error"].strip().splitlines()[0] if f["error"].strip() else "(no message)"
+        lines += ["", f"**{f['name']} FAILED**: {first}"]
+    lines += ["", *[f"> note: {n}" for n in summary.get("notes", [])], ""]
+    lines += ["## Error against convergence", "", f"![{STEPS_PLOT}]({STEPS_PLOT})", ""]
+    lines += ["## Per seed", ""] + [f"- seed {sm['seed']}: [report](seed{sm['seed']}/report.md)"
+                                    for sm in summary["per_seed"]]
+    return "\n".join(lines) + "\n"
 
 
 def _histogram_plot(root: Path, summary: dict[str, Any], runs: dict[str, dict[str, Any]], plt: Any) -> None:
@@ -225,16 +383,17 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         f"- machine: {summary.get('machine', {})}, date {summary.get('date', '')}",
         "",
         "TTA = training clock (evaluation excluded) at the first evaluation reaching the target (at step: that "
-        "evaluation's step, so TTA ≈ step time × steps); speedup = TTA_bf16 / TTA. bits/coord (hook) = bytes "
+        "evaluation's step, so TTA ≈ step time × steps); speedup = TTA_bf16 / TTA. In parentheses, the same "
+        "not quantized by the evaluation period: the step and clock where the accuracy crosses the target, "
+        "interpolated linearly between the last evaluation below it and the first at or above it (shown where the "
+        "crossing is between two evaluations). bits/coord (hook) = bytes "
         "handed to collectives by the hook, metadata included; bits/coord (NIC) = "
         "bytes sent on the worker's emulated interface (TCP/IP headers and vNMSE measurement traffic included). "
         "step/codec/comm = mean wall time per step / in the hook's encode+decode / waiting on collectives (the "
         "hook's work overlaps backward).",
         "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "---|" * len(HEADER),
+        *_md_table(HEADER, table_rows(summary)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
     warm = [f"{r['name']} {r['kernel_warmup_s']:.1f} s" for r in summary["runs"] if r.get("kernel_warmup_s")]
     if warm:
         lines += ["", "One-time compilation of the fused codec kernels before training (not in the training clock, "
@@ -250,7 +409,7 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         lines += ["", f"**{f['name']} FAILED**: {first} (its error and every rank's log tail: "
                   f"`{f['name']}/failed.json`; rerun it with `tailq compare --resume DIR`)"]
     lines += ["", *[f"> note: {n}" for n in summary.get("notes", [])], ""]
-    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in (*PLOTS, STEPS_PLOT)]
     lines += _routes_section(runs)
     tails = []
     for name, r in runs.items():
