@@ -372,8 +372,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         opts[k] = parse_value(v)
     notes: list[str] = []
     net = _network(args.net, notes)
-    steps, every = DEFAULT_STEPS.get(args.workload, (300, 25))
-    cfg = RunConfig(workload=args.workload, hook=args.compressor, hook_options=opts, workers=args.workers,
+    workload = args.workload or "digits"
+    steps, every = DEFAULT_STEPS.get(workload, (300, 25))
+    cfg = RunConfig(workload=workload, hook=args.compressor, hook_options=opts, workers=args.workers,
                     steps=steps if args.steps is None else args.steps,
                     eval_every=every if args.eval_every is None else args.eval_every, seed=args.seed,
                     net=net, run_dir=args.run_dir or f"runs/train-{args.compressor}",
@@ -395,13 +396,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         DEFAULT_METHODS,
         FSDP_METHODS,
         Y1_METHODS,
+        Y1_WORKLOAD,
         ComparisonIncomplete,
         compare,
         parse_method,
         resume,
     )
     from tailq.harness.report import print_table
-    from tailq.harness.workloads import DEFAULT_STEPS, DataError, check_data, load_workload
+    from tailq.harness.workloads import DEFAULT_STEPS, check_data
 
     _require_harness_extras()
     def run(fn: Any) -> Path:
@@ -418,23 +420,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     workload, workers = args.workload, args.workers
     methods = [parse_method(m) for m in args.methods] if args.methods else list(
         FSDP_METHODS if args.fsdp else DEFAULT_METHODS)
+    steps, every = DEFAULT_STEPS.get(workload or "digits", (300, 25))
+    metric = args.target_metric or "accuracy"
     if args.preset == "y1":
         workers = 8 if args.workers == 4 else args.workers
         methods = [parse_method(m) for m in args.methods] if args.methods else list(Y1_METHODS)
-        try:
-            load_workload("mnist", data_dir=args.data_dir)
-            workload = "mnist"
-        except DataError as err:
-            workload = "digits"
-            notes.append(f"preset y1: MNIST not found ({err}); ran on the embedded digits workload instead")
+        if workload is None:
+            workload, steps, every, metric = Y1_WORKLOAD
+            metric = args.target_metric or metric
+        else:
+            steps, every = DEFAULT_STEPS.get(workload, (300, 25))
+    workload = workload or "digits"
     check_data(workload, args.data_dir)
     net = _network(args.net, notes)
-    steps, every = DEFAULT_STEPS.get(workload, (300, 25))
     root = run(lambda: compare(workload=workload, workers=workers, net=net, methods=methods,
                                steps=steps if args.steps is None else args.steps,
                                eval_every=every if args.eval_every is None else args.eval_every, seed=args.seed,
                                out_dir=args.out, run_id=args.id, target_fraction=args.target, extra=_extra(args),
-                               notes=notes, seeds=args.seeds))
+                               notes=notes, seeds=args.seeds, target_metric=metric))
     return _compare_done(root, notes, args.json)
 
 
@@ -463,7 +466,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         summary = json.loads((root / "results.json").read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise UsageError(f"{bad} (not JSON: {err})") from err
-    need = ("runs", "network", "workload", "workers", "target_accuracy", "steps")
+    need = ("runs", "network", "workload", "workers", "steps")
     if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list) or any(k not in summary
                                                                                           for k in need):
         raise UsageError(f"{bad} (it needs the keys {', '.join(need)})")
@@ -549,8 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", nargs="+", help="e.g. bf16 tnq:3 qsgd:4 tnq:3:tail=laplace powersgd:rank=2 "
                    "(default: fp32 bf16 powersgd qsgd:4 tuq:3:redesign=10 tnq:3:redesign=10 tbq:3:redesign=10)")
     s.add_argument("--preset", choices=("default", "y1"), default="default",
-                   help="y1: [Y1]'s comparison (MNIST, 8 workers, QSGD/NUQSGD vs TUQ/TNQ/TBQ at 3 bits)")
-    s.add_argument("--target", type=float, default=0.99, help="target = this fraction of bf16's best accuracy")
+                   help="y1: [Y1]'s comparison, QSGD/NUQSGD vs TUQ/TNQ/TBQ at 2, 3 and 4 bits, 8 workers, on "
+                   "the workload where error decides convergence (charlm, 100 steps, test-loss target, unless "
+                   "--workload is given)")
+    s.add_argument("--target", type=float, default=0.99, help="target = this fraction of bf16's best accuracy "
+                   "(--target-metric loss: bf16's best test loss x (2 - this), within 1%% of it at 0.99)")
+    s.add_argument("--target-metric", choices=("accuracy", "loss"),
+                   help="what the target is on: test accuracy (the default) or test loss (the y1 preset's)")
     s.add_argument("--seeds", type=int, default=1,
                    help="run the whole comparison with K seeds (--seed, --seed+1, ...): medians, exact "
                         "order-statistic intervals and speedups paired by seed (default 1)")
@@ -568,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _harness_common(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--workload", default="digits", help="digits | charlm | synthetic | mnist | cifar10")
+    s.add_argument("--workload", help="digits (the default) | charlm | synthetic | mnist | cifar10")
     s.add_argument("--workers", type=int, default=4)
     s.add_argument("--steps", type=int)
     s.add_argument("--eval-every", type=int)

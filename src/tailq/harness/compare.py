@@ -24,10 +24,10 @@ from tailq.errors import UsageError
 from .config import RunConfig, parse_value
 from .launch import RunFailed, launch_run
 from .netem import EmulationError
-from .stats import crossing, median_interval, paired_ratios
+from .stats import METRICS, crossing, median_interval, paired_ratios, target_from
 
-__all__ = ["ComparisonIncomplete", "Method", "DEFAULT_METHODS", "FSDP_METHODS", "Y1_METHODS", "aggregate", "compare",
-           "resume", "summarize", "parse_method"]
+__all__ = ["ComparisonIncomplete", "Method", "DEFAULT_METHODS", "FSDP_METHODS", "Y1_BITS", "Y1_METHODS", "Y1_WORKLOAD",
+           "aggregate", "compare", "resume", "summarize", "parse_method"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,40 +77,50 @@ DEFAULT_METHODS = [Method("fp32"), Method("bf16"), Method("powersgd"), parse_met
 FSDP_METHODS = [Method("fp32"), Method("bf16"), parse_method("bf16:reduce=a2a"),
                 parse_method("tuq:3:redesign=10"), parse_method("tnq:3:redesign=10"),
                 parse_method("tbq:3:redesign=10")]
-# [Y1]'s comparison: QSGD and NUQSGD against the truncated quantizers at equal bits, 8 workers.
-Y1_METHODS = [Method("bf16"), parse_method("qsgd:3"), parse_method("nuqsgd:3"), parse_method("tuq:3"),
-              parse_method("tnq:3"), parse_method("tbq:3")]
+# [Y1]'s comparison: QSGD and NUQSGD against the truncated quantizers at equal bits (2, 3 and 4), 8 workers. The
+# truncated ones redesign every 10th step as in the default comparison and take the planner's route (two-phase at
+# 8 workers); QSGD and NUQSGD are pinned to their one compressed route, the all-gather, because at 8 workers the
+# planner rightly sends their buckets as bf16 (an all-gather of per-rank codes costs more), which would compare
+# nothing.
+Y1_BITS = (2, 3, 4)
+Y1_METHODS = [Method("bf16")] + [parse_method(f"{name}:{b}:{opt}") for b in Y1_BITS
+                                 for name, opt in (("qsgd", "route=allgather"), ("nuqsgd", "route=allgather"),
+                                                   ("tuq", "redesign=10"), ("tnq", "redesign=10"),
+                                                   ("tbq", "redesign=10"))]
+Y1_WORKLOAD = ("charlm", 100, 10, "loss")
+"""The y1 preset's workload, steps, evaluation period and target metric: chosen by measurement as the embedded
+workload where the quantization error decides convergence (README, "A workload where error decides")."""
 
 
-def _tta(history: list[dict[str, Any]], target: float) -> float | None:
-    for h in history:
-        if h["accuracy"] >= target:
-            return float(h["clock"])
-    return None
+def _first(history: list[dict[str, Any]], target: float, metric: str) -> dict[str, Any] | None:
+    """The first evaluation at the target (TTA = its clock, at evaluation granularity)."""
+    key, higher = METRICS[metric]
+    return next((h for h in history if h.get(key) is not None
+                 and ((h[key] >= target) if higher else (h[key] <= target))), None)
 
 
-def _tta_step(history: list[dict[str, Any]], target: float) -> int | None:
-    """The step of the first evaluation reaching the target (TTA = step time × this, at eval granularity)."""
-    for h in history:
-        if h["accuracy"] >= target:
-            return int(h["step"])
-    return None
+def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
+              target_metric: str = "accuracy") -> dict[str, Any]:
+    """The comparison's summary (SPEC §7 metrics) from the per-run results; bf16 must be among them.
 
-
-def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> dict[str, Any]:
-    """The comparison's summary (SPEC §7 metrics) from the per-run results; bf16 must be among them."""
+    The target is set by the bf16 run (:func:`tailq.harness.stats.target_from`): ``target_fraction`` of its best
+    accuracy, or with ``target_metric="loss"`` its best test loss × (2 − ``target_fraction``).
+    """
     base = next((r for r in results if r["config"]["hook"] == "bf16"), None)
     if base is None:
         raise UsageError("a comparison needs the bf16 baseline among its methods (SPEC §7)")
     best_bf16 = max(h["accuracy"] for h in base["history"])
-    target = target_fraction * best_bf16
-    tta_bf16 = _tta(base["history"], target)
-    cross_bf16 = crossing(base["history"], target)
+    target = target_from(base["history"], target_fraction, target_metric)
+    key, higher = METRICS[target_metric]
+    first_bf16 = _first(base["history"], target, target_metric)
+    tta_bf16 = float(first_bf16["clock"]) if first_bf16 else None
+    cross_bf16 = crossing(base["history"], target, key, higher)
     runs = []
     for r in results:
         hist = r["history"]
-        tta = _tta(hist, target)
-        cross = crossing(hist, target)
+        first = _first(hist, target, target_metric)
+        tta = float(first["clock"]) if first else None
+        cross = crossing(hist, target, key, higher)
         losses = [h["test_loss"] for h in hist if h.get("test_loss") is not None]
         vn = [v["vnmse"] for v in r.get("vnmse", []) if v["vnmse"] == v["vnmse"]]
         steps = r["steps"]
@@ -126,7 +136,7 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> d
             "bits": r["config"]["hook_options"].get("bits"),
             "options": r["config"]["hook_options"],
             "tta_s": tta,
-            "tta_step": _tta_step(hist, target),
+            "tta_step": int(first["step"]) if first else None,
             "speedup_vs_bf16": (tta_bf16 / tta) if (tta and tta_bf16) else None,
             "tta_s_interp": cross["clock"] if cross else None,
             "tta_step_interp": cross["step"] if cross else None,
@@ -152,7 +162,9 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99) -> d
         })
     net = Network.parse(results[0]["network"]["spec"])  # as the run recorded it
     return {
-        "target_accuracy": target,
+        "target_metric": target_metric,
+        "target": target,
+        "target_accuracy": target if target_metric == "accuracy" else None,
         "target_fraction_of_bf16_best": target_fraction,
         "network": {"rate": net.describe(), "spec": net.as_arg(), "emulated": net.kind == "emulated",
                     "modeled": net.kind == "model", "rate_bps": net.rate_bps, "delay_s": net.delay_s},
@@ -180,6 +192,7 @@ def compare(
     quiet: bool = False,
     resume: bool = False,
     seeds: int = 1,
+    target_metric: str = "accuracy",
 ) -> Path:
     """Run every method, write results.json, report.md and plots; return the run directory.
 
@@ -191,6 +204,9 @@ def compare(
 
     ``seeds=K > 1``: the whole comparison K times, with seeds ``seed, seed+1, …`` (each in ``seed<S>/``, a complete
     comparison with its own bf16 target), then :func:`aggregate` over them into the top ``results.json``.
+
+    ``target_metric``: ``"accuracy"`` (the target is ``target_fraction`` of bf16's best test accuracy) or
+    ``"loss"`` (bf16's best test loss × (2 − ``target_fraction``): within 1% of it at 0.99).
     """
     from rich.console import Console
 
@@ -199,7 +215,8 @@ def compare(
     if seeds > 1:
         return _compare_seeds(seeds, workload=workload, workers=workers, net=net, methods=methods, steps=steps,
                               eval_every=eval_every, seed=seed, out_dir=out_dir, run_id=run_id,
-                              target_fraction=target_fraction, extra=extra, notes=notes, quiet=quiet, resume=resume)
+                              target_fraction=target_fraction, extra=extra, notes=notes, quiet=quiet, resume=resume,
+                              target_metric=target_metric)
 
     methods = list(methods or DEFAULT_METHODS)
     if isinstance(net, str):  # --net text from a library caller
@@ -217,28 +234,31 @@ def compare(
         raise UsageError(f"--methods: {', '.join(dupes)} given more than once (each method is one run directory)")
     if not 0 < target_fraction <= 1:
         raise UsageError(f"--target must be in (0, 1]; got {target_fraction}")
+    if target_metric not in METRICS:
+        raise UsageError(f"--target-metric must be one of {', '.join(METRICS)}; got {target_metric!r}")
     run_id = run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(out_dir) / run_id
     # every method validated (its hook built, unbound) before anything starts
     configs = [RunConfig(workload=workload, hook=m.hook, hook_options=dict(m.options), workers=workers, steps=steps,
                          eval_every=eval_every, seed=seed, net=net, run_dir=str(root / m.label), label=m.label,
-                         **(extra or {})).validate() for m in methods]
+                         target_metric=target_metric, **(extra or {})).validate() for m in methods]
     plan = {"workload": workload, "workers": workers, "net": net.as_arg(), "steps": steps, "eval_every": eval_every,
-            "seed": seed, "target_fraction": target_fraction, "extra": extra or {}, "notes": list(notes or []),
+            "seed": seed, "target_fraction": target_fraction, "target_metric": target_metric, "extra": extra or {},
+            "notes": list(notes or []),
             "methods": [[m.hook, [list(kv) for kv in m.options]] for m in methods]}
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
         (root / PLAN).write_text(json.dumps(plan, indent=2))
     con = Console(quiet=quiet)
     try:
-        results, failed, kept = _run_all(configs, target_fraction, con, quiet, resume)
+        results, failed, kept = _run_all(configs, target_fraction, target_metric, con, quiet, resume)
     except KeyboardInterrupt as err:  # SIGINT, SIGTERM, SIGHUP: the finished runs stay; say where to resume
         err.tailq_root = root  # type: ignore[attr-defined]
         raise
     if not any(r["config"]["hook"] == "bf16" for r in results):
         raise ComparisonIncomplete(root, failed, f"the bf16 baseline failed, so nothing can be judged: "
                                    f"{failed[0]['error'].splitlines()[0] if failed else ''}")
-    summary = summarize(results, target_fraction)
+    summary = summarize(results, target_fraction, target_metric)
     summary.update({
         "id": run_id,
         "workload": workload,
@@ -274,7 +294,8 @@ def _compare_seeds(seeds: int, *, out_dir: str, run_id: str | None, seed: int, r
     net_arg = net if isinstance(net, str) else net.as_arg()
     methods = list(methods or DEFAULT_METHODS)
     if not resume:
-        plan = {**{k: args[k] for k in ("workload", "workers", "steps", "eval_every", "target_fraction")},
+        plan = {**{k: args[k] for k in ("workload", "workers", "steps", "eval_every", "target_fraction",
+                                        "target_metric")},
                 "net": net_arg, "seed": seed, "seeds": seeds, "extra": args.get("extra") or {},
                 "notes": list(notes or []), "methods": [[m.hook, [list(kv) for kv in m.options]] for m in methods]}
         (root / PLAN).write_text(json.dumps(plan, indent=2))
@@ -380,6 +401,8 @@ def aggregate(summaries: list[dict[str, Any]], level: float = 0.9) -> dict[str, 
         "parameters": first.get("parameters"), "workers": first["workers"], "fsdp": first.get("fsdp", False),
         "steps": first["steps"], "network": first["network"], "seeds": seeds, "level": level,
         "target_fraction_of_bf16_best": first["target_fraction_of_bf16_best"],
+        "target_metric": first.get("target_metric", "accuracy"),
+        "target_per_seed": {str(sm["seed"]): sm.get("target", sm.get("target_accuracy")) for sm in summaries},
         "target_accuracy_per_seed": {str(sm["seed"]): sm["target_accuracy"] for sm in summaries},
         "interval_method": "exact order statistics for the median (distribution-free; [min, max] with its actual "
                            "coverage when fewer than 5 seeds)",
@@ -391,9 +414,9 @@ def aggregate(summaries: list[dict[str, Any]], level: float = 0.9) -> dict[str, 
     }
 
 
-def _run_all(configs: list[RunConfig], target_fraction: float, con: Any, quiet: bool,
+def _run_all(configs: list[RunConfig], target_fraction: float, target_metric: str, con: Any, quiet: bool,
              resume: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """Every run in order (bf16 first: its clock sets the others' budget, its best accuracy their target);
+    """Every run in order (bf16 first: its clock sets the others' budget, its evaluations their target);
     returns (results, failures, names of the runs kept from before)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -431,7 +454,7 @@ def _run_all(configs: list[RunConfig], target_fraction: float, con: Any, quiet: 
             results.append(res)
             if cfg.hook == "bf16" and budget is None:  # the first bf16 run is the baseline
                 budget = 3.0 * res["steps"][-1]["clock"]
-                target = target_fraction * max(h["accuracy"] for h in res["history"])
+                target = target_from(res["history"], target_fraction, target_metric)
     return results, failed, kept
 
 
@@ -482,6 +505,7 @@ def resume(root: str | Path, *, quiet: bool = False) -> Path:
         args = {k: plan[k] for k in ("workload", "workers", "net", "steps", "eval_every", "seed", "target_fraction",
                                      "extra", "notes")}
         args["seeds"] = int(plan.get("seeds", 1))
+        args["target_metric"] = plan.get("target_metric", "accuracy")
     except FileNotFoundError:
         raise UsageError(f"--resume: {root} has no {PLAN} (a directory written by tailq compare)") from None
     except (ValueError, KeyError, TypeError) as err:

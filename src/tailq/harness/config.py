@@ -48,6 +48,8 @@ class RunConfig:
     # method still short of bf16's target when the step budget ends gets more steps, within the time budget)
     extend_to_target: float | None = None
     max_steps: int | None = None
+    # what extend_to_target is: "accuracy" (best test accuracy at or above it) or "loss" (test loss at or below)
+    target_metric: str = "accuracy"
     # gradients through FSDP2's reduce-scatter (fully_shard per transformer layer and the root) instead of DDP
     # buckets: bf16 = FSDP2's own in bf16, bf16:reduce=a2a = an all-to-all reduce-scatter, a shardable tailq
     # compressor = tailq.fsdp.compress (see tailq.harness.fsdp)
@@ -85,8 +87,13 @@ class RunConfig:
             raise UsageError(f"--lr must be > 0; got {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1; got {self.batch_size}")
-        if self.extend_to_target is not None and not 0 <= self.extend_to_target <= 1:
+        if self.target_metric not in ("accuracy", "loss"):
+            raise UsageError(f"--target-metric must be accuracy or loss; got {self.target_metric!r}")
+        if self.extend_to_target is not None and self.target_metric == "accuracy" \
+                and not 0 <= self.extend_to_target <= 1:
             raise UsageError(f"extend_to_target must be an accuracy in [0, 1]; got {self.extend_to_target}")
+        if self.extend_to_target is not None and self.target_metric == "loss" and not self.extend_to_target > 0:
+            raise UsageError(f"extend_to_target must be a test loss > 0; got {self.extend_to_target}")
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < self.steps):
             raise UsageError(f"max_steps must be an integer >= steps ({self.steps}); got {self.max_steps!r}")

@@ -72,7 +72,7 @@ def print_table(summary: dict[str, Any]) -> None:
     label = " [MODELED network]" if net.get("modeled") else ""
     fsdp = ", FSDP2" if summary.get("fsdp") else ""
     t = Table(title=f"{summary['workload']}, {summary['workers']} workers{fsdp}, {net['rate']}{label}; "
-                    f"target accuracy {summary['target_accuracy']:.4f}")
+                    f"{target_text(summary)}")
     for h in HEADER:
         t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
     for row in table_rows(summary):
@@ -80,6 +80,21 @@ def print_table(summary: dict[str, Any]) -> None:
     import sys
 
     Console(width=None if sys.stdout.isatty() else 160).print(t)
+
+
+def target_text(summary: dict[str, Any]) -> str:
+    """``target accuracy 0.9624`` or ``target test loss 1.9870`` (a summary written before loss targets: accuracy)."""
+    if summary.get("target_metric", "accuracy") == "loss":
+        return f"target test loss {summary['target']:.4f}"
+    return f"target accuracy {summary.get('target') or summary['target_accuracy']:.4f}"
+
+
+def _target_rule(summary: dict[str, Any], per_seed: bool = False) -> str:
+    f = summary["target_fraction_of_bf16_best"]
+    whose = "that seed's" if per_seed else "the"
+    if summary.get("target_metric", "accuracy") == "loss":
+        return f"test loss within {1 - f:.0%} of {whose} bf16 run's best test loss"
+    return f"{f:.0%} of {whose} bf16 run's best test accuracy"
 
 
 def _load_runs(root: Path, summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -166,18 +181,24 @@ def _plots(root: Path, summary: dict[str, Any], runs: dict[str, dict[str, Any]])
     import matplotlib.pyplot as plt
 
     modeled = " (modeled network)" if summary["network"].get("modeled") else ""
-    # 1. accuracy vs training clock
+    # 1. the target's metric (accuracy, or test loss) vs training clock
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    loss = summary.get("target_metric", "accuracy") == "loss"
+    key = "test_loss" if loss else "accuracy"
+    target = float(summary.get("target") or summary["target_accuracy"])
     for name, r in runs.items():
-        h = r["history"]
-        ax.plot([e["clock"] for e in h], [e["accuracy"] for e in h], marker=".", label=name,
+        h = [e for e in r["history"] if e.get(key) is not None]
+        ax.plot([e["clock"] for e in h], [e[key] for e in h], marker=".", label=name,
                 linewidth=2.5 if r["config"]["hook"] == "bf16" else 1.5)
-    ax.axhline(summary["target_accuracy"], color="k", linestyle="--", linewidth=1, label="target")
+    ax.axhline(target, color="k", linestyle="--", linewidth=1, label="target")
     ax.set_xlabel(f"training clock (s){modeled}")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test loss" if loss else "test accuracy")
     ax.set_title(f"{summary['workload']}, {summary['workers']} workers, {summary['network']['rate']}")
-    lo = min(e["accuracy"] for r in runs.values() for e in r["history"]) if runs else 0
-    ax.set_ylim(max(lo, summary["target_accuracy"] - 0.25), None)
+    if loss:
+        ax.set_yscale("log")
+    else:
+        lo = min(e["accuracy"] for r in runs.values() for e in r["history"]) if runs else 0
+        ax.set_ylim(max(lo, target - 0.25), None)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -252,12 +273,15 @@ def _steps_vs_vnmse_plot(root: Path, summary: dict[str, Any]) -> None:
     cmap = plt.get_cmap("tab10")
     comps = sorted({r["compressor"] for r in summary["runs"]})
     top = max([get(r, "tta_step_interp")[0] or 0 for r in summary["runs"]] + [1.0])
+    markers = {1: "s", 2: "v", 3: "o", 4: "^", 5: "D", 6: "P", 8: "*"}
+    curves: dict[tuple[str, int], list[tuple[float, float, float]]] = {}  # (compressor, axis): (bits, vNMSE, y)
     for r in summary["runs"]:
         vn = get(r, "vnmse")[0]
         if vn is None or vn <= 0:
             continue
         color = cmap(comps.index(r["compressor"]) % 10)
-        for ax, key in zip(axes, ("tta_step_interp", "final_test_loss"), strict=True):
+        bits = r.get("bits")
+        for i, (ax, key) in enumerate(zip(axes, ("tta_step_interp", "final_test_loss"), strict=True)):
             y, lo, hi = get(r, key)
             if y is None:
                 if key == "tta_step_interp":
@@ -268,8 +292,18 @@ def _steps_vs_vnmse_plot(root: Path, summary: dict[str, Any]) -> None:
             yerr = None
             if multi and lo is not None:
                 yerr = [[y - lo], [(hi if hi is not None else 1.1 * top) - y]]
-            ax.errorbar([vn], [y], yerr=yerr, fmt="o", color=color, capsize=3, markersize=4)
+            ax.errorbar([vn], [y], yerr=yerr, fmt=markers.get(bits, "o") if isinstance(bits, int) else "o",
+                        color=color, capsize=3, markersize=5)
             ax.annotate(r["name"], (vn, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if isinstance(bits, int) and not isinstance(bits, bool):
+                curves.setdefault((r["compressor"], i), []).append((bits, vn, y))
+    for (comp, i), pts in curves.items():  # one compressor across bit widths: a line from fewer bits to more
+        if len({b for b, _, _ in pts}) > 1:
+            pts.sort()
+            axes[i].plot([p[1] for p in pts], [p[2] for p in pts], color=cmap(comps.index(comp) % 10),
+                         linewidth=0.8, alpha=0.6, label=comp if i == 0 else None)
+    if any(i == 0 and len(p) > 1 for (_, i), p in curves.items()):
+        axes[0].legend(fontsize=7, title="line: bits ↑ (▼2 ●3 ▲4)", title_fontsize=7)
     for ax, lab in zip(axes, ("steps to target (interpolated)", "final test loss"), strict=True):
         ax.set_xscale("log")
         ax.set_xlabel("measured vNMSE of the averaged gradient (median over samples)")
@@ -285,14 +319,15 @@ def _steps_vs_vnmse_plot(root: Path, summary: dict[str, Any]) -> None:
 def _seed_markdown(summary: dict[str, Any]) -> str:
     net = summary["network"]
     k = len(summary["seeds"])
-    targets = ", ".join(f"{float(v):.4f}" for v in summary["target_accuracy_per_seed"].values())
+    per_seed = summary.get("target_per_seed", summary.get("target_accuracy_per_seed", {}))
+    targets = ", ".join(f"{float(v):.4f}" for v in per_seed.values())
     lines = [
         f"# tailq comparison {summary.get('id', '')} over {k} seeds",
         "",
         f"- workload: **{summary['workload']}** — {summary.get('workload_note', '')}",
         f"- workers: {summary['workers']}, steps per run: {summary['steps']}, seeds {summary['seeds']}",
         f"- network: **{net['rate']}**" + (" (MODELED)" if net.get("modeled") else ""),
-        f"- target per seed ({summary['target_fraction_of_bf16_best']:.0%} of that seed's bf16 best): {targets}",
+        f"- target per seed ({_target_rule(summary, per_seed=True)}): {targets}",
         f"- {_coverage_text(summary)}",
         f"- TTA: {summary['tta']}; not reached counts as ∞ (so a median can be finite when some seeds missed)",
         "- speedup paired by seed: bf16's TTA / the method's, in the same seed (same data order and "
@@ -378,13 +413,12 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
             "bits/coord); `bf16` = FSDP2's own reduce-scatter in bf16 (on Gloo an all-reduce: its ring traffic is "
             "an all-reduce's), `bf16(reduce=a2a)` = the same values by one all-to-all (a real reduce-scatter's "
             "traffic), the truncated quantizers = `tailq.fsdp.compress`"]),
-        f"- target accuracy: **{summary['target_accuracy']:.4f}** = {summary['target_fraction_of_bf16_best']:.0%} of "
-        "bf16's best",
+        f"- {target_text(summary).replace('target ', 'target: ', 1)} = {_target_rule(summary)}",
         f"- machine: {summary.get('machine', {})}, date {summary.get('date', '')}",
         "",
         "TTA = training clock (evaluation excluded) at the first evaluation reaching the target (at step: that "
         "evaluation's step, so TTA ≈ step time × steps); speedup = TTA_bf16 / TTA. In parentheses, the same "
-        "not quantized by the evaluation period: the step and clock where the accuracy crosses the target, "
+        "not quantized by the evaluation period: the step and clock where the target's metric crosses it, "
         "interpolated linearly between the last evaluation below it and the first at or above it (shown where the "
         "crossing is between two evaluations). bits/coord (hook) = bytes "
         "handed to collectives by the hook, metadata included; bits/coord (NIC) = "

@@ -25,14 +25,46 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["crossing", "median_interval", "order_statistic_coverage", "paired_ratios"]
+__all__ = ["METRICS", "crossing", "median_interval", "order_statistic_coverage", "paired_ratios", "reached",
+           "target_from"]
+
+METRICS = {"accuracy": ("accuracy", True), "loss": ("test_loss", False)}
+"""Target metrics: the history key each reads and whether higher is better."""
 
 
-def crossing(history: Sequence[dict[str, Any]], target: float, key: str = "accuracy") -> dict[str, Any] | None:
-    """Where ``history[*][key]`` first reaches ``target``: ``{"step", "clock", "interpolated"}``, or None."""
+def target_from(history: Sequence[dict[str, Any]], fraction: float, metric: str = "accuracy") -> float:
+    """The target a comparison sets from its bf16 run's evaluations.
+
+    ``accuracy``: ``fraction`` × bf16's best test accuracy. ``loss``: bf16's best test loss × (2 − ``fraction``),
+    i.e. within ``1 − fraction`` of it (``--target 0.99``: within 1%).
+    """
+    key, higher = _metric(metric)
+    vals = [float(h[key]) for h in history if h.get(key) is not None]
+    if not vals:
+        raise ValueError(f"target_from: no evaluation in the history has {key!r}")
+    return fraction * max(vals) if higher else (2.0 - fraction) * min(vals)
+
+
+def reached(history: Sequence[dict[str, Any]], target: float | None, metric: str = "accuracy") -> bool:
+    """Whether any evaluation in ``history`` is at the target (None: no target, never reached)."""
+    return target is not None and crossing(history, target, *_metric(metric)) is not None
+
+
+def _metric(metric: str) -> tuple[str, bool]:
+    if metric not in METRICS:
+        raise ValueError(f"target metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    return METRICS[metric]
+
+
+def crossing(history: Sequence[dict[str, Any]], target: float, key: str = "accuracy",
+             higher: bool = True) -> dict[str, Any] | None:
+    """Where ``history[*][key]`` first reaches ``target`` (at or above it; at or below when ``higher`` is False,
+    as for a loss): ``{"step", "clock", "interpolated"}``, or None."""
     prev: dict[str, Any] | None = None
     for h in history:
-        if h[key] >= target:
+        if h.get(key) is None:
+            continue
+        if (h[key] >= target) if higher else (h[key] <= target):
             if prev is None:
                 return {"step": float(h["step"]), "clock": float(h["clock"]), "interpolated": False}
             f = (target - prev[key]) / (h[key] - prev[key])  # in (0, 1]: prev is below the target

@@ -38,13 +38,12 @@ from .config import RunConfig
 from .fsdp import full_state as fsdp_full_state
 from .fsdp import shard as fsdp_shard
 from .launch import done_marker
+from .stats import reached
 from .workloads import Workload, load_workload
 
 CKPT_KEEP = 2
 
 
-def _reached(history: list[dict[str, Any]], target: float | None) -> bool:
-    return target is not None and any(h["accuracy"] >= target for h in history)
 
 
 def _batch_indices(n: int, rank: int, world: int, step: int, batch: int, seed: int) -> torch.Tensor:
@@ -241,7 +240,8 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
                 _progress(run_dir, step, cfg.steps, clock, acc)
             over_time = bool(cfg.time_budget_s and clock > cfg.time_budget_s)
             # past the step budget, continue only while the target is not reached (rank 0 evaluated)
-            done = step >= cfg.steps and (not extend or (rank == 0 and _reached(history, cfg.extend_to_target)))
+            done = step >= cfg.steps and (not extend or (
+                rank == 0 and reached(history, cfg.extend_to_target, cfg.target_metric)))
             flag = torch.tensor([1.0 if over_time or done else 0.0])
             dist.broadcast(flag, 0)  # every rank stops at the same step
             stop = bool(flag[0] > 0)
