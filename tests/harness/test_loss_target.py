@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tailq.cli import main
 from tailq.errors import UsageError
 from tailq.harness.compare import summarize
 from tailq.harness.config import RunConfig
@@ -76,3 +79,40 @@ def test_run_config_checks_the_metric_and_its_target() -> None:
         RunConfig(extend_to_target=0.0, target_metric="loss", max_steps=600).validate()
     with pytest.raises(UsageError, match="--target-metric must be accuracy or loss"):
         RunConfig(target_metric="perplexity").validate()
+
+
+def _captured_compare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    import tailq.harness.compare as cmp
+
+    seen: dict[str, Any] = {}
+
+    def fake(**kw: Any) -> Path:  # stands in for the comparison: records its arguments, writes a summary
+        seen.update(kw)
+        root = tmp_path / "fake"
+        root.mkdir(exist_ok=True)
+        (root / "results.json").write_text(json.dumps({"runs": []}))
+        return root
+
+    monkeypatch.setattr(cmp, "compare", fake)
+    monkeypatch.setattr("tailq.harness.report.print_table", lambda s: None)
+    return seen
+
+
+def test_y1_preset_is_the_bits_sweep_on_charlm_with_a_loss_target(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    seen = _captured_compare(monkeypatch, tmp_path)
+    assert main(["compare", "--preset", "y1", "--net", "none"]) == 0
+    assert (seen["workload"], seen["workers"], seen["steps"], seen["eval_every"], seen["target_metric"]) == (
+        "charlm", 8, 100, 10, "loss")
+    labels = [m.label for m in seen["methods"]]
+    assert labels[0] == "bf16" and len(labels) == 1 + 5 * 3
+    for b in (2, 3, 4):  # every family at every width; QSGD/NUQSGD pinned to their compressed route
+        assert {f"qsgd-{b}b(route=allgather)", f"nuqsgd-{b}b(route=allgather)", f"tuq-{b}b(redesign=10)",
+                f"tnq-{b}b(redesign=10)", f"tbq-{b}b(redesign=10)"} <= set(labels)
+    # what the user gives wins: a workload keeps its own defaults and the accuracy target
+    assert main(["compare", "--preset", "y1", "--net", "none", "--workload", "digits", "--workers", "3"]) == 0
+    assert (seen["workload"], seen["workers"], seen["steps"], seen["target_metric"]) == ("digits", 3, 300, "accuracy")
+    assert main(["compare", "--preset", "y1", "--net", "none", "--target-metric", "accuracy"]) == 0
+    assert (seen["workload"], seen["target_metric"]) == ("charlm", "accuracy")
+    assert main(["compare", "--net", "none", "--target-metric", "loss"]) == 0  # no preset: digits, as before
+    assert (seen["workload"], seen["workers"], seen["steps"], seen["target_metric"]) == ("digits", 4, 300, "loss")

@@ -1,7 +1,9 @@
 """``tailq compare``: several methods on one workload and network, judged by time-to-accuracy against bf16.
 
 SPEC §7: TTA is the training clock (evaluation excluded) at the first evaluation whose test accuracy reaches
-the target, by default 99% of the bf16 run's best accuracy in the same comparison; speedup vs bf16 =
+the target, by default 99% of the bf16 run's best accuracy in the same comparison (``target_metric="loss"``: the
+first whose test loss is within 1% of bf16's best test loss, for workloads where accuracy saturates before the
+quantization error shows; see :func:`tailq.harness.stats.target_from`); speedup vs bf16 =
 TTA_bf16 / TTA_method; a method that never reaches the target has no TTA. bf16 runs first and sets the target
 and the budgets: every other method gets the same step budget and, if it has not reached the target by then,
 keeps training until it does, up to 3× the steps, all within 3× bf16's training clock (so a method that is
