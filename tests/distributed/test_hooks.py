@@ -272,6 +272,7 @@ def test_passthrough_and_vnmse_measurement() -> None:
         assert r["passthrough_equal"] and r["kinds_small"] == ["config", "passthrough"]
         # measure_every=2: steps 0 and 2 are measured, and the recorded vNMSE is the definition's value
         assert [v["step"] for v in r["vnmse"]] == [0, 2]
+        assert not any(v.get("warmup") for v in r["vnmse"])  # warmup_steps=0: no sample is of a warm-up step
         for v in r["vnmse"]:
             assert v["vnmse"] == pytest.approx(r["manual"][v["step"]], rel=1e-4)
         # measurement traffic is labelled apart and not charged to the method (fp32: 32 bits on 2 of 4 steps)

@@ -116,3 +116,27 @@ def test_y1_preset_is_the_bits_sweep_on_charlm_with_a_loss_target(monkeypatch: p
     assert (seen["workload"], seen["target_metric"]) == ("charlm", "accuracy")
     assert main(["compare", "--net", "none", "--target-metric", "loss"]) == 0  # no preset: digits, as before
     assert (seen["workload"], seen["workers"], seen["steps"], seen["target_metric"]) == ("digits", 4, 300, "loss")
+
+
+def test_warmup_samples_are_marked_and_left_out_of_the_methods_vnmse() -> None:
+    import torch
+
+    from tailq.hooks.metrics import HookMetrics
+
+    m = HookMetrics()
+    exact = torch.ones(8)
+    m.record_vnmse(0, 0, exact.clone(), exact, warmup=True)  # the warm-up: sent as bf16, no error
+    m.record_vnmse(10, 0, exact * 1.5, exact)  # 0.25
+    m.record_vnmse(20, 0, exact * 0.5, exact)  # 0.25
+    assert m.vnmse[0]["warmup"] is True and "warmup" not in m.vnmse[1]
+    res = _result("tnq", [1.0], 1.0)
+    res["vnmse"] = m.vnmse
+    bf16 = _result("bf16", [1.0], 1.0)
+    assert summarize([bf16, res], 0.99, "loss")["runs"][1]["vnmse"] == pytest.approx(0.25)
+    # results written before the mark: the hook's warm-up steps (warmup_steps, default 1) are left out as well
+    res["vnmse"] = [{k: v for k, v in rec.items() if k != "warmup"} for rec in m.vnmse]
+    assert summarize([bf16, res], 0.99, "loss")["runs"][1]["vnmse"] == pytest.approx(0.25)
+    res["config"]["hook_options"] = {"warmup_steps": 15}
+    assert summarize([bf16, res], 0.99, "loss")["runs"][1]["vnmse"] == pytest.approx(0.25)
+    res["config"]["hook_options"] = {"warmup_steps": 0}
+    assert summarize([bf16, res], 0.99, "loss")["runs"][1]["vnmse"] == pytest.approx(0.5 / 3)

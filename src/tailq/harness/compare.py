@@ -101,6 +101,17 @@ def _first(history: list[dict[str, Any]], target: float, metric: str) -> dict[st
                  and ((h[key] >= target) if higher else (h[key] <= target))), None)
 
 
+def _steady_vnmse(result: dict[str, Any]) -> list[float]:
+    """The run's vNMSE samples of what the method sent: without the hook's warm-up steps, which go as bf16 by
+    construction (``warmup_steps``, 1 by default: step 0's sample is bf16's ~1e-5 and would pull a 10-sample mean
+    down by a tenth), and without NaN (an all-zero gradient)."""
+    from tailq.hooks.config import HookConfig
+
+    warm = int(result["config"]["hook_options"].get("warmup_steps", HookConfig.warmup_steps))
+    return [float(v["vnmse"]) for v in result.get("vnmse", [])
+            if v["vnmse"] == v["vnmse"] and not v.get("warmup") and v["step"] >= warm]
+
+
 def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
               target_metric: str = "accuracy") -> dict[str, Any]:
     """The comparison's summary (SPEC §7 metrics) from the per-run results; bf16 must be among them.
@@ -124,7 +135,7 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
         tta = float(first["clock"]) if first else None
         cross = crossing(hist, target, key, higher)
         losses = [h["test_loss"] for h in hist if h.get("test_loss") is not None]
-        vn = [v["vnmse"] for v in r.get("vnmse", []) if v["vnmse"] == v["vnmse"]]
+        vn = _steady_vnmse(r)
         steps = r["steps"]
         params, n = r["parameters"], len(steps)
         tx = r["network"].get("tx_bytes_per_rank")

@@ -306,7 +306,7 @@ def _steps_vs_vnmse_plot(root: Path, summary: dict[str, Any]) -> None:
         axes[0].legend(fontsize=7, title="line: bits ↑ (▼2 ●3 ▲4)", title_fontsize=7)
     for ax, lab in zip(axes, ("steps to target (interpolated)", "final test loss"), strict=True):
         ax.set_xscale("log")
-        ax.set_xlabel("measured vNMSE of the averaged gradient (median over samples)")
+        ax.set_xlabel("measured vNMSE of the averaged gradient (mean of the run's samples, warm-up left out)")
         ax.set_ylabel(lab)
         ax.grid(alpha=0.3)
     seeds = f", median and interval over {len(summary['seeds'])} seeds" if multi else ""

@@ -45,8 +45,11 @@ class HookMetrics:
         self._lap = (0.0, 0.0, 0.0, 0)
 
     def record_vnmse(self, step: int, bucket: int, mean: torch.Tensor, exact: torch.Tensor,
-                     phases: dict[str, float] | None = None) -> None:
+                     phases: dict[str, float] | None = None, warmup: bool = False) -> None:
         """vNMSE = ‖mean − exact‖² / ‖exact‖² (SPEC §7), NaN for an all-zero exact mean.
+
+        ``warmup``: the sample is of a warm-up step, sent uncompressed (marked ``"warmup": True``: not the method's
+        error).
 
         ``phases`` (two-phase route): squared errors of phase 1 (its exact mean against the true mean) and of
         phase 2 (the requantized mean against phase 1's), recorded as ``vnmse_phase1`` and ``vnmse_phase2``.
@@ -56,6 +59,8 @@ class HookMetrics:
         rec = {"step": step, "bucket": bucket, "vnmse": err / denom if denom > 0 else float("nan")}
         for k, v in (phases or {}).items():
             rec[f"vnmse_{k}"] = v / denom if denom > 0 else float("nan")
+        if warmup:
+            rec["warmup"] = True
         self.vnmse.append(rec)
 
     def lap(self) -> Lap:

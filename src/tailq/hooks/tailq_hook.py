@@ -262,7 +262,7 @@ class TailqState:
         if exact is not None:  # measurement: not part of the method (its time goes to "measure")
             tm = time.perf_counter()
             phases = self._phase_errors(exact, self._shard, tag=Tag(step, idx, n, "measure"))
-            self.metrics.record_vnmse(step, idx, mean, exact, phases)
+            self.metrics.record_vnmse(step, idx, mean, exact, phases, warmup=step < opts.warmup_steps)
             sec["measure"] += time.perf_counter() - tm
         self.metrics.wire.count_bucket(n)
         if bucket.is_last():
