@@ -18,17 +18,9 @@ from typing import Any
 
 from scipy.stats import spearmanr
 
+from tailq.harness.report import _iv  # median [lo, hi], ∞ for not reached: as the reports print it
+
 FAMILIES = ("qsgd", "nuqsgd", "tuq", "tnq", "tbq")
-
-
-def _iv(d: dict[str, Any] | None, spec: str, unit: str = "") -> str:
-    if not d:
-        return "—"
-
-    def one(v: float | None) -> str:
-        return "∞" if v is None else format(v, spec) + unit
-
-    return one(d["median"]) if d["lo"] == d["hi"] else f"{one(d['median'])} [{one(d['lo'])}, {one(d['hi'])}]"
 
 
 def table(summary: dict[str, Any]) -> list[str]:
