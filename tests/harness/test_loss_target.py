@@ -140,3 +140,11 @@ def test_warmup_samples_are_marked_and_left_out_of_the_methods_vnmse() -> None:
     assert summarize([bf16, res], 0.99, "loss")["runs"][1]["vnmse"] == pytest.approx(0.25)
     res["config"]["hook_options"] = {"warmup_steps": 0}
     assert summarize([bf16, res], 0.99, "loss")["runs"][1]["vnmse"] == pytest.approx(0.5 / 3)
+
+
+def test_fsdp_runs_have_no_warmup_to_leave_out() -> None:
+    bf16 = _result("bf16", [1.0], 1.0)
+    res = _result("tnq", [1.0], 1.0)
+    res["config"]["fsdp"] = True
+    res["vnmse"] = [{"step": 0, "bucket": 0, "vnmse": 0.2}]  # tailq.fsdp compresses from step 0
+    assert summarize([bf16, res], 0.99)["runs"][1]["vnmse"] == pytest.approx(0.2)

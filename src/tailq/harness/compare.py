@@ -102,12 +102,14 @@ def _first(history: list[dict[str, Any]], target: float, metric: str) -> dict[st
 
 
 def _steady_vnmse(result: dict[str, Any]) -> list[float]:
-    """The run's vNMSE samples of what the method sent: without the hook's warm-up steps, which go as bf16 by
+    """The run's vNMSE samples of what the method sent: without the DDP hook's warm-up steps, which go as bf16 by
     construction (``warmup_steps``, 1 by default: step 0's sample is bf16's ~1e-5 and would pull a 10-sample mean
     down by a tenth), and without NaN (an all-zero gradient)."""
     from tailq.hooks.config import HookConfig
 
-    warm = int(result["config"]["hook_options"].get("warmup_steps", HookConfig.warmup_steps))
+    # FSDP's compressed reduce-scatter has no warm-up: every sample there is the method's
+    warm = 0 if result["config"].get("fsdp") else int(result["config"]["hook_options"].get(
+        "warmup_steps", HookConfig.warmup_steps))
     return [float(v["vnmse"]) for v in result.get("vnmse", [])
             if v["vnmse"] == v["vnmse"] and not v.get("warmup") and v["step"] >= warm]
 
