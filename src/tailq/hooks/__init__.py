@@ -48,20 +48,23 @@ def prime_buckets(ddp: Any, state: Any, forward_backward: Callable[[], Any]) -> 
     """Make a freshly built DDP model use its final bucket layout before the first real step.
 
     DDP (torch 2.13, without ``find_unused_parameters``) puts every parameter in one bucket for the first
-    iteration of each instance and regroups them afterwards, in the order the gradients became ready. A run
-    resumed from a checkpoint would therefore compress its first step over other buckets than the
-    uninterrupted run did at that step. Call this once after restoring: it runs ``forward_backward()`` (one
-    forward and backward on any batch) with the hook in *priming* mode — a plain fp32 all-reduce that leaves
-    the hook's step, residuals and statistics untouched — then discards the gradients and restores the
-    module's buffers (e.g. BatchNorm statistics) and the CPU and CUDA random states (dropout), so the next step
-    continues exactly where the saved run was.
+    iteration of each instance and regroups them afterwards, in the order the gradients became ready — after the
+    first iteration, or after the second with ``static_graph=True``. A run resumed from a checkpoint would
+    therefore compress its first steps over other buckets than the uninterrupted run did at those steps. Call
+    this once after restoring: it runs ``forward_backward()`` (one forward and backward on any batch; twice under
+    ``static_graph``) with the hook in *priming* mode — a plain fp32 all-reduce that leaves the hook's step,
+    residuals and statistics untouched — then discards the gradients and restores the module's buffers (e.g.
+    BatchNorm statistics) and the CPU and CUDA random states (dropout), so the next step continues exactly where
+    the saved run was.
     """
     buffers = {k: v.clone() for k, v in ddp.module.named_buffers()}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     state.priming = True
     try:
-        forward_backward()
+        for _ in range(2 if getattr(ddp, "static_graph", False) else 1):  # DDP's iterations before it regroups
+            forward_backward()
+            ddp.zero_grad(set_to_none=True)
     finally:
         state.priming = False
         torch.set_rng_state(cpu_rng)

@@ -54,6 +54,7 @@ from tailq.comm.worker import Handoff, OrderedWorker
 from tailq.kernels import RandKey, dispatch
 
 from .config import HookConfig
+from .layout import BucketLayouts
 from .metrics import HookMetrics
 
 __all__ = ["TailqState", "bucket_key", "measure_codec_cost", "tailq_hook"]
@@ -137,6 +138,9 @@ class TailqState:
         self.policy = policy_for(self.family, stale_stats=opts.stale_stats, redesign_every=opts.redesign_every,
                                  first_step=opts.warmup_steps)
         self.step = 0
+        self.layouts = BucketLayouts()  # residuals follow their parameters when DDP regroups its buckets
+        self._step_keys: set[str] = set()  # bucket keys seen in this step
+        self._loaded_keys: set[str] | None = None  # residual keys of a loaded state, until the first step checks them
         self.priming = False  # see tailq.hooks.prime_buckets
         self._verified = False
         self.worker = OrderedWorker()
@@ -199,7 +203,8 @@ class TailqState:
         """Plain dicts, ints, strings and tensors: loadable with ``torch.load(weights_only=True)``."""
         return {"config": self.config(), "step": self.step,
                 "error_feedback": None if self.memory is None else self.memory.state_dict(),
-                "route_state": self.family.state_dict(), "plan": self._plan_state(), **self.policy.state_dict()}
+                "route_state": self.family.state_dict(), "plan": self._plan_state(),
+                "warmup_timings": self._warmup_timings(), **self.policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("config") != self.config():
@@ -214,6 +219,34 @@ class TailqState:
         if plan:  # the saved run's calibration: a resumed run plans exactly as the run it continues
             net = Network(plan["kind"], float(plan["rate_bps"]), float(plan["delay_s"]))
             self._use_plan(net, CodecCost(float(plan["per_pass_s"]), float(plan["cast_s"])), plan["source"])
+        timed = state.get("warmup_timings")
+        if timed and not self._planned:  # saved between the warm-up and the plan: the fit still has its inputs
+            self._latency = [float(v) for v in timed["latency_s"]]
+            self._timings = [(float(b), float(t)) for b, t in timed["allreduces"]]
+        self._loaded_keys = self._residual_keys()
+
+    def _warmup_timings(self) -> dict[str, Any] | None:
+        """The warm-up's timed all-reduces while no plan was made from them yet: what the network fit needs, so a run
+        saved at the end of its warm-up and resumed plans against the network it measured, not the default."""
+        if self._planned or not (self._timings or self._latency):
+            return None
+        return {"latency_s": list(self._latency), "allreduces": [[b, t] for b, t in self._timings]}
+
+    def _residual_keys(self) -> set[str]:
+        return set() if self.memory is None else set(self.memory.truncation) | set(self.memory.rounding)
+
+    def _end_step(self) -> None:
+        """The last bucket of a step: the first step after a load checks that the loaded residuals were used."""
+        self.step += 1
+        if self._loaded_keys is not None:
+            unused = sorted(self._loaded_keys & self._residual_keys() - self._step_keys)
+            if unused:
+                log.warning("tailq %s: the loaded error-feedback residuals of bucket(s) %s were not used in the "
+                            "first step after the load: the bucket layout differs from the saved run's. Call "
+                            "tailq.hooks.prime_buckets(ddp, state, forward_backward) after restoring (DDP lays out "
+                            "its buckets anew in its first iterations)", self.name, ", ".join(unused))
+            self._loaded_keys = None
+        self._step_keys = set()
 
     def _plan_state(self) -> dict[str, Any] | None:
         if self.planner.codec == CodecCost() or not self.metrics.plan:
@@ -240,6 +273,14 @@ class TailqState:
             self.comm.verify_same_config({**self.config(), "network": self.network.as_arg()},
                                          Tag(step, idx, n, "config"))
             self._verified = True
+        if self.comm.n == 1:  # nothing to average: the bucket is its own mean, exactly (no rounding, no wire)
+            self.metrics.last[idx] = {"route": "local"}
+            self.metrics.wire.count_bucket(n)
+            if bucket.is_last() and not self.priming:
+                self._end_step()
+            return buf
+        key = bucket_key(bucket)
+        self.layouts.record(key, bucket)
         g = buf.reshape(-1).to(torch.float32)
         if self.priming:  # plain fp32 mean; step, residuals, statistics and metrics untouched
             t = g.clone()
@@ -258,15 +299,16 @@ class TailqState:
             timed = step < opts.warmup_steps and not self._planned and self.network_source == "fitted"
             mean = self._passthrough(g, Tag(step, idx, n, "passthrough"), timed=timed)
         else:
-            mean = self.compress(g, step, idx, bucket_key(bucket), dest=self._decode_target(buf))
+            mean = self.compress(g, step, idx, key, dest=self._decode_target(buf))
         if exact is not None:  # measurement: not part of the method (its time goes to "measure")
             tm = time.perf_counter()
             phases = self._phase_errors(exact, self._shard, tag=Tag(step, idx, n, "measure"))
             self.metrics.record_vnmse(step, idx, mean, exact, phases, warmup=step < opts.warmup_steps)
             sec["measure"] += time.perf_counter() - tm
         self.metrics.wire.count_bucket(n)
+        self._step_keys.add(key)
         if bucket.is_last():
-            self.step += 1
+            self._end_step()
         if mean.data_ptr() != buf.data_ptr():  # decoded elsewhere (passthrough, fallback, a non-fp32 bucket)
             buf.copy_(mean.reshape(buf.shape))
         measured = sec["measure"] - meas0
@@ -296,7 +338,9 @@ class TailqState:
             self.metrics.last[idx] = {"route": PASSTHROUGH}
             return self._passthrough(g, Tag(step, idx, n, PASSTHROUGH))
         tag = Tag(step, idx, n, route)
-        x = self.memory.compensate(key, g) if self.memory is not None else g  # 1. + error-feedback residual
+        if self.memory is not None:  # 1. + error-feedback residual (carried over if DDP regrouped its buckets)
+            self.layouts.carry((self.memory.truncation, self.memory.rounding), key)
+        x = self.memory.compensate(key, g) if self.memory is not None else g
         bad = _nonfinite_count(x)
         xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if bad else x
         agreed = self.policy.agree(self.comm, tag, key, xs, bad)  # 2. agree statistics across ranks

@@ -1,0 +1,127 @@
+"""Workers for test_resume.py (spawned ranks import them by module name): bucket-layout changes, a checkpoint
+taken between the warm-up and the plan, and world size 1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from workers import FakeBucket, _dataset, _model, _train_steps, heavy
+
+import tailq
+from tailq.hooks.tailq_hook import TailqState, bucket_key
+
+
+def _static_ddp(hook: str, opts: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(_model(), bucket_cap_mb=0.02, static_graph=True)
+    state, fn = tailq.ddp_hook(hook, **opts)
+    ddp.register_comm_hook(state, fn)
+    return ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9), state
+
+
+def w_static_graph_checkpoint(rank: int, world: int, opts: dict[str, Any], phase: str, path: str
+                              ) -> list[torch.Tensor]:  # fmt: skip
+    """12 steps under ``static_graph=True`` in one go ("full"), or 6, a checkpoint, and 6 more after a restore."""
+    ddp, opt, state = _static_ddp("tnq", opts)
+    if phase == "full":
+        _train_steps(rank, world, ddp, opt, 0, 12)
+    elif phase == "first":
+        _train_steps(rank, world, ddp, opt, 0, 6)
+        torch.save({"model": ddp.module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()},
+                   f"{path}.{rank}")
+    else:
+        ck = torch.load(f"{path}.{rank}", weights_only=True)
+        ddp.module.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        state.load_state_dict(ck["hook"])
+        x, y = _dataset()
+        tailq.hooks.prime_buckets(ddp, state, lambda: torch.nn.functional.cross_entropy(ddp(x[:8]), y[:8]).backward())
+        _train_steps(rank, world, ddp, opt, 6, 12)
+    state.close()
+    return [p.detach().clone() for p in ddp.module.parameters()]
+
+
+def w_residuals_across_regrouping(rank: int, world: int) -> dict[str, Any]:
+    """Under static_graph DDP regroups its buckets after step 1. Per parameter: the residual step 1 left (under the
+    first layout) and the residual step 2 added to the gradient (under the new one), read off the buckets."""
+    ddp, opt, state = _static_ddp("tnq", {"bits": 2, "min_bucket": 0, "error_feedback": True, "route": "allreduce"})
+    params: dict[str, list[tuple[int, int]]] = {}  # bucket key → (parameter id, numel) in buffer order
+    keys: dict[int, list[str]] = {}  # step → bucket keys
+    added: dict[str, torch.Tensor] = {}  # bucket key → the residual compensate added at step 2
+    process, compensate = state.process, state.memory.compensate
+
+    def spy_process(bucket: Any) -> torch.Tensor:
+        key = bucket_key(bucket)
+        params.setdefault(key, [(id(p), p.numel()) for p in bucket.parameters()])
+        keys.setdefault(state.step, []).append(key)
+        return process(bucket)
+
+    def spy_compensate(key: str, g: torch.Tensor) -> torch.Tensor:
+        if state.step == 2:  # what compensate is about to add (carried over, if the layout changed)
+            m = state.memory
+            added[key] = (m.rounding.get(key, torch.zeros_like(g)) + m.truncation.get(key, 0)).clone()
+        return compensate(key, g)
+
+    state.process, state.memory.compensate = spy_process, spy_compensate
+    left: dict[str, torch.Tensor] = {}
+    x, y = _dataset()
+    for step in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x[64 * step : 64 * step + 64]), y[64 * step : 64 * step + 64]).backward()
+        opt.step()
+        if step == 1:  # the residuals the first layout holds after step 1 (truncation + rounding)
+            m = state.memory
+            left = {k: m.rounding[k] + m.truncation.get(k, 0) for k in set(m.rounding) | set(m.truncation)}
+
+    def per_param(key: str, flat: torch.Tensor) -> dict[int, torch.Tensor]:
+        out, off = {}, 0
+        for pid, n in params[key]:
+            out[pid] = flat[off : off + n]
+            off += n
+        return out
+
+    before = {pid: r for k, flat in left.items() for pid, r in per_param(k, flat).items()}
+    after = {pid: r for k, flat in added.items() for pid, r in per_param(k, flat).items()}
+    state.close()
+    return {"keys": keys, "params": sorted(before), "same": sorted(before) == sorted(after) and all(
+        torch.equal(before[p], after[p]) for p in before), "norm": float(sum(r.norm() ** 2 for r in before.values()))}
+
+
+def w_checkpoint_after_warmup(rank: int, world: int) -> dict[str, Any]:
+    """route="auto", the network fitted from 2 warm-up steps: a state saved at the end of the warm-up (before the
+    plan) and loaded into a fresh state plans against the same fitted network as the state that went on."""
+    def buckets(step: int) -> list[FakeBucket]:
+        return [FakeBucket(heavy(d, seed=rank + 10 * i + 100 * step), index=i, last=i == 1)
+                for i, d in enumerate((20_000, 300_000))]
+
+    state = TailqState("tnq", bits=3, warmup_steps=2, min_bucket=0)
+    for step in range(2):
+        for b in buckets(step):
+            state.process(b)
+    saved = state.state_dict()
+    again = TailqState("tnq", bits=3, warmup_steps=2, min_bucket=0)
+    again.load_state_dict(saved)
+    for st in (state, again):  # the first compressed step: both calibrate now
+        for b in buckets(2):
+            st.process(b)
+    out = {"went_on": state.metrics.plan, "resumed": again.metrics.plan, "saved": saved.get("warmup_timings")}
+    state.close()
+    again.close()
+    return out
+
+
+def w_world_of_one(rank: int, world: int) -> list[tuple[str, str, bool, str]]:
+    """World size 1: every tailq hook leaves the gradient exactly as it is, on every route."""
+    out = []
+    g = heavy(50_000, seed=3)
+    for name, route in (("tnq", "auto"), ("tnq", "twophase"), ("tnq", "allgather"), ("tuq", "allreduce"),
+                        ("qsgd", "allgather")):
+        state = TailqState(name, bits=3 if name != "qsgd" else 4, route=route, warmup_steps=0, min_bucket=0)
+        buf = g.clone()
+        for _ in range(2):
+            state.process(FakeBucket(buf))
+        out.append((name, route, torch.equal(buf, g), state.metrics.last[0]["route"]))
+        state.close()
+    return out
