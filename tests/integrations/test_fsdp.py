@@ -149,18 +149,20 @@ def w_direct(rank: int, world: int, sizes: list[int], names: list[str], steps: i
     out["named_bf16"] = {"got": got, "plain": _exact_sum(x32.to(torch.bfloat16)) / world,
                          "records": [(r.kind, r.collective, r.handed_bytes) for r in comm.metrics.wire.records
                                      if r.kind != "config"], "state": comm.state_dict()}
-    # state round trip: error feedback + stale statistics, saved after 3 steps, loaded into a fresh (unbound) comm
+    # state round trip: error feedback + stale statistics (state per module: through a module's view), saved after
+    # 3 steps, loaded into a fresh (unbound) comm
     opts = {"bits": 3, "min_bucket": 0, "seed": SEED, "error_feedback": True, "stale_stats": True}
     a = tailq.fsdp.reduce_scatter("tnq", **opts)
     for i in range(3):
-        _call(a, heavy(world * 21, seed=1000 + 10 * i + rank))
+        _call(a.for_module("blk"), heavy(world * 21, seed=1000 + 10 * i + rank))
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     b = tailq.fsdp.reduce_scatter("tnq", **opts)
     b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     nxt = heavy(world * 21, seed=2000 + rank)
-    out["roundtrip"] = {"equal": bool(torch.equal(_call(a, nxt), _call(b, nxt))), "steps": (a.step, b.step),
-                        "keys": sorted(a.state_dict()["error_feedback"]["rounding"]), "route": ROUTE}
+    out["roundtrip"] = {"equal": bool(torch.equal(_call(a.for_module("blk"), nxt), _call(b.for_module("blk"), nxt))),
+                        "steps": (a.step, b.step), "keys": sorted(a.state_dict()["error_feedback"]["rounding"]),
+                        "sizes": a.state_dict()["sizes"], "route": ROUTE}
     return out
 
 
@@ -242,6 +244,159 @@ def w_fsdp_train(rank: int, world: int, steps: int) -> dict[str, Any]:
     return out
 
 
+class _SkipNet(torch.nn.Module):
+    """A stem and two blocks b and c of the same size (64×64 + 64), then a head (the root's own). Block c runs only
+    when asked, after b, so in the backward its reduce-scatter comes first: when it is skipped, b's call is the
+    first of the step, the position c's had. c sees 30·h through weights scaled by 1/900: its gradient is ≈ 15×
+    b's (layers' gradients differ in scale), while the gradient it passes back to b is 1/30 of the usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.b, self.c = torch.nn.Linear(16, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+        self.head = torch.nn.Linear(64, 4)
+        with torch.no_grad():
+            self.c.weight.mul_(1 / 900)
+            self.c.bias.zero_()
+
+    def forward(self, x: torch.Tensor, use_c: bool) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.stem(x))))
+        if use_c:
+            h = h + self.c(30 * h)
+        return self.head(h)
+
+
+def _skip_net() -> _SkipNet:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _SkipNet()
+    for m in (model.stem, model.b, model.c):
+        fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def _flat_grad(m: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.full_tensor().reshape(-1) for p in m.parameters()])  # a collective: every rank
+
+
+def w_skipped_block(rank: int, world: int, variants: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """Three backwards of ``_SkipNet`` on fixed parameters (no optimizer step), block c used at step 0 only: block
+    b's (and c's) full gradient after the reduce-scatter, per variant (None: plain FSDP, the exact mean)."""
+    import tailq.fsdp
+
+    out: dict[str, Any] = {}
+    for name, opts in variants.items():
+        model = _skip_net()
+        comm = None if opts is None else tailq.fsdp.compress(model, "tnq", bits=3, min_bucket=0, seed=SEED, **opts)
+        b, c = [], []
+        for step in range(3):
+            gen = torch.Generator().manual_seed(100 * step + rank)
+            x, y = torch.randn(32, 16, generator=gen), torch.randn(32, 4, generator=gen)
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x, step == 0), y).backward()
+            b.append(_flat_grad(model.b))
+            c.append(_flat_grad(model.c) if step == 0 else None)
+        rec: dict[str, Any] = {"b": b, "c": c[0]}
+        if comm is not None:
+            st = comm.state_dict()
+            rec.update({"step": comm.step, "sizes": st["sizes"], "calls_per_step": comm.calls_per_step,
+                        "modules": sorted(v["module"] for v in comm.metrics.last.values())})
+        out[name] = rec
+    return out
+
+
+class _TwoLayerBlock(torch.nn.Module):
+    """One FSDP unit of two layers; ``both=False`` leaves the second without a gradient (FSDP then reduce-scatters
+    only the first's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, both: bool) -> torch.Tensor:
+        return self.l2(self.l1(x)) if both else self.l1(x)
+
+
+class _BlockNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blk, self.head = _TwoLayerBlock(), torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, both: bool) -> torch.Tensor:
+        return self.head(self.blk(x, both))
+
+
+def w_identity(rank: int, world: int) -> dict[str, Any]:
+    """Module identity on direct calls and on FSDP2: the randomness keyed by the module's name, the size check,
+    and the bare comm's refusal of state-bearing options."""
+    import zlib
+
+    from torch.distributed.fsdp import fully_shard
+
+    import tailq.fsdp
+
+    out: dict[str, Any] = {}
+    # randomness: a view's codes are keyed RandKey(seed, rank, step, 2^32 + crc32(name)), whatever ran before it
+    comm = tailq.fsdp.reduce_scatter("tnq", bits=3, min_bucket=0, seed=SEED)
+    x = heavy(world * 40, seed=300 + rank)
+    got_a = _call(comm.for_module("a"), x)  # step 0
+    got_b = _call(comm.for_module("b"), x)  # step 1
+    got_bare = _call(comm, x)  # step 2: the bare comm keys by call index (0)
+    out["streams"] = {
+        "a": torch.equal(got_a, _hand_mean(comm, x, 0, (1 << 32) | zlib.crc32(b"a"))["mean"]),
+        "b": torch.equal(got_b, _hand_mean(comm, x, 1, (1 << 32) | zlib.crc32(b"b"))["mean"]),
+        "bare": torch.equal(got_bare, _hand_mean(comm, x, 2, 0)["mean"]),
+        "same_view": comm.for_module("a") is comm.for_module("a"),
+    }
+    # the size check, direct: a module's state is for one input size
+    errors: dict[str, str] = {}
+    for opt in ("error_feedback", "stale_stats", "redesign_every"):
+        value: Any = 2 if opt == "redesign_every" else True
+        comm = tailq.fsdp.reduce_scatter("tnq", bits=3, min_bucket=0, seed=SEED, **{opt: value})
+        view = comm.for_module("blk")
+        _call(view, heavy(world * 24, seed=400 + rank))
+        try:
+            _call(view, heavy(world * 16, seed=401 + rank))
+            errors[opt] = "no error"
+        except ValueError as err:
+            errors[opt] = str(err)
+        try:  # the bare comm, state-bearing: refused at its first call
+            _call(comm, heavy(world * 16, seed=402 + rank))
+            errors[f"bare {opt}"] = "no error"
+        except ValueError as err:
+            errors[f"bare {opt}"] = str(err)
+    out["direct"] = errors
+    # the size check on FSDP2: a block whose second layer gets no gradient in the second step
+    model = _BlockNet()
+    fully_shard(model.blk)
+    fully_shard(model)
+    tailq.fsdp.compress(model, "tnq", bits=3, min_bucket=0, error_feedback=True)
+    fsdp_err = ["no error", "no error"]
+    for step in range(2):
+        try:
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(4, 8), step == 0).square().mean().backward()
+        except ValueError as err:
+            fsdp_err[step] = str(err)
+    out["fsdp_size"] = fsdp_err
+    # the bare comm installed on FSDP2 with error feedback: the first backward fails, naming what to do instead
+    model = _skip_net()
+    bare = tailq.fsdp.reduce_scatter("tnq", bits=3, min_bucket=0, error_feedback=True)
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_custom_reduce_scatter(bare)  # type: ignore[operator]
+    try:
+        model(torch.randn(4, 16), True).sum().backward()
+        out["fsdp_bare"] = "no error"
+    except ValueError as err:
+        out["fsdp_bare"] = f"{type(err).__name__}: {err}"
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ checks
 def _check_direct(results: list[dict[str, Any]], world: int) -> None:
     for rank, res in enumerate(results):
@@ -277,7 +432,7 @@ def _check_direct(results: list[dict[str, Any]], world: int) -> None:
         assert nb["records"] == [("passthrough", "all_to_all", world * 13 * 2)]
         assert nb["state"]["config"]["compressor"] == {"name": "bf16"} and nb["state"]["step"] == 1
         rt = res["roundtrip"]
-        assert rt["equal"] and rt["steps"] == (4, 4) and rt["keys"] == [f"0:{world * 21}"]
+        assert rt["equal"] and rt["steps"] == (4, 4) and rt["keys"] == ["blk"] and rt["sizes"] == {"blk": world * 21}
     if world >= 2:  # the NaN sits in rank 0's row, the Inf in the last rank's
         assert math.isnan(float(results[0]["nonfinite"]["got"][3]))
         assert math.isinf(float(results[-1]["nonfinite"]["got"][2]))
@@ -351,3 +506,72 @@ def test_fsdp2_training_with_compressed_reduce_scatter() -> None:
     assert tnq["bits"] == pytest.approx(tnq["model_bits"], rel=1e-12)
     assert 3.0 < tnq["bits"] < 3.7, tnq["bits"]
     assert bf16["step"] == 5 and all(math.isfinite(v) for v in bf16["losses"])
+
+
+def test_a_skipped_block_hands_no_state_to_the_next_one() -> None:
+    """Issue 24.1. Block c runs at step 0 only; then block b's reduce-scatter is the step's first call, the position
+    c's had. Under error feedback and stale statistics b must get its own state, not c's (c's gradient is ≈ 15×
+    b's): b's error against the exact mean (plain FSDP, same data, same fixed parameters) stays at the codec's.
+
+    The codec's vNMSE v_t is measured on the very same b gradients by the stateless run. With error feedback the
+    output is Q(g_t + e_t) − g_t = (rounding error of this step) + e_t, e_t the last step's rounding error, so its
+    error is at most (√v_t + √v_(t−1))² ≤ 4 max v; stale statistics design from one step older statistics of the
+    same block, at most a few times v. The bound below is 6 × the largest v of the run (measured: v ≈ 0.11-0.14,
+    error feedback ≈ 0.26, stale ≈ 0.14); keyed by call position b got c's residual (error 35 and 7.6 at steps 1
+    and 2, gradient norm 1.00 against 0.17) or c's statistics (error 12 at step 1)."""
+    variants = {"plain": None, "tnq": {}, "ef": {"error_feedback": True}, "stale": {"stale_stats": True}}
+    res = launch(w_skipped_block, 2, variants)
+    for r in res:  # every rank holds the same full gradients
+        for v in variants:
+            for a, b in zip(r[v]["b"], res[0][v]["b"], strict=True):
+                assert torch.equal(a, b), v
+    r = res[0]
+    exact = r["plain"]["b"]
+
+    def err(g: torch.Tensor, e: torch.Tensor) -> float:
+        return float(((g.double() - e.double()) ** 2).sum() / (e.double() ** 2).sum())
+
+    vnmse = [err(g, e) for g, e in zip(r["tnq"]["b"], exact, strict=True)]
+    assert all(0 < v < 0.3 for v in vnmse), vnmse  # 3-bit TNQ on 2 ranks
+    assert float(r["plain"]["c"].norm()) > 10 * max(float(g.norm()) for g in exact)  # c's state is not b's
+    bound = 6 * max(vnmse)
+    for v in ("ef", "stale"):
+        errs = [err(g, e) for g, e in zip(r[v]["b"], exact, strict=True)]
+        norms = [float(g.norm()) for g in r[v]["b"]]
+        assert errs[0] == vnmse[0], v  # step 0: no state yet, the same codes as the stateless run
+        for t in (1, 2):
+            assert errs[t] < bound, (v, t, errs, vnmse)
+            assert 0.5 * float(exact[t].norm()) < norms[t] < 1.5 * float(exact[t].norm()), (v, t, norms)
+        assert r[v]["step"] == 3 and r[v]["calls_per_step"] == 3  # c made no call at steps 1 and 2
+        # state per module, each of its own size (b's and c's the same: position keys could not tell them apart)
+        assert r[v]["sizes"] == {"<root>": 4 * 65, "b": 64 * 65, "c": 64 * 65, "stem": 64 * 17}, r[v]["sizes"]
+        assert set(r[v]["modules"]) <= {"<root>", "b", "c", "stem"}
+
+
+def test_module_identity_keys_randomness_checks_sizes_and_refuses_the_bare_stateful_comm() -> None:
+    res = launch(w_identity, 2)
+    for r in res:
+        assert r["streams"] == {"a": True, "b": True, "bare": True, "same_view": True}
+        for opt in ("error_feedback", "stale_stats", "redesign_every"):
+            msg = r["direct"][opt]
+            assert "module 'blk' reduce-scatters 32 elements" in msg and "made for 48" in msg, (opt, msg)
+            bare = r["direct"][f"bare {opt}"]
+            assert "tailq.fsdp.compress(model, ...)" in bare and "comm.for_module(name)" in bare, (opt, bare)
+            assert opt in bare and "\n" not in bare, bare
+        # 8·8 + 8 + 8·8 + 8 = 144 elements with both layers, 72 with the first only
+        assert r["fsdp_size"][0] == "no error"
+        assert "module 'blk' reduce-scatters 72 elements" in r["fsdp_size"][1] and "made for 144" in r["fsdp_size"][1]
+        assert r["fsdp_bare"].startswith("ValueError: tailq.fsdp: error_feedback=") and "for_module" in r["fsdp_bare"]
+
+
+def test_a_state_saved_before_module_identity_is_refused_by_name() -> None:
+    import tailq.fsdp
+    from tailq.integrations.fsdp import STATE_VERSION
+
+    comm = tailq.fsdp.reduce_scatter("tnq", bits=3, error_feedback=True)
+    old = comm.state_dict()
+    old["config"] = {**old["config"], "state_version": 1}
+    assert STATE_VERSION == 2
+    with pytest.raises(ValueError, match=r"state_version 1 cannot be loaded .* keyed by module name since version 2"):
+        comm.load_state_dict(old)
+    comm.load_state_dict(comm.state_dict())  # the current version loads

@@ -12,8 +12,8 @@ under ``MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)``) and an output of S 
 What runs is phase 1 of tailq's two-phase route (SPEC §6, route 3), built from the same pieces as the DDP hook:
 error-feedback compensation (:class:`~tailq.codec.ErrorFeedback`) → the agreed statistics
 (:mod:`tailq.comm.agree`; a NaN/Inf on any rank is seen there) → the shared codebook, bit-identical on every rank →
-this rank's codes as N byte-aligned shards (``_CodebookCoder.encode_shards``, randomness keyed by
-``RandKey(seed, rank, step, call)``) → one ``all_to_all_single`` of the packed codes → the owner decodes its N
+this rank's codes as N byte-aligned shards (``_CodebookCoder.encode_shards``, randomness keyed by ``RandKey``,
+see "Module identity") → one ``all_to_all_single`` of the packed codes → the owner decodes its N
 contributions and averages them in fp32 (``decode_shard_mean``). There is no phase 2: FSDP wants the shard only
 on its owner, so nothing is requantized or gathered. Wire per rank: (N − 1)/N · d · b bits plus the statistics.
 
@@ -37,16 +37,30 @@ with plain FSDP), summed by the owner in fp32 in rank order. That is the cheapes
 backends: Gloo implements ``reduce_scatter_tensor`` as a full all-reduce (2(N − 1)/N · d values per rank) where
 the all-to-all moves (N − 1)/N · d, the same as NCCL's ring reduce-scatter.
 
+**Module identity.** :func:`compress` makes one shared comm and installs on each FSDP module a view of it,
+``comm.for_module(fqn)`` (:class:`ModuleReduceScatter`, FSDP2's ``ReduceScatter`` interface), ``fqn`` being the
+module's name in ``model.named_modules()``. Per-call state — error-feedback residuals, stale statistics, kept
+designs, the octave shift — is keyed by that name, and the randomness by ``RandKey(seed, rank, step,
+2^32 + crc32(name))``: a module that gets no gradient in some step (layer drop, conditional compute, a branch not
+taken; FSDP then makes no call for it) leaves every other module's state and randomness where they were. The
+state a name holds is for one input size: a call of another size (FSDP leaves parameters without a gradient out of
+the group's input) raises a ValueError naming the module and both sizes, never reusing it. The comm installed bare
+(``set_custom_reduce_scatter(comm)``) knows no module, so it keys by call position (``"<call>:<numel>"``, the
+randomness by call index): harmless without state, so with ``error_feedback``, ``stale_stats`` or
+``redesign_every`` > 1 it refuses its first call, pointing to :func:`compress` and
+:meth:`~FsdpReduceScatter.for_module`.
+
 **Steps.** FSDP calls the comm once per parameter group and backward, in the same order on every rank. Inside a
 backward (the normal case) a step is one autograd graph task: the first call of a backward opens a step (call
-index 0, 1, … in call order; state is keyed by ``"<call>:<numel>"``) and queues an autograd final callback that
-closes it after FSDP's own post-backward callback (which reduce-scatters the root's parameters when the inputs do
-not require grad) has run. A backward that raised never runs its callback: the next backward's first call closes
-the stale step first. Gradient accumulation without sync (``set_requires_gradient_sync(False)``) makes no calls,
-so it makes no step; one backward with sync is one step. Called outside a backward (directly), every call is a
-step of its own. This counts what happened rather than a number of calls per step fixed in advance, so a
-parameter group that gets no gradient in some backward (FSDP then skips its call) cannot shift later steps.
-``calls_per_step`` is the number of calls in the last step. Reentrant activation checkpointing
+index 0, 1, … in call order, which numbers the wire tags: collectives run in the same order on every rank) and
+queues an autograd final callback that closes it after FSDP's own post-backward callback (which reduce-scatters
+the root's parameters when the inputs do not require grad) has run. A backward that raised never runs its
+callback: the next backward's first call closes the stale step first. Gradient accumulation without sync
+(``set_requires_gradient_sync(False)``) makes no calls, so it makes no step; one backward with sync is one step.
+Called outside a backward (directly), every call is a step of its own. This counts what happened rather than a
+number of calls per step fixed in advance, so a parameter group that gets no gradient in some backward (FSDP then
+skips its call) cannot shift later steps. ``calls_per_step`` is the number of calls in the last step. Should FSDP
+call one module twice in a step, its second call is keyed ``"<fqn>#1"``. Reentrant activation checkpointing
 (``use_reentrant=True``) would run parts of a backward as nested graph tasks and so split its step: use the
 non-reentrant kind with FSDP2 (as FSDP2's own examples do).
 
@@ -60,6 +74,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,7 +82,7 @@ import torch
 import torch.distributed as dist
 
 from tailq.codec import Aggregation, Compressor, ErrorFeedback, compressor, get_compressor_class, list_compressors
-from tailq.comm.agree import policy_for
+from tailq.comm.agree import OneStepStale, RedesignEvery, policy_for
 from tailq.comm.families import family_for
 from tailq.comm.routes import shard_numel
 from tailq.comm.wire import Comm, Tag
@@ -80,9 +95,11 @@ try:  # torch >= 2.9 (FSDP2's pluggable collectives)
 except ImportError:  # pragma: no cover - older torch: the comm still works when called directly
     _ReduceScatterBase = object  # type: ignore[assignment,misc]
 
-__all__ = ["FSDP_OPTIONS", "FsdpReduceScatter", "compress", "reduce_scatter", "shardable_compressors"]
+__all__ = ["FSDP_OPTIONS", "FsdpReduceScatter", "ModuleReduceScatter", "compress", "reduce_scatter",
+           "shardable_compressors"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""2: per-call state is keyed by module name (:meth:`FsdpReduceScatter.for_module`), not ``"<call>:<numel>"``."""
 ROUTE = "reduce_scatter"
 """The route name in wire records and ``metrics.last``."""
 PASSTHROUGH = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -176,6 +193,9 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
                              f"accepted: {', '.join(accepted)}")
         self.policy: Any = policy_for(self.family, stale_stats=opts.stale_stats, redesign_every=opts.redesign_every,
                                  first_step=0)
+        self._init_common(name, seed, process_group)
+
+    def _init_common(self, name: str, seed: int, process_group: Any) -> None:
         self.name, self.seed = name, seed
         self.metrics = HookMetrics()
         self.step = 0
@@ -187,6 +207,9 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         self._call = 0  # calls so far in the open step
         self._task: int | None = None  # autograd graph task of the open step; None: no step open
         self._closed = False
+        self._views: dict[str, ModuleReduceScatter] = {}  # module name -> its view (for_module)
+        self._sizes: dict[str, int] = {}  # state key -> the numel of the state kept under it (views only)
+        self._seen: dict[str, int] = {}  # module name -> its calls so far in the open step
 
     def _init_passthrough(self, name: str, process_group: Any, seed: int, options: dict[str, Any]) -> None:
         """``fp32`` / ``bf16``: no compression — one all-to-all of the chunks in that dtype, summed in fp32."""
@@ -198,17 +221,34 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         self.comp = None
         self.memory = None
         self.policy = None
-        self.name, self.seed = name, seed
-        self.metrics = HookMetrics()
-        self.step = 0
-        self.calls_per_step = 0
-        self._process_group = process_group
-        self._comm = None
-        self._saved_world = None
-        self._verified = False
-        self._call = 0
-        self._task = None
-        self._closed = False
+        self._init_common(name, seed, process_group)
+
+    # -- per-module identity --------------------------------------------------------------------------------
+    def for_module(self, name: str) -> ModuleReduceScatter:
+        """The reduce-scatter to install on the FSDP module called ``name`` (``set_custom_reduce_scatter``): this
+        comm, with that module's per-call state (error-feedback residuals, stale statistics, kept designs) and
+        randomness keyed by ``name``, so a module that makes no call in some step shifts nothing. Names must be
+        unique per module and the same on every rank (:func:`compress` uses ``module.named_modules()``); one view
+        per name."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tailq.fsdp: for_module needs a non-empty module name; got {name!r}")
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = ModuleReduceScatter(self, name)
+        return view
+
+    @property
+    def stateful(self) -> bool:
+        """Whether a call leaves state for the same module's next call (``error_feedback``, ``stale_stats``,
+        ``redesign_every`` > 1): such a comm must be called through :meth:`for_module` views."""
+        return self.memory is not None or isinstance(self.policy, (OneStepStale, RedesignEvery))
+
+    def _state_options(self) -> str:
+        o = self.options
+        named = [f"error_feedback={o.error_feedback!r}" if self.memory is not None else "",
+                 "stale_stats=True" if isinstance(self.policy, OneStepStale) else "",
+                 f"redesign_every={o.redesign_every}" if isinstance(self.policy, RedesignEvery) else ""]
+        return ", ".join(n for n in named if n)
 
     # -- the ReduceScatter interface ------------------------------------------------------------------------
     def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -217,9 +257,21 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any = None,
                  op: Any = dist.ReduceOp.SUM, async_op: bool = False) -> Any:
         """Write this rank's reduced shard of ``input_tensor`` into ``output_tensor`` (runs synchronously;
-        with ``async_op`` the returned ``Work`` is already complete)."""
+        with ``async_op`` the returned ``Work`` is already complete). Called bare (no module identity), state is
+        keyed by call position: refused for a :attr:`stateful` comm, use :meth:`for_module`."""
+        return self._run(None, output_tensor, input_tensor, group, op, async_op)
+
+    def _run(self, module: str | None, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
+             op: Any, async_op: bool) -> Any:
+        """One call, from ``module``'s view (None: the bare comm)."""
         if self._closed:
             raise RuntimeError("tailq.fsdp: this reduce-scatter was closed")
+        if module is None and self.stateful:
+            raise ValueError(
+                f"tailq.fsdp: {self._state_options()} keeps state per module, which a bare comm "
+                f"(set_custom_reduce_scatter(comm)) could only key by call position (a skipped module would hand "
+                f"its state to the next); use tailq.fsdp.compress(model, ...), or set_custom_reduce_scatter("
+                f"comm.for_module(name)) on each FSDP module")
         kind = _op_name(op)
         comm = self._bind(group)
         n, numel, s = comm.n, input_tensor.numel(), output_tensor.numel()
@@ -228,16 +280,23 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         if input_tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise TypeError(f"tailq.fsdp: reduce-scatter of {input_tensor.dtype} is not supported (floating only)")
         idx, step = self._begin_call()
+        ident = None
+        if module is not None:  # the module's k-th call in this step (k > 0 only if FSDP calls it twice)
+            k = self._seen.get(module, 0)
+            self._seen[module] = k + 1
+            ident = module if k == 0 else f"{module}#{k}"
         try:
-            self._reduce(comm, output_tensor, input_tensor.reshape(n, s), kind, step, idx)
+            self._reduce(comm, output_tensor, input_tensor.reshape(n, s), kind, step, idx, ident)
         finally:
             if self._task == -1:  # called outside a backward: every call is a step
                 self._end_step(-1)
         return _completed_work(output_tensor) if async_op else None
 
     # -- one call -------------------------------------------------------------------------------------------
-    def _reduce(self, comm: Comm, output: torch.Tensor, x2: torch.Tensor, kind: str, step: int, idx: int) -> None:
-        """This rank's shard of the (N, S) input ``x2``, reduced by ``kind`` ("sum" | "avg"), into ``output``."""
+    def _reduce(self, comm: Comm, output: torch.Tensor, x2: torch.Tensor, kind: str, step: int, idx: int,
+                ident: str | None) -> None:
+        """This rank's shard of the (N, S) input ``x2``, reduced by ``kind`` ("sum" | "avg"), into ``output``;
+        ``ident``: the calling module's state key (None: the bare comm, keyed by position)."""
         n, s = x2.shape
         numel = n * s
         t0, comm0, sec = time.perf_counter(), comm.seconds, self.metrics.seconds
@@ -258,7 +317,9 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
             t, summed = self._exact(x2, Tag(step, idx, numel, "passthrough"), "passthrough"), True
             self.metrics.last[idx] = {"route": "passthrough"}
         else:
-            t, summed = self._compressed(g, step, idx)
+            t, summed = self._compressed(g, step, idx, ident)
+        if ident is not None:
+            self.metrics.last[idx]["module"] = ident
         if exact is not None:
             tm = time.perf_counter()
             self._record_vnmse(comm, step, idx, t / n if summed else t, exact)
@@ -273,15 +334,22 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         sec["total"] += time.perf_counter() - t0 - measured
         sec["communicate"] += comm.seconds - comm0 - measured
 
-    def _compressed(self, g: torch.Tensor, step: int, idx: int) -> tuple[torch.Tensor, bool]:
+    def _compressed(self, g: torch.Tensor, step: int, idx: int, ident: str | None) -> tuple[torch.Tensor, bool]:
         """(the fp32 mean shard, False), or (the fp32 sum shard, True) when it fell back: compensate → agree →
         codebook → shards → all-to-all → the owner's mean (phase 1 of :class:`~tailq.comm.routes.twophase.TwoPhase`).
+        State is filed under ``ident`` (a module's), or under ``"<call>:<numel>"`` for the bare comm (stateless
+        then: only the octave shift, and a shift that does not fit the bucket is corrected by extra agreements).
         """
         comm = self.comm
         assert self.policy is not None
         n, s = g.shape
         numel = n * s
-        key = f"{idx}:{numel}"
+        if ident is None:
+            key, stream = f"{idx}:{numel}", idx
+        else:
+            key, stream = ident, (1 << 32) | zlib.crc32(ident.encode())  # apart from the bare comm's call indices
+            if self.stateful:
+                self._check_size(key, numel)
         tag = Tag(step, idx, numel, ROUTE)
         x = self.memory.compensate(key, g.reshape(-1)) if self.memory is not None else g.reshape(-1)
         bad = _nonfinite_count(x)
@@ -300,7 +368,7 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
             info: dict[str, Any] = {"zero": True}
         else:
             sc: Any = coder  # a shard coder: the family is shardable (checked at construction)
-            packed, m_coder = sc.encode_shards(RandKey(self.seed, comm.rank, step, idx), n)
+            packed, m_coder = sc.encode_shards(RandKey(self.seed, comm.rank, step, stream), n)
             assert m_coder == m, (m_coder, m)
             rows = comm.all_to_all(packed, tag, "payload")  # row j: rank j's codes of my shard
             mean = sc.decode_shard_mean(rows, m)[:s]
@@ -317,6 +385,16 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
             self.memory.update(key, x, own, target=target)
         self.metrics.last[idx] = {"route": ROUTE, "shard_numel": m, **info}
         return mean, False
+
+    def _check_size(self, key: str, numel: int) -> None:
+        """A module's state is for the input size it was made with: another size is an error, never a reuse."""
+        held = self._sizes.setdefault(key, numel)
+        if held != numel:
+            raise ValueError(
+                f"tailq.fsdp: module {key!r} reduce-scatters {numel} elements this step, but the state kept for it "
+                f"({self._state_options()}) was made for {held}: its FSDP parameter group changed size (FSDP "
+                f"leaves out parameters that got no gradient); give such parameters a fully_shard of their own, or "
+                f"turn these options off")
 
     def _exact(self, x2: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
         """The fp32 sum of this rank's shard: one all-to-all of the raw (N, S) rows in their dtype, summed by the
@@ -361,6 +439,7 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         self.calls_per_step = self._call
         self.step += 1
         self._task, self._call = None, 0
+        self._seen = {}
 
     # -- binding, configuration and persistence -------------------------------------------------------------
     def _bind(self, group: Any) -> Comm:
@@ -410,12 +489,17 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
     def state_dict(self) -> dict[str, Any]:
         """Plain dicts, ints, strings and tensors: loadable with ``torch.load(weights_only=True)``. Save between
         steps (after the optimizer step), as FSDP's own state."""
-        return {"config": self.config(), "step": self.step,
+        return {"config": self.config(), "step": self.step, "sizes": dict(self._sizes),
                 "error_feedback": None if self.memory is None else self.memory.state_dict(),
                 **(self.policy.state_dict() if self.policy is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, mine = dict(state.get("config") or {}), self.config()
+        version = saved.get("state_version")
+        if version != STATE_VERSION:
+            raise ValueError(f"tailq.fsdp: state_version {version} cannot be loaded by this tailq (state_version "
+                             f"{STATE_VERSION}: per-call state is keyed by module name since version 2, by call "
+                             f"position before); start this comm fresh")
         world = saved.get("world_size")
         if mine["world_size"] is None or world is None:  # unknown on one side: checked when the comm binds
             saved["world_size"] = mine["world_size"] = None
@@ -424,7 +508,8 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
                              f"{state.get('config')}\n  this:  {self.config()}")
         self._saved_world = None if world is None else int(world)
         self.step = int(state["step"])
-        self._task, self._call = None, 0
+        self._task, self._call, self._seen = None, 0, {}
+        self._sizes = {str(k): int(v) for k, v in state.get("sizes", {}).items()}
         if self.memory is not None:
             self.memory.load_state_dict(state["error_feedback"])
         if self.policy is not None:
@@ -442,11 +527,30 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
                 f"step={self.step})")
 
 
+class ModuleReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
+    """One FSDP module's reduce-scatter (:meth:`FsdpReduceScatter.for_module`): FSDP2's ``ReduceScatter``
+    interface, forwarding to the shared comm with the module's name as the identity of its state and randomness."""
+
+    def __init__(self, shared: FsdpReduceScatter, name: str) -> None:
+        self.shared, self.name = shared, name
+
+    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.shared.allocate(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any = None,
+                 op: Any = dist.ReduceOp.SUM, async_op: bool = False) -> Any:
+        return self.shared._run(self.name, output_tensor, input_tensor, group, op, async_op)
+
+    def __repr__(self) -> str:
+        return f"ModuleReduceScatter({self.name!r} of {self.shared!r})"
+
+
 def reduce_scatter(name: str, **options: Any) -> FsdpReduceScatter:
     """A compressed reduce-scatter for ``FSDPModule.set_custom_reduce_scatter``: see :class:`FsdpReduceScatter`.
 
     Pass SUM or AVG ops only: call ``set_force_sum_reduction_for_comms(True)`` on the FSDP modules if a gradient
-    divide factor is set (or use :func:`compress`, which does both).
+    divide factor is set (or use :func:`compress`, which does both). With ``error_feedback``, ``stale_stats`` or
+    ``redesign_every`` > 1 install ``comm.for_module(name)`` on each module, not the comm itself.
     """
     return FsdpReduceScatter(name, **options)
 
@@ -454,20 +558,24 @@ def reduce_scatter(name: str, **options: Any) -> FsdpReduceScatter:
 def compress(module: torch.nn.Module, name: str, **options: Any) -> FsdpReduceScatter:
     """Make every FSDP module in ``module.modules()`` reduce-scatter its gradients with one shared tailq comm.
 
-    Calls ``set_custom_reduce_scatter(comm)`` and ``set_force_sum_reduction_for_comms(True)`` on each (with force-
-    sum FSDP passes SUM and applies any gradient divide factor itself, so the comm never sees PREMUL_SUM). One
-    object for all modules: calls are numbered within each backward, so per-call state and randomness stay keyed
-    consistently. Returns the comm (``comm.metrics``, ``comm.state_dict()``).
+    Calls ``set_custom_reduce_scatter(comm.for_module(fqn))`` and ``set_force_sum_reduction_for_comms(True)`` on
+    each (with force-sum FSDP passes SUM and applies any gradient divide factor itself, so the comm never sees
+    PREMUL_SUM). ``fqn`` is the module's name in ``module.named_modules()`` (``"<root>"`` for ``module`` itself;
+    modules that share one FSDP state, ``fully_shard([a, b])``, share the first one's name): per-call state and
+    randomness are keyed by it, so a module that gets no gradient in some step shifts nothing. Returns the shared
+    comm (``comm.metrics``, ``comm.state_dict()``).
     """
     from torch.distributed.fsdp import FSDPModule
 
-    fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    fsdp = [(fqn or "<root>", m) for fqn, m in module.named_modules() if isinstance(m, FSDPModule)]
     if not fsdp:
         raise ValueError(f"tailq.fsdp.compress: no FSDP module in {type(module).__name__}; apply "
                          f"torch.distributed.fsdp.fully_shard to it (and its submodules) first")
     comm = FsdpReduceScatter(name, **options)
-    for m in fsdp:
-        m.set_custom_reduce_scatter(comm)  # type: ignore[operator]
+    names: dict[int, str] = {}  # id of an FSDP state -> the name of its first module
+    for fqn, m in fsdp:
+        owner = names.setdefault(id(m._get_fsdp_state()), fqn)  # type: ignore[operator]
+        m.set_custom_reduce_scatter(comm.for_module(owner))  # type: ignore[operator]
         m.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
     log.info("tailq.fsdp: %s on %d FSDP module(s)", comm.comp or comm.name, len(fsdp))
     return comm
