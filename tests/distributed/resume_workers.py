@@ -125,3 +125,34 @@ def w_world_of_one(rank: int, world: int) -> list[tuple[str, str, bool, str]]:
         out.append((name, route, torch.equal(buf, g), state.metrics.last[0]["route"]))
         state.close()
     return out
+
+
+def w_unused_loaded_residuals(rank: int, world: int) -> list[str]:
+    """A state with residuals for one bucket layout, loaded where the buckets are laid out otherwise: the warnings
+    logged after the first step."""
+    import logging
+
+    opts = {"bits": 3, "warmup_steps": 1, "min_bucket": 0, "error_feedback": True, "route": "allreduce"}
+    state = TailqState("tnq", **opts)
+    for _ in range(2):  # the warm-up step, then one that leaves a residual
+        state.process(FakeBucket(heavy(4096, seed=rank)))
+    saved = state.state_dict()
+    state.close()
+    again = TailqState("tnq", **opts)
+    again.load_state_dict(saved)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger("tailq").addHandler(handler)
+    try:
+        for _ in range(2):  # the same parameters in two buckets of 2048: other keys than the saved one
+            again.process(FakeBucket(heavy(2048, seed=rank), index=0, last=False))
+            again.process(FakeBucket(heavy(2048, seed=rank + 1), index=1, last=True))
+    finally:
+        logging.getLogger("tailq").removeHandler(handler)
+        again.close()
+    return seen

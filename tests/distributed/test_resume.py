@@ -9,6 +9,7 @@ from resume_workers import (
     w_checkpoint_after_warmup,
     w_residuals_across_regrouping,
     w_static_graph_checkpoint,
+    w_unused_loaded_residuals,
     w_world_of_one,
 )
 from workers import launch
@@ -47,3 +48,9 @@ def test_world_size_one_leaves_gradients_exact() -> None:
     for name, route, exact, took in launch(w_world_of_one, 1)[0]:
         assert exact, (name, route)  # before: bf16-rounded (auto) or quantized (the routes)
         assert took == "local"
+
+
+def test_loaded_residuals_that_go_unused_are_named_in_a_warning() -> None:
+    for seen in launch(w_unused_loaded_residuals, 2):
+        assert len(seen) == 1  # after the first step only
+        assert "0:4096:" in seen[0] and "prime_buckets" in seen[0]
