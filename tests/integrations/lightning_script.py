@@ -1,27 +1,33 @@
 """A small Lightning DDP run on CPU (2 processes), driven by tests/integrations/test_lightning.py.
 
-``python lightning_script.py MODE OUT [--epochs E] [--save CKPT] [--resume CKPT]``; Lightning's ``strategy="ddp"``
-re-launches this script for rank 1. Modes:
+``python lightning_script.py MODE OUT [--epochs E] [--save CKPT] [--resume CKPT] [--opts JSON] [--devices N]
+[--strategy S] [--ckpt-dir DIR]``; Lightning's ``strategy="ddp"`` re-launches this script for rank 1. Modes:
 
 * ``callback``: ``TailqCallback("tnq", bits=3, error_feedback=True, measure_every=4, route="twophase")`` (routes
-  pinned throughout: on loopback ``route="auto"`` may rightly send bf16, and the tests check compression);
+  pinned throughout: on loopback ``route="auto"`` may rightly send bf16, and the tests check compression); ``--opts``
+  (JSON) overrides options (``{"timeout_s": 600}``, ``{"bits": 4}``, ``{"restore": false}``); ``--ckpt-dir`` adds a
+  ``ModelCheckpoint`` that keeps the last epoch's checkpoint only;
 * ``strategy``: the documented ``DDPStrategy(ddp_comm_state=state, ddp_comm_hook=hook)`` with the state created
   before the Trainer — on CPU Lightning drops the hook;
 * ``strategy-registered``: the same, with a DDPStrategy that registers the hook on CPU too (what Lightning does on
   CUDA), so the lazily bound state is shown to work wherever Lightning registers hooks.
 
 Every rank writes ``OUT/rank{r}.pt``: its parameters, the hook's step and wire, the losses, the logged metrics.
+Under ``ddp_spawn`` only the launching process runs past ``fit``: it writes ``rank0.pt`` with what it can see (the
+error ``callback.state`` raises there, and ``trainer.callback_metrics``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.ddp import _register_ddp_comm_hook
@@ -76,6 +82,10 @@ def main() -> None:
     ap.add_argument("--save")
     ap.add_argument("--resume")
     ap.add_argument("--hook", default="tnq")
+    ap.add_argument("--opts", default="{}")
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--strategy", default="ddp")
+    ap.add_argument("--ckpt-dir")
     a = ap.parse_args()
     torch.set_num_threads(1)
     model = Net()
@@ -85,23 +95,41 @@ def main() -> None:
     if a.mode == "callback":
         opts: dict[str, Any] = {} if a.hook in tailq.hooks.BUILTINS else {
             "bits": 3, "error_feedback": True, "measure_every": 4, "min_bucket": 0, "route": "twophase"}
-        cb = TailqCallback(a.hook, **opts)
+        cb = TailqCallback(a.hook, **{**opts, **json.loads(a.opts)})
         callbacks.append(cb)
-        strategy: Any = "ddp"
+        strategy: Any = a.strategy
+        if a.ckpt_dir:
+            callbacks.append(ModelCheckpoint(dirpath=a.ckpt_dir, every_n_epochs=1, save_top_k=1))
     else:
         # before the Trainer: no process group yet (route pinned: on loopback "auto" may rightly pick bf16)
         state, hook = tailq.ddp_hook("tnq", bits=3, min_bucket=0, route="twophase")
         cls = DDPStrategy if a.mode == "strategy" else RegisteringDDP
         strategy = cls(ddp_comm_state=state, ddp_comm_hook=hook)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=a.epochs, callbacks=callbacks,
-                         logger=CSVLogger(a.out, name="logs"), enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=a.devices, strategy=strategy, max_epochs=a.epochs,
+                         callbacks=callbacks, logger=CSVLogger(a.out, name="logs"),
+                         enable_checkpointing=bool(a.ckpt_dir), enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, deterministic=True, log_every_n_steps=1)
     trainer.fit(model, DataLoader(data(), batch_size=32, shuffle=True), ckpt_path=a.resume)
     if a.save:
-        trainer.save_checkpoint(a.save)  # every rank dumps (the callback gathers); rank 0 writes
+        trainer.save_checkpoint(a.save)  # on every rank: each writes its hook state file, rank 0 the checkpoint
+    rank = trainer.global_rank
+    if a.strategy == "ddp_spawn":  # the launching process: the hook ran in the workers
+        try:
+            _ = callbacks[0].state
+            err = ""
+        except RuntimeError as e:
+            err = str(e)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("tailq/")}
+        os.makedirs(a.out, exist_ok=True)
+        torch.save({"state_error": err, "metrics": metrics, "params": [p.detach().clone() for p in model.parameters()],
+                    "before": before, "after": model.full_loss()}, os.path.join(a.out, "rank0.pt"))
+        return
     if a.mode == "callback":
         state = callbacks[0].state
-    rank = trainer.global_rank
+    if state is None:  # one process: no hook
+        torch.save({"state": None, "global_step": trainer.global_step, "logged": sorted(trainer.logged_metrics)},
+                   os.path.join(a.out, f"rank{rank}.pt"))
+        return
     out = {"params": [p.detach().clone() for p in model.parameters()], "before": before, "after": model.full_loss(),
            "hook_step": state.step, "bits": state.metrics.wire.bits_per_coord(), "bound": state.bound,
            "global_step": trainer.global_step,

@@ -18,25 +18,39 @@ What it adds to Lightning:
   collectives per gradient coordinate, that step), ``tailq/step``, ``tailq/fallbacks``, ``tailq/vnmse`` on
   measured steps (``measure_every``), and ``tailq/route/<route>`` (buckets on each route); the planner's choice
   once to the logger's hyperparameters;
-* **checkpoints**: the hook state of *every* rank (error-feedback residuals differ per rank) is gathered into the
-  callback's entry of the Lightning checkpoint and each rank takes its own back on resume, so a resumed run
-  continues exactly where it stopped. The entry holds plain dicts and tensors (``torch.load(weights_only=True)``
-  reads it).
+* **checkpoints**: ``trainer.save_checkpoint(path)`` (and ``ModelCheckpoint``) makes every rank write its own hook
+  state (error-feedback residuals differ per rank) to ``<path>.tailq_hook_rank{r}.pt`` beside the checkpoint, and
+  the callback's entry in the checkpoint holds only small metadata (hook, world size, configuration, step, the file
+  names). Each file is ``torch.save`` of plain dicts and tensors, read back with ``torch.load(weights_only=True)``;
+  its size does not grow with the number of ranks, and saving needs no collective. ``fit(ckpt_path=…)`` restores
+  each rank's own file, so a resumed run continues exactly where it stopped. The entry is keyed by the callback's
+  class alone: options that do not change the arithmetic (``timeout_s``) and equivalent spellings
+  (``error_feedback=True``/``"all"``) may differ on resume; one that does (``bits``, ``route``, …) is refused by
+  name, as are a missing file and another number of processes. ``TailqCallback(..., restore=False)`` starts the
+  hook afresh instead. (To know the checkpoint's path on every rank the callback wraps the strategy's
+  ``save_checkpoint``/``remove_checkpoint``; ``ModelCheckpoint`` removing a checkpoint removes its files too.)
 
-Single-process runs (``devices=1``) have nothing to average: the callback warns once and does nothing.
+Single-process runs (``devices=1``, with or without ``strategy="ddp"``) have nothing to average: the callback warns
+once and does nothing. Under ``strategy="ddp_spawn"`` the hook lives in the spawned workers: the launching process
+gets the run's totals in ``trainer.callback_metrics`` (``tailq/run_steps``, ``tailq/run_bits_per_coord``,
+``tailq/run_fallbacks``), and reading ``callback.state`` there raises an error that says so.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import torch
 
 try:
     import pytorch_lightning as pl
-    from pytorch_lightning.strategies import DDPStrategy
+    from lightning_fabric.utilities.cloud_io import get_filesystem
+    from pytorch_lightning.strategies import DDPStrategy, Strategy
+    from pytorch_lightning.trainer.states import TrainerFn
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "tailq.lightning needs pytorch-lightning (pip install 'tailq[lightning]' or pip install pytorch-lightning)"
@@ -44,11 +58,19 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from tailq.hooks import HookState, ddp_hook, prime_buckets
 
-from ._ranks import gather_states, own_state
+from ._ranks import FORMAT, load_checked, rank_and_world, rank_file_state, read_rank_file, write_rank_file
 
 __all__ = ["TailqCallback"]
 
 log = logging.getLogger("tailq")
+
+
+SUFFIX = ".tailq_hook_rank{rank}.pt"
+"""Rank ``r``'s hook state is ``<checkpoint path>`` + this, beside the checkpoint."""
+
+_WHO = "TailqCallback"
+_FRESH = "TailqCallback(..., restore=False)"
+_AFRESH = "to start the hook afresh (step 0, warm-up, zero residuals)"
 
 
 class TailqCallback(pl.Callback):
@@ -56,12 +78,16 @@ class TailqCallback(pl.Callback):
 
     ``options`` are those of :func:`tailq.ddp_hook` (``bits``, ``route``, ``error_feedback``, ``measure_every``, …)
     and are validated here, before the Trainer starts its workers. ``log_every_n_steps`` (default 1) thins the
-    ``pl_module.log`` calls.
+    ``pl_module.log`` calls. ``restore`` (default on): ``fit(ckpt_path=…)`` restores the hook's state from the
+    checkpoint's per-rank files; ``False`` leaves it alone (the hook starts afresh: step 0, warm-up, zero
+    residuals) — to resume with another number of processes or other arithmetic options.
     """
 
-    def __init__(self, name: str, *, log_every_n_steps: int = 1, **options: Any) -> None:
+    def __init__(self, name: str, *, log_every_n_steps: int = 1, restore: bool = True, **options: Any) -> None:
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"TailqCallback: log_every_n_steps must be an integer >= 1; got {log_every_n_steps!r}")
+        if not isinstance(restore, bool):
+            raise TypeError(f"TailqCallback: restore must be True or False; got {restore!r}")
         if "process_group" in options:
             raise TypeError("TailqCallback: process_group is taken from the strategy's DDP model; do not pass it")
         probe, _ = ddp_hook(name, **options)  # validates every option now (no process group needed)
@@ -69,18 +95,42 @@ class TailqCallback(pl.Callback):
         self.name = name
         self.options = options
         self.log_every_n_steps = log_every_n_steps
-        self.state: HookState | None = None
-        self._pending: dict[str, Any] | None = None  # a checkpoint's entry, applied when the state exists
+        self.restore = restore
+        self._state: HookState | None = None
+        self._world = 1
+        self._pending: dict[str, Any] | None = None  # this rank's saved hook state, applied in on_fit_start
+        self._pending_from = ""
         self._logged_plan = False
         self._warned = False
         self._prime = False  # resumed: prime DDP's buckets before the first real step
+        self._spawned = False  # sent to ddp_spawn's workers: the hook and its state live there
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name, **{k: repr(v) for k, v in sorted(self.options.items())})
+        """The checkpoint entry's key: the class alone. Options may be spelled differently or differ harmlessly on
+        resume (``timeout_s``); what must match is checked when the state is loaded, and a difference is named."""
+        return type(self).__name__
+
+    @property
+    def state(self) -> HookState | None:
+        """The live hook state (``metrics``, ``step``); ``None`` before ``fit`` and in single-process runs."""
+        if self._state is None and self._spawned:
+            raise RuntimeError(
+                "TailqCallback.state: this callback was sent to the worker processes of strategy='ddp_spawn'; the "
+                "hook and its state lived there and ended with them (Lightning brings back only the weights and "
+                "trainer.callback_metrics). The run's totals are in trainer.callback_metrics: 'tailq/run_steps', "
+                "'tailq/run_bits_per_coord', 'tailq/run_fallbacks'. With strategy='ddp' the launching process is "
+                "rank 0 and holds the state")
+        return self._state
+
+    @state.setter
+    def state(self, value: HookState | None) -> None:
+        self._state = value
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks: the live state (threads) stays here
-        return {**self.__dict__, "state": None}
+        if get_spawning_popen() is not None:  # pickled for a spawned process: the hook will run there
+            self._spawned = True
+        return {**self.__dict__, "_state": None, "_spawned": False}
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -90,28 +140,43 @@ class TailqCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ddp = trainer.strategy.model
-        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel) or trainer.world_size <= 1:
             if not self._warned:
-                log.warning("TailqCallback: the model is not wrapped in DistributedDataParallel (world size %d): "
-                            "nothing to average, the callback does nothing", trainer.world_size)
+                log.warning("TailqCallback: one process (world size %d): nothing to average, the callback does "
+                            "nothing", trainer.world_size)
                 self._warned = True
+            self._pending = None
             return
         if getattr(trainer.strategy, "_ddp_comm_hook", None) is not None:
             raise ValueError("TailqCallback: the DDPStrategy already has a ddp_comm_hook; pass the hook either "
-                             "through DDPStrategy(ddp_comm_hook=...) or through TailqCallback, not both")
-        if self.state is not None:
-            self.state.close()
-        self.state, hook = ddp_hook(self.name, process_group=ddp.process_group, **self.options)
+                             "through DDPStrategy(ddp_comm_state=...) or through TailqCallback, not both")
+        if self._state is not None:
+            self._state.close()
+        self._state, hook = ddp_hook(self.name, process_group=ddp.process_group, **self.options)
+        self._world = trainer.world_size
         self._prime = False
         if self._pending is not None:
-            self._load(self._pending)
+            saved, where = self._pending, self._pending_from
             self._pending = None
+            try:
+                load_checked(self._state, saved, who=_WHO, fresh=_FRESH, where=where)
+            except Exception:
+                self._state.close()
+                self._state = None
+                raise
             self._prime = True
-        ddp.register_comm_hook(self.state, hook)
+        ddp.register_comm_hook(self._state, hook)
+        self._wrap_strategy(trainer.strategy)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.state is not None:
-            self.state.close()  # its metrics stay readable
+        st = self._state
+        if st is None:
+            return
+        st.close()  # its metrics stay readable
+        # the run's totals, also where Lightning carries them to the launching process (ddp_spawn)
+        totals = {"tailq/run_steps": float(st.step), "tailq/run_bits_per_coord": st.metrics.wire.bits_per_coord(),
+                  "tailq/run_fallbacks": float(len(st.metrics.fallbacks))}
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in totals.items()})
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -177,17 +242,97 @@ class TailqCallback(pl.Callback):
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Every rank's hook state (Lightning calls this on every rank before rank 0 writes the file)."""
-        return {} if self.state is None else gather_states(self.state)
+        """The checkpoint's entry: small metadata (rank 0's is kept) naming each rank's file of hook state.
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
+        The files themselves are written by every rank when the strategy saves (see :meth:`_wrap_strategy`).
+        """
+        st = self._state
+        if st is None:
+            return {}
+        return {"format": FORMAT, "hook": self.name, "world_size": self._world, "step": int(st.step),
+                "config": st.config(), "files": None}
+
+    def _wrap_strategy(self, strategy: Strategy) -> None:
+        """Have ``strategy.save_checkpoint``/``remove_checkpoint`` (called on every rank, with the path) write and
+        remove this rank's file beside the checkpoint. Lightning writes the checkpoint itself from rank 0 only and
+        passes the path to no callback hook; the wrap stays for the strategy's lifetime (``trainer.save_checkpoint``
+        after ``fit`` must write the files too)."""
+        if getattr(strategy.save_checkpoint, "_tailq_callback", None) is self:
             return
-        if self.state is not None and self.state.bound:  # a live state (restored mid-fit): apply now
-            self._load(state_dict)
-        else:  # Lightning restores callbacks before the strategy wraps the model: keep it for on_fit_start
-            self._pending = state_dict
+        save, remove = strategy.save_checkpoint, strategy.remove_checkpoint
 
-    def _load(self, entry: dict[str, Any]) -> None:
-        assert self.state is not None
-        self.state.load_state_dict(own_state(entry, "TailqCallback"))
+        def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+            self._save_rank_file(checkpoint, str(filepath))  # first: a checkpoint never names a file not yet there
+            save(checkpoint, filepath, storage_options=storage_options)
+
+        def remove_checkpoint(filepath: Any) -> None:
+            remove(filepath)
+            path = f"{filepath}{SUFFIX.format(rank=rank_and_world()[0])}"
+            fs = get_filesystem(path)
+            if fs.exists(path):
+                fs.rm(path)
+
+        save_checkpoint._tailq_callback = self  # type: ignore[attr-defined]
+        strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+        strategy.remove_checkpoint = remove_checkpoint  # type: ignore[method-assign]
+
+    def _save_rank_file(self, checkpoint: dict[str, Any], path: str) -> None:
+        entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        st = self._state
+        if not entry or st is None:  # a weights-only checkpoint carries no callback state
+            return
+        rank, world = rank_and_world()
+        base = os.path.basename(path.rstrip("/"))
+        entry["files"] = [base + SUFFIX.format(rank=r) for r in range(world)]
+        fs = get_filesystem(path)
+        fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write_rank_file(path + SUFFIX.format(rank=rank), rank_file_state(st, rank, world, checkpoint=base), fs=fs)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Read this rank's file of the checkpoint's hook state (applied in ``on_fit_start``, once the hook exists).
+
+        Every rank checks every rank's file, so a missing one fails all ranks at once rather than leaving the
+        others waiting in a collective.
+        """
+        self._pending = None
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        ckpt = str(trainer.ckpt_path)
+        entry = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if trainer.world_size <= 1:
+            if entry:
+                log.warning("TailqCallback: one process: the hook state in %s is not used", ckpt)
+            return
+        if not entry:
+            log.warning("TailqCallback: %s holds no TailqCallback state (saved without the callback or weights "
+                        "only): the hook starts afresh (step 0, warm-up, zero residuals)", ckpt)
+            return
+        if not self.restore:
+            log.warning("TailqCallback: restore=False: the hook state in %s (step %s) is not loaded; the hook "
+                        "starts afresh (step 0, warm-up, zero residuals)", ckpt, entry.get("step"))
+            return
+        if entry.get("format") != FORMAT or not entry.get("files"):
+            raise ValueError(f"{_WHO}: {ckpt}'s TailqCallback entry is not one this version of tailq reads (format "
+                             f"{entry.get('format')!r}, expected {FORMAT!r} naming each rank's file); pass {_FRESH} "
+                             f"{_AFRESH}")
+        rank, world = trainer.global_rank, trainer.world_size
+        files = list(entry["files"])
+        if int(entry["world_size"]) != world:
+            raise ValueError(f"{_WHO}: {ckpt} holds the hook state of {entry['world_size']} ranks "
+                             f"({', '.join(files)}); this run has {world}. Each rank's state (its residuals) belongs "
+                             f"to that rank: resume with {entry['world_size']} processes, or pass {_FRESH} {_AFRESH}")
+        directory = os.path.dirname(ckpt)
+        paths = [os.path.join(directory, f) for f in files]
+        fs = get_filesystem(paths[rank])
+        missing = [p for p in paths if not fs.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"{_WHO}: {', '.join(missing)} missing: each rank's hook state is a file beside "
+                                    f"the checkpoint {ckpt} (<checkpoint>{SUFFIX.format(rank='{r}')}); keep them "
+                                    f"with the checkpoint when copying or moving it, or pass {_FRESH} {_AFRESH}")
+        saved = read_rank_file(paths[rank], rank=rank, world=world, who=_WHO, fresh=_FRESH, fs=fs)
+        if int(saved["step"]) != int(entry["step"]):
+            raise ValueError(f"{_WHO}: {paths[rank]} holds the hook state of step {saved['step']} but {ckpt} was "
+                             f"saved at hook step {entry['step']}: the file is from another save (one interrupted on "
+                             f"some rank?). Resume from a complete checkpoint, or pass {_FRESH} {_AFRESH}")
+        self._pending, self._pending_from = saved["state"], paths[rank]
