@@ -300,8 +300,8 @@ def w_skipped_block(rank: int, world: int, variants: dict[str, dict[str, Any] | 
         rec: dict[str, Any] = {"b": b, "c": c[0]}
         if comm is not None:
             st = comm.state_dict()
-            rec.update({"step": comm.step, "sizes": st["sizes"], "calls_per_step": comm.calls_per_step,
-                        "modules": sorted(v["module"] for v in comm.metrics.last.values())})
+            rec.update({"step": comm.step, "sizes": st.get("sizes"), "calls_per_step": comm.calls_per_step,
+                        "modules": sorted(str(v.get("module")) for v in comm.metrics.last.values())})
         out[name] = rec
     return out
 
