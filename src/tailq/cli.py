@@ -9,16 +9,27 @@ a training run that fails exits with status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from tailq.errors import UsageError
+from tailq.options import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
+    INT64_MAX,
+    MAX_BUCKET_CAP_MB,
+    MAX_WORKERS,
+    SEED_MAX,
+    check_float,
+    check_int,
+    check_name,
+)
 from tailq.tools.samples import load_samples, monte_carlo_mse
 
 __all__ = ["main"]
@@ -83,42 +94,64 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 # tailq design
-def _tail_from_args(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, str | None]:
-    """(tail model, samples or None, fallback note or None)."""
+def _unit_scale(x: np.ndarray) -> float:
+    """The scale that samples are divided by before a fit or a design: their mean |value| (the Laplace fit), or 1
+    for all zeros. Every fit and design here is scale-equivariant: done on ``x / u`` and scaled back by ``u`` (levels,
+    alpha, m) or ``u²`` (MSEs), so values of any scale in float32's range give the same design as at unit scale
+    (the log histogram of the empirical tail has a fixed range, ``2^-40 .. 2^16``, that tiny gradients fall below)."""
+    u = float(np.mean(np.abs(x)))
+    return u if u > 0 else 1.0
+
+
+def _tail_from_args(args: argparse.Namespace) -> tuple[Any, np.ndarray | None, str | None, float, str, str]:
+    """(tail model at unit scale, samples / u or None, fallback note or None, u, the model at the real scale as
+    text, what set the scale: an argument or the samples file)."""
     from tailq import theory
 
-    samples = load_samples(args.samples) if args.samples else None
+    samples = load_samples(args.samples) if args.samples is not None else None
+    if samples is not None:
+        u = _unit_scale(samples)
+        unit = samples / u
+        where = f"--samples {args.samples}"
+        if args.tail == "laplace":
+            lap = theory.fit_laplace(unit)
+            return lap, unit, None, u, repr(theory.LaplaceTail(scale=lap.scale * u)), where
+        if args.tail == "powerlaw":
+            fit = theory.fit_powerlaw(unit)
+            if fit.gamma > 3:
+                return fit.tail, unit, None, u, repr(theory.PowerLawTail(m=fit.m * u, gamma=fit.gamma)), where
+            note = (
+                f"fitted power law has gamma={fit.gamma:.3f} <= 3 (infinite variance): the closed "
+                "forms do not apply; used the empirical design"
+            )
+        else:
+            note = None
+        emp = theory.EmpiricalTail(theory.LogHistogram.from_samples(unit))
+        text = repr(emp) if u == 1.0 else f"{emp!r} of the values / {u:.6g}"
+        return emp, unit, note, u, text, where
     if args.tail == "laplace":
-        if samples is not None:
-            return theory.fit_laplace(samples), samples, None
         if args.scale is None:
             raise UsageError("--tail laplace needs --scale GAMMA (> 0) or --samples FILE")
-        if not args.scale > 0:
-            raise UsageError(f"--scale must be > 0; got {args.scale}")
-        return theory.LaplaceTail(scale=args.scale), None, None
+        return theory.LaplaceTail(scale=1.0), None, None, args.scale, repr(theory.LaplaceTail(args.scale)), "--scale"
     if args.tail == "powerlaw":
-        if samples is not None:
-            fit = theory.fit_powerlaw(samples)
-            if fit.gamma <= 3:
-                note = (
-                    f"fitted power law has gamma={fit.gamma:.3f} <= 3 (infinite variance): the closed "
-                    "forms do not apply; used the empirical design"
-                )
-                return theory.EmpiricalTail(theory.LogHistogram.from_samples(samples)), samples, note
-            return fit.tail, samples, None
         if args.gamma is None or args.m is None:
             raise UsageError("--tail powerlaw needs --gamma G (> 3) and --m M (> 0), or --samples FILE")
-        if not args.m > 0:
-            raise UsageError(f"--m must be > 0; got {args.m}")
         if not args.gamma > 3:
             raise UsageError(
                 f"--gamma must be > 3 for the power-law design (finite variance); got {args.gamma}. "
                 "For heavier tails use --tail empirical --samples FILE"
             )
-        return theory.PowerLawTail(m=args.m, gamma=args.gamma), None, None
-    if samples is None:
-        raise UsageError("--tail empirical needs --samples FILE")
-    return theory.EmpiricalTail(theory.LogHistogram.from_samples(samples)), samples, None
+        text = repr(theory.PowerLawTail(m=args.m, gamma=args.gamma))
+        return theory.PowerLawTail(m=1.0, gamma=args.gamma), None, None, args.m, text, "--m"
+    raise UsageError("--tail empirical needs --samples FILE")
+
+
+def _check_levels(levels: np.ndarray, where: str) -> None:
+    """The codec computes in float32: scaled-back levels beyond its range are refused, naming what set the scale."""
+    top = float(np.max(np.abs(levels)))
+    if not top <= FLOAT32_MAX:
+        raise UsageError(f"{where}: the design's levels reach {top:.6g}, beyond float32's range (+-{FLOAT32_MAX:.6g}) "
+                         "that the codec computes in; use a smaller scale")
 
 
 def cmd_design(args: argparse.Namespace) -> int:
@@ -126,43 +159,38 @@ def cmd_design(args: argparse.Namespace) -> int:
 
     if not 1 <= args.bits <= 8:
         raise UsageError(f"--bits must be in 1..8; got {args.bits}")
-    if args.mc_samples < 1:
-        raise UsageError(f"--mc-samples must be >= 1; got {args.mc_samples}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be an integer >= 0; got {args.seed}")
-    for name in ("scale", "gamma", "m"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"--{name} must be a finite number; got {value}")
     try:
-        tail, samples, note = _tail_from_args(args)
+        tail, samples, note, u, model, where = _tail_from_args(args)
     except UsageError:
         raise
     except ValueError as err:  # the tail model refused the given parameters or samples: its message names them
         raise UsageError(f"--tail {args.tail}: {err}") from err
-    try:
+    try:  # at unit scale; scaled back by u below (every design here is scale-equivariant)
         des = theory.design(args.scheme, tail, args.bits, refine=args.refine)
     except theory.HeavyTailError as err:
         raise UsageError(str(err)) from err
+    levels = des.levels * u
+    _check_levels(levels, where)
     rng = np.random.default_rng(args.seed)
-    if samples is None:
-        mc = tail.sample(args.mc_samples, rng)
-    else:
-        mc = samples
-    measured = monte_carlo_mse(des.levels, mc, seed=args.seed)
+    mc = tail.sample(args.mc_samples, rng) if samples is None else samples
+    measured = monte_carlo_mse(des.levels, mc, seed=args.seed) * u * u
+    notes = list(des.notes) + ([note] if note else [])
+    if u != 1.0:
+        notes.append(f"designed at unit scale (values / {u:.6g}), then scaled back: levels and alpha x {u:.6g}, "
+                     f"MSEs x {u:.6g}^2 (numbers in the notes above are at unit scale)")
     out = {
         "scheme": args.scheme,
         "tail": args.tail,
         "bits": args.bits,
-        "alpha": float(des.alpha),
-        "levels": [float(v) for v in des.levels],
-        "predicted_mse": float(des.predicted_mse),
+        "alpha": float(des.alpha) * u,
+        "levels": [float(v) for v in levels],
+        "predicted_mse": float(des.predicted_mse) * u * u,
         "measured_mse": measured,
-        "exact_mse": float(theory.exact_mse(des.levels, tail)),
+        "exact_mse": float(theory.exact_mse(des.levels, tail)) * u * u,
         "measured_on": "the samples file" if samples is not None else f"{len(mc)} draws from the model",
-        "model": repr(tail),
+        "model": model,
         "method": des.method,
-        "notes": list(des.notes) + ([note] if note else []),
+        "notes": notes,
     }
     if args.json:
         _print_json(out)
@@ -199,44 +227,50 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if mags.min() == mags.max():
         raise UsageError(f"{args.file}: every non-zero value has the same magnitude ({mags[0]:g}); there is no "
                          "tail to fit")
-    lap = theory.fit_laplace(x)
+    # fitted and designed at unit scale (x / u, u = mean |x|), then scaled back: tiny or large gradients get the
+    # design of their shape (the empirical tail's log histogram has a fixed range)
+    u = _unit_scale(x)
+    unit = x / u
+    lap_u = theory.fit_laplace(unit)
     try:
-        pl = theory.fit_powerlaw(x)
+        pl_u = theory.fit_powerlaw(unit)
     except ValueError as err:  # too few distinct tail values: say so, fit and design the rest
         raise UsageError(f"{args.file}: the power-law fit is impossible on these values ({err})") from err
+    lap = theory.LaplaceTail(scale=lap_u.scale * u)
     out: dict[str, Any] = {
         "file": args.file,
         "n": int(x.size),
         "mean_abs": float(np.mean(np.abs(x))),
         "std": float(np.std(x)),
         "max_abs": float(np.max(np.abs(x))),
-        "excess_kurtosis": float(sstats.kurtosis(x)),
+        "excess_kurtosis": float(sstats.kurtosis(unit)),
         "laplace": {"scale": float(lap.scale)},
         "powerlaw": {
-            "m": float(pl.m),
-            "gamma": float(pl.gamma),
-            "ks": float(pl.ks),
-            "n_tail": int(pl.n_tail),
+            "m": float(pl_u.m) * u,
+            "gamma": float(pl_u.gamma),
+            "ks": float(pl_u.ks),
+            "n_tail": int(pl_u.n_tail),
         },
         "designs": [],
     }
-    hist_tail = theory.EmpiricalTail(theory.LogHistogram.from_samples(x))
-    tails: list[tuple[str, Any]] = [("laplace", lap), ("empirical", hist_tail)]
-    if pl.gamma > 3:
-        tails.insert(1, ("powerlaw", pl.tail))
+    hist_tail = theory.EmpiricalTail(theory.LogHistogram.from_samples(unit))
+    tails: list[tuple[str, Any]] = [("laplace", lap_u), ("empirical", hist_tail)]
+    if pl_u.gamma > 3:
+        tails.insert(1, ("powerlaw", pl_u.tail))
     else:
         out["powerlaw"]["note"] = "gamma <= 3: infinite variance, the power-law closed forms do not apply"
     for tname, tail in tails:
         for scheme in ("tuq", "tnq"):
             des = theory.design(scheme, tail, args.bits)
+            _check_levels(des.levels * u, args.file)
             out["designs"].append(
                 {
                     "scheme": scheme,
                     "tail": tname,
                     "bits": args.bits,
-                    "alpha": float(des.alpha),
-                    "predicted_mse": float(des.predicted_mse),
-                    "measured_mse": monte_carlo_mse(des.levels, x),
+                    "alpha": float(des.alpha) * u,
+                    "predicted_mse": float(des.predicted_mse) * u * u,
+                    "measured_mse": monte_carlo_mse(des.levels, unit) * u * u,
                 }
             )
     if args.json:
@@ -249,9 +283,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"[bold]{args.file}[/bold]: n={out['n']}, mean|g|={out['mean_abs']:.4g}, std={out['std']:.4g}, "
         f"max|g|={out['max_abs']:.4g}, excess kurtosis={out['excess_kurtosis']:.3g}"
     )
+    pl = out["powerlaw"]
     con.print(f"  Laplace fit: scale={lap.scale:.4g}")
     con.print(
-        f"  power-law fit (CSN): m={pl.m:.4g}, gamma={pl.gamma:.4g}, KS={pl.ks:.4g}, tail n={pl.n_tail}"
+        f"  power-law fit (CSN): m={pl['m']:.4g}, gamma={pl['gamma']:.4g}, KS={pl['ks']:.4g}, tail n={pl['n_tail']}"
     )
     if "note" in out["powerlaw"]:
         con.print(f"  [yellow]note:[/yellow] {out['powerlaw']['note']}")
@@ -284,27 +319,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from tailq.tools import bench
 
-    if args.numel is not None and args.numel < 1:
-        raise UsageError(f"--numel must be >= 1; got {args.numel}")
-    if args.repeat < 1:
-        raise UsageError(f"--repeat must be >= 1; got {args.repeat}")
-    if any(not 1 <= b <= 8 for b in args.bits):
-        raise UsageError(f"--bits must be in 1..8; got {args.bits}")
-    if args.world < 1 or args.steps < 1:
-        raise UsageError(f"--world and --steps must be >= 1; got {args.world}, {args.steps}")
+    # --numel, --repeat, --bits, --world, --steps, --threads, --workers, --sizes: checked by main (the option table)
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise UsageError(f"--device must be cpu or cuda (with a GPU present); got {args.device!r}")
     if args.what == "scale":
+        from tailq.comm.network import Network
         from tailq.harness.netem import emulation_available, unavailable_message
         from tailq.tools.scale import run_scale_bench
 
+        try:
+            _check_scale_compressor(args.compressor, args.code_bits, Network.parse(args.net))
+        except ValueError as err:
+            raise UsageError(str(err)) from err
         net = _network(args.net, [])
         ok, why = emulation_available(net) if net.kind == "emulated" else (False, "")
         if not ok:
             raise UsageError("bench scale measures NIC bytes on an emulated network (--net RATE[,DELAY]); "
                              + (unavailable_message(net, why) if net.kind == "emulated" else f"got {args.net!r}"))
-        if any(w < 2 or w > 64 for w in args.workers) or any(s < 1 for s in args.sizes):
-            raise UsageError(f"--workers must be in 2..64 and --sizes >= 1; got {args.workers}, {args.sizes}")
         return run_scale_bench(net, args.workers, args.sizes, name=args.compressor, bits=args.code_bits,
                                steps=args.steps, modeled=args.modeled, json_out=None if args.json == "-" else args.json)
     if args.what == "hook":
@@ -314,6 +345,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  only=args.compressors, bits=tuple(args.bits), paths=args.paths, device=args.device,
                                  hook=args.hook, hook_numel=args.hook_numel, world=args.world, steps=args.steps,
                                  threads=args.threads)
+
+
+def _check_scale_compressor(name: str, bits: int, net: Any) -> None:
+    """bench scale's compressor on every route it measures, built unbound before any worker starts (a shared-codebook
+    compressor that takes bits): its own message names the option and the accepted values."""
+    from tailq.codec import compressor
+    from tailq.comm.families import family_for
+    from tailq.hooks import ddp_hook
+    from tailq.tools.scale import ROUTES
+
+    try:
+        family_for(compressor(name, bits=bits), fine_bits=2, keep_own=False)
+        for route in ROUTES:
+            state, _ = ddp_hook(name, bits=bits, route=route, warmup_steps=0, min_bucket=0, network=net)
+            close = getattr(state, "close", None)
+            if close is not None:
+                close()
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--compressor {name} --code-bits {bits}: {' '.join(str(err).split())}") from err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,12 +422,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         opts[k] = parse_value(v)
     notes: list[str] = []
     net = _network(args.net, notes)
-    workload = args.workload or "digits"
+    workload = "digits" if args.workload is None else args.workload
     steps, every = DEFAULT_STEPS.get(workload, (300, 25))
     cfg = RunConfig(workload=workload, hook=args.compressor, hook_options=opts, workers=args.workers,
                     steps=steps if args.steps is None else args.steps,
                     eval_every=every if args.eval_every is None else args.eval_every, seed=args.seed,
-                    net=net, run_dir=args.run_dir or f"runs/train-{args.compressor}",
+                    net=net, run_dir=f"runs/train-{args.compressor}" if args.run_dir is None else args.run_dir,
                     checkpoint_every=args.checkpoint_every, **_extra(args)).validate()
     check_data(cfg.workload, cfg.data_dir)
     con = Console()
@@ -399,7 +449,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         Y1_WORKLOAD,
         ComparisonIncomplete,
         compare,
-        parse_method,
         resume,
     )
     from tailq.harness.report import print_table
@@ -414,23 +463,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 print_table(json.loads((err.root / "results.json").read_text()))
             raise
 
-    if args.resume:
+    if args.resume is not None:
         return _compare_done(run(lambda: resume(args.resume)), [], args.json)
     notes: list[str] = []
     workload, workers = args.workload, args.workers
-    methods = [parse_method(m) for m in args.methods] if args.methods else list(
+    methods = [_method(m) for m in args.methods] if args.methods else list(
         FSDP_METHODS if args.fsdp else DEFAULT_METHODS)
-    steps, every = DEFAULT_STEPS.get(workload or "digits", (300, 25))
+    steps, every = DEFAULT_STEPS.get("digits" if workload is None else workload, (300, 25))
     metric = args.target_metric or "accuracy"
     if args.preset == "y1":
         workers = 8 if args.workers == 4 else args.workers
-        methods = [parse_method(m) for m in args.methods] if args.methods else list(Y1_METHODS)
+        methods = [_method(m) for m in args.methods] if args.methods else list(Y1_METHODS)
         if workload is None:
             workload, steps, every, metric = Y1_WORKLOAD
             metric = args.target_metric or metric
         else:
             steps, every = DEFAULT_STEPS.get(workload, (300, 25))
-    workload = workload or "digits"
+    workload = "digits" if workload is None else workload
     check_data(workload, args.data_dir)
     net = _network(args.net, notes)
     root = run(lambda: compare(workload=workload, workers=workers, net=net, methods=methods,
@@ -439,6 +488,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                out_dir=args.out, run_id=args.id, target_fraction=args.target, extra=_extra(args),
                                notes=notes, seeds=args.seeds, target_metric=metric))
     return _compare_done(root, notes, args.json)
+
+
+def _method(text: str) -> Any:
+    """One ``--methods`` entry, its compressor named by ``tailq list`` (or fp32, fp16, bf16, powersgd)."""
+    from tailq.harness.compare import parse_method
+    from tailq.hooks import hook_names
+
+    method = parse_method(text)
+    if method.hook not in hook_names():
+        raise UsageError(f"--methods: {text!r}: the method must be one of {', '.join(hook_names())}; "
+                         f"got {method.hook!r}")
+    return method
 
 
 def _compare_done(root: Path, notes: list[str], json_path: str | None) -> int:
@@ -479,8 +540,77 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the command line: every bad input is one line naming the argument and the accepted values, exit 2, checked
+# before anything starts
+class _ArgumentError(Exception):
+    """argparse's own complaint (an unknown option, ``--bits abc``, a choice not offered), as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        raise _ArgumentError(f"{self.prog}: error: {text} (usage: {self.prog} --help)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Check:
+    """The accepted values of one option: a number in a range (NaN and infinities never), a non-empty path, or
+    a plain name that becomes one path component."""
+
+    flag: str
+    dest: str
+    kind: type  # int, float, or str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    note: str = ""
+    name: bool = False  # str: a plain name (check_name), not only non-empty
+
+    def check(self, value: Any) -> None:
+        if isinstance(value, list) and not value:
+            raise UsageError(f"{self.flag} needs at least one value")
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            if self.kind is int:
+                low = int(self.low if self.low is not None else -INT64_MAX)
+                accepted = f"{low}..{int(self.high)}" if self.high is not None else ""
+                try:
+                    check_int(self.flag, v, low, error=UsageError)
+                except UsageError as err:
+                    raise UsageError(f"{err} (accepted: {accepted})" if accepted and self.high != INT64_MAX
+                                     else str(err)) from None
+                if self.high is not None and v > self.high:
+                    raise UsageError(f"{self.flag} must be in {accepted}{self.note}; got {v}")
+            elif self.kind is float:
+                check_float(self.flag, v, self.low, self.high, low_open=self.low_open, note=self.note,
+                            error=UsageError)
+            elif self.name:
+                check_name(self.flag, v, error=UsageError)
+            elif not v.strip():
+                raise UsageError(f"{self.flag} must be a path; got {v!r}")
+
+
+def _arg(s: argparse.ArgumentParser, flag: str, kind: type = str, low: float | None = None,
+         high: float | None = None, *, low_open: bool = False, note: str = "", name: bool = False,
+         **kw: Any) -> None:
+    """``add_argument`` with the option's accepted values, checked by :func:`main` before the command runs."""
+    action = s.add_argument(flag, type=kind, **kw) if kind is not str else s.add_argument(flag, **kw)
+    checks = s.get_default("_checks")
+    if checks is None:
+        checks = []
+        s.set_defaults(_checks=checks)
+    shown = flag if flag.startswith("-") else kw.get("metavar", flag.upper())
+    checks.append(_Check(shown, action.dest, kind, low, high, low_open, note, name))
+
+
+F32 = " (float32's normal range: the codec computes in float32)"
+MAX_NUMEL = 2**31 - 1  # elements of one benchmarked tensor: int32 indexing, 8 GiB of float32
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tailq", description=__doc__.splitlines()[0] if __doc__ else None)
+    p = _Parser(prog="tailq", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("list", help="compressors and their options")
@@ -490,52 +620,52 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("design", help="optimal truncated quantizer for a tail model (alpha*, levels, MSE)")
     s.add_argument("--scheme", required=True, choices=("tuq", "tnq", "tbq"))
     s.add_argument("--tail", required=True, choices=("laplace", "powerlaw", "empirical"))
-    s.add_argument("--bits", required=True, type=int, help="bits per coordinate, 1..8")
-    s.add_argument("--scale", type=float, help="Laplace scale gamma (mean |g|)")
-    s.add_argument("--gamma", type=float, help="power-law exponent (> 3)")
-    s.add_argument("--m", type=float, help="power-law body width m (> 0)")
-    s.add_argument("--samples", help="a .npy or .pt file of gradient values to fit (and measure on)")
+    _arg(s, "--bits", int, 1, 8, required=True, help="bits per coordinate, 1..8")
+    _arg(s, "--scale", float, FLOAT32_TINY, FLOAT32_MAX, note=F32, help="Laplace scale gamma (mean |g|)")
+    _arg(s, "--gamma", float, help="power-law exponent (> 3)")
+    _arg(s, "--m", float, FLOAT32_TINY, FLOAT32_MAX, note=F32, help="power-law body width m (> 0)")
+    _arg(s, "--samples", help="a .npy or .pt file of gradient values to fit (and measure on)")
     s.add_argument("--refine", action="store_true", help="empirical: refine levels on the exact variance")
-    s.add_argument("--mc-samples", type=int, default=1_000_000, help="Monte-Carlo draws from the model")
-    s.add_argument("--seed", type=int, default=0)
+    _arg(s, "--mc-samples", int, 1, 10**8, default=1_000_000, help="Monte-Carlo draws from the model (at most 1e8)")
+    _arg(s, "--seed", int, 0, SEED_MAX, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_design)
 
     s = sub.add_parser("fit", help="tail fit (Laplace, power law) of saved gradient values")
-    s.add_argument("file", help=".npy or .pt file (loaded without pickle)")
+    _arg(s, "file", metavar="FILE", help=".npy or .pt file (loaded without pickle)")
     s.add_argument("--bits", type=int, default=3, choices=range(1, 9), metavar="1..8")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("demo", help="the first main job: every compressor at 2, 3, 4 bits on heavy tails")
-    s.add_argument("--n", type=int, default=1 << 18, help="samples per distribution")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    _arg(s, "--n", int, 1, 10**8, default=1 << 18, help="samples per distribution")
+    _arg(s, "--seed", int, 0, SEED_MAX, default=0)
+    _arg(s, "--json", metavar="PATH", help="also write the table as JSON")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="micro-benchmarks: codec throughput per kernel path, hook time vs bf16")
     s.add_argument("what", choices=("codec", "hook", "scale"),
                    help="codec: encode/decode vs a copy; hook: ms/step vs bf16; scale: every route at N workers on "
                         "an emulated network (NIC bits, ms/step vs bf16, vNMSE) beside the cost model")
-    s.add_argument("--numel", type=int, default=None, help="elements (default 2^24 for codec, 2^22 for hook)")
-    s.add_argument("--repeat", type=int, default=3, help="timed calls (codec) after one warm-up")
-    s.add_argument("--compressors", nargs="*", help="only these compressors")
-    s.add_argument("--bits", nargs="*", type=int, default=[2, 3, 4, 8], help="bit widths (default 2 3 4 8)")
-    s.add_argument("--paths", nargs="*", choices=("reference", "compiled", "triton"),
+    _arg(s, "--numel", int, 1, MAX_NUMEL, default=None, help="elements (default 2^24 for codec, 2^22 for hook)")
+    _arg(s, "--repeat", int, 1, INT64_MAX, default=3, help="timed calls (codec) after one warm-up")
+    _arg(s, "--compressors", nargs="+", help="only these compressors")
+    _arg(s, "--bits", int, 1, 8, nargs="*", default=[2, 3, 4, 8], help="bit widths (default 2 3 4 8)")
+    _arg(s, "--paths", nargs="+", choices=("reference", "compiled", "triton"),
                    help="kernel paths (default: every one available on the device)")  # fmt: skip
     s.add_argument("--device", default="cpu", help="cpu or cuda (codec)")
     s.add_argument("--hook", action="store_true", help="codec: also run the hook benchmark and include it")
-    s.add_argument("--hook-numel", type=int, default=1 << 22, help="elements per rank for --hook (2^22)")
-    s.add_argument("--world", type=int, default=4, help="hook: number of Gloo ranks")
-    s.add_argument("--steps", type=int, default=5, help="hook: timed steps after two warm-up steps")
-    s.add_argument("--threads", type=int, default=None, help="hook: torch threads per rank (default cores/world)")
+    _arg(s, "--hook-numel", int, 1, MAX_NUMEL, default=1 << 22, help="elements per rank for --hook (2^22)")
+    _arg(s, "--world", int, 1, 64, default=4, help="hook: number of Gloo ranks (1..64)")
+    _arg(s, "--steps", int, 1, INT64_MAX, default=5, help="hook: timed steps after two warm-up steps")
+    _arg(s, "--threads", int, 1, 1024, default=None, help="hook: torch threads per rank (default cores/world)")
     s.add_argument("--net", default="100mbit", help="scale: the emulated network (RATE[,DELAY], default 100mbit)")
-    s.add_argument("--workers", nargs="*", type=int, default=[2, 4, 8, 16], help="scale: worker counts measured")
-    s.add_argument("--sizes", nargs="*", type=int, default=[1 << 20, 1 << 22], help="scale: bucket lengths")
-    s.add_argument("--modeled", nargs="*", type=int, default=[64, 256, 1024], help="scale: worker counts modeled")
+    _arg(s, "--workers", int, 2, 64, nargs="*", default=[2, 4, 8, 16], help="scale: worker counts measured")
+    _arg(s, "--sizes", int, 1, MAX_NUMEL, nargs="*", default=[1 << 20, 1 << 22], help="scale: bucket lengths")
+    _arg(s, "--modeled", int, 2, 2**20, nargs="*", default=[64, 256, 1024], help="scale: worker counts modeled")
     s.add_argument("--compressor", default="tnq", help="scale: a shared-codebook compressor (default tnq)")
-    s.add_argument("--code-bits", type=int, default=3, help="scale: its bits (default 3)")
-    s.add_argument("--json", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")
+    _arg(s, "--code-bits", int, 1, 8, default=3, help="scale: its bits (default 3)")
+    _arg(s, "--json", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("train", help="one training run (a compressor, N workers, a workload, a network)")
@@ -543,8 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compressor", default="tnq", help="any hook name (tailq list, or fp32/fp16/bf16/powersgd)")
     s.add_argument("--bits", type=int, help="bits per coordinate (compressors that take bits)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="more hook options")
-    s.add_argument("--run-dir", help="where to write (default runs/train-<compressor>)")
-    s.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0 = none)")
+    _arg(s, "--run-dir", help="where to write (default runs/train-<compressor>)")
+    _arg(s, "--checkpoint-every", int, 0, INT64_MAX, default=0, help="steps between checkpoints (0 = none)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("compare", help="the main job: methods on one workload and network, TTA vs bf16, report")
@@ -555,40 +685,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="y1: [Y1]'s comparison, QSGD/NUQSGD vs TUQ/TNQ/TBQ at 2, 3 and 4 bits, 8 workers, on "
                    "the workload where error decides convergence (charlm, 100 steps, test-loss target, unless "
                    "--workload is given)")
-    s.add_argument("--target", type=float, default=0.99, help="target = this fraction of bf16's best accuracy "
+    _arg(s, "--target", float, 0, 1, low_open=True, default=0.99, help="target = this fraction of bf16's best accuracy "
                    "(--target-metric loss: bf16's best test loss x (2 - this), within 1%% of it at 0.99)")
     s.add_argument("--target-metric", choices=("accuracy", "loss"),
                    help="what the target is on: test accuracy (the default) or test loss (the y1 preset's)")
-    s.add_argument("--seeds", type=int, default=1,
+    _arg(s, "--seeds", int, 1, INT64_MAX, default=1,
                    help="run the whole comparison with K seeds (--seed, --seed+1, ...): medians, exact "
                         "order-statistic intervals and speedups paired by seed (default 1)")
-    s.add_argument("--out", default="runs", help="parent directory of the run directory")
-    s.add_argument("--id", help="run directory name (default: a timestamp)")
-    s.add_argument("--json", metavar="PATH", help="also write the summary JSON here")
-    s.add_argument("--resume", metavar="DIR", help="continue the comparison in DIR: keep its finished runs, rerun "
+    _arg(s, "--out", default="runs", help="parent directory of the run directory")
+    _arg(s, "--id", name=True, help="run directory name: letters, digits, -_. (default: a timestamp)")
+    _arg(s, "--json", metavar="PATH", help="also write the summary JSON here")
+    _arg(s, "--resume", metavar="DIR", help="continue the comparison in DIR: keep its finished runs, rerun "
                    "the missing or failed ones with its saved arguments, rebuild the report (other options ignored)")
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("report", help="re-render report.md and plots of a comparison directory")
-    s.add_argument("dir")
+    _arg(s, "dir", metavar="DIR")
     s.set_defaults(func=cmd_report)
     return p
 
 
 def _harness_common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--workload", help="digits (the default) | charlm | synthetic | mnist | cifar10")
-    s.add_argument("--workers", type=int, default=4)
-    s.add_argument("--steps", type=int)
-    s.add_argument("--eval-every", type=int)
+    _arg(s, "--workers", int, 1, MAX_WORKERS, default=4, help=f"worker processes, 1..{MAX_WORKERS}")
+    _arg(s, "--steps", int, 1, INT64_MAX)
+    _arg(s, "--eval-every", int, 1, INT64_MAX)
     s.add_argument("--net", default=DEFAULT_NET,
                    help=f"RATE[,DELAY] emulated (default {DEFAULT_NET}), model:RATE[,DELAY] modeled, or none")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--data-dir", help="directory with MNIST IDX or CIFAR-10 binary files")
-    s.add_argument("--tail-df", type=float, default=3.0, help="synthetic: Student-t degrees of freedom of inputs")
-    s.add_argument("--bucket-cap-mb", type=float, default=25.0)
-    s.add_argument("--measure-every", type=int, default=25, help="vNMSE every k-th step (0 = never)")
+    _arg(s, "--seed", int, 0, SEED_MAX, default=0)
+    _arg(s, "--lr", float, 0, low_open=True)
+    _arg(s, "--batch-size", int, 1, INT64_MAX)
+    _arg(s, "--data-dir", help="directory with MNIST IDX or CIFAR-10 binary files")
+    _arg(s, "--tail-df", float, 2, low_open=True, note=" (Student-t degrees of freedom with finite variance)",
+         default=3.0, help="synthetic: Student-t degrees of freedom of inputs (> 2)")
+    _arg(s, "--bucket-cap-mb", float, 0, MAX_BUCKET_CAP_MB, low_open=True, default=25.0)
+    _arg(s, "--measure-every", int, 0, INT64_MAX, default=25, help="vNMSE every k-th step (0 = never)")
     s.add_argument("--fsdp", action="store_true",
                    help="gradients through FSDP2's reduce-scatter instead of DDP: bf16 = FSDP2's own in bf16, "
                         "bf16:reduce=a2a = an all-to-all reduce-scatter, tuq/tnq/tbq/single-scale = tailq.fsdp "
@@ -597,10 +728,19 @@ def _harness_common(s: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the subcommand that was given them (argparse's own line names only "tailq")
+            raise _ArgumentError(f"tailq {args.command}: error: unrecognized arguments: {' '.join(unknown)} "
+                                 f"(usage: tailq {args.command} --help)")
+    except _ArgumentError as err:
+        print(err, file=sys.stderr)
+        return 2
     from tailq.harness.launch import RunFailed, Stopped
 
     try:
+        for check in getattr(args, "_checks", ()):  # every option's accepted values, before the command starts
+            check.check(getattr(args, check.dest))
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"tailq {args.command}: error: {err}", file=sys.stderr)

@@ -2,16 +2,27 @@
 
 :class:`Option` describes a compressor's or a hook's keyword option (type, default, accepted range, help) as
 ``tailq list`` shows it, and validates a value against it. :func:`check_int` is the integer-with-a-range check that
-hooks, the harness and the network layer share (a bool is not an integer here).
+hooks, the harness and the network layer share (a bool is not an integer here); :func:`check_float` is its
+counterpart for real numbers (finite: NaN and infinities are refused), and :func:`check_name` the check of a value
+that becomes one path component (a run id, a method label).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
-__all__ = ["Option", "check_int"]
+__all__ = ["FLOAT32_MAX", "FLOAT32_TINY", "INT64_MAX", "MAX_BUCKET_CAP_MB", "MAX_WORKERS", "SEED_MAX", "Option",
+           "check_float", "check_int", "check_name"]
+
+INT64_MAX = 2**63 - 1  # the largest count torch (and JSON readers with 64-bit integers) can hold
+FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite value (the codec computes in float32)
+FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal value
+SEED_MAX = 2**32 - 1  # seeds: what every generator here accepts (numpy's legacy ones stop at 2^32 - 1)
+MAX_WORKERS = 250  # workers of one run: the hosts of an emulated network's /24 subnet
+MAX_BUCKET_CAP_MB = 1e6  # DDP's bucket cap (MB) becomes a byte count in C++: a terabyte is beyond any model here
 
 
 def check_int(
@@ -26,6 +37,50 @@ def check_int(
         need = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise error(f"{name} must be an integer {need}; got {value!r}")
     return int(value)
+
+
+def _g(x: float) -> str:
+    return f"{x:g}"
+
+
+def check_float(
+    name: str, value: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+    high_open: bool = False, error: type[Exception] = ValueError, note: str = ""
+) -> float:
+    """``value`` as a float when it is a finite real number (not a bool) in the range; else ``error`` naming ``name``.
+
+    The range is ``[low, high]`` (``low_open``/``high_open`` exclude an end; ``None`` leaves a side unbounded). The
+    message reads ``"{name} must be a finite number {range}{note}; got {value!r}"``, e.g. ``"--lr must be a finite
+    number > 0; got inf"`` or ``"--target must be a finite number in (0, 1]; got nan"``.
+    """
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    if ok:
+        x = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
+        ok = math.isfinite(x) and (low is None or (x > low if low_open else x >= low)) \
+            and (high is None or (x < high if high_open else x <= high))
+    if not ok:
+        if low is not None and high is not None:
+            need = f" in {'(' if low_open else '['}{_g(low)}, {_g(high)}{')' if high_open else ']'}"
+        elif low is not None:
+            need = f" {'>' if low_open else '>='} {_g(low)}"
+        elif high is not None:
+            need = f" {'<' if high_open else '<='} {_g(high)}"
+        else:
+            need = ""
+        raise error(f"{name} must be a finite number{need}{note}; got {value!r}")
+    return float(value)
+
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(name: str, value: Any, *, error: type[Exception] = ValueError) -> str:
+    """``value`` when it is a plain name that is safe as one path component: letters, digits, ``-``, ``_`` and
+    ``.``, not ``.`` or ``..`` (no path separators, nothing that leaves the parent directory); else ``error``."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (".", ".."):
+        raise error(f"{name} must be a plain name (letters, digits, '-', '_', '.'; not '.' or '..', no path "
+                    f"separators); got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

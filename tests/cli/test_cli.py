@@ -95,10 +95,11 @@ def test_design_powerlaw_spec_check_values(capsys: pytest.CaptureFixture[str]) -
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--bits", "0", "--scale", "1"], "--bits must be in 1..8"),
+        (["--bits", "0", "--scale", "1"], "--bits must be an integer >= 1; got 0 (accepted: 1..8)"),
         (["--bits", "9", "--scale", "1"], "--bits must be in 1..8"),
         (["--bits", "3"], "--scale"),
-        (["--bits", "3", "--scale", "-1"], "--scale must be > 0"),
+        (["--bits", "3", "--scale", "-1"], "--scale must be a finite number in [1.17549e-38, 3.40282e+38]"),
+        (["--bits", "3", "--scale", "0"], "--scale must be a finite number in [1.17549e-38, 3.40282e+38]"),
     ],
 )
 def test_design_bad_arguments(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
@@ -135,6 +136,62 @@ def test_design_empirical_from_samples(tmp_path: Path, capsys: pytest.CaptureFix
     # the empirical design of Laplace samples lands near the Laplace closed form (alpha* = 3.200)
     assert d["alpha"] == pytest.approx(3.200, rel=0.08)
     assert d["measured_mse"] == pytest.approx(0.1867, rel=0.08)
+
+
+def _design(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    rc, out, err = run(capsys, "design", *argv, "--mc-samples", "20000", "--json")
+    assert rc == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("scheme", ["tnq", "tuq", "tbq"])
+@pytest.mark.parametrize(("tail", "arg"), [(["--tail", "laplace"], "--scale"),
+                                           (["--tail", "powerlaw", "--gamma", "4.5"], "--m")])
+def test_design_is_scale_equivariant_across_float32s_range(capsys: pytest.CaptureFixture[str], scheme: str,
+                                                           tail: list[str], arg: str) -> None:
+    """A scale anywhere in float32's normal range gets the unit-scale design scaled: levels and alpha x scale, MSEs
+    x scale² (designed at unit scale in float64, measured there with the same draws), not a float32 overflow or
+    underflow of the draws (issue 24, item 8: --scale 1e-300 / 1e300 were tracebacks; 1e38's draws overflowed)."""
+    unit = _design(capsys, "--scheme", scheme, *tail, "--bits", "3", arg, "1")
+    for scale in (2e-38, 1e-30, 1e30, 1e38):
+        d = _design(capsys, "--scheme", scheme, *tail, "--bits", "3", arg, repr(scale))
+        assert d["levels"] == pytest.approx([scale * v for v in unit["levels"]], rel=1e-12)
+        assert d["alpha"] == pytest.approx(scale * unit["alpha"], rel=1e-12)
+        for key in ("predicted_mse", "exact_mse", "measured_mse"):
+            assert d[key] == pytest.approx(scale**2 * unit[key], rel=1e-12), key
+
+
+def test_fit_and_design_are_scale_equivariant_on_tiny_and_large_gradients(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Samples of any scale the codec handles are fitted at unit scale and scaled back: the fitted parameters are
+    the unit-scale fit's, scaled (Laplace scale and power-law m x c, gamma and KS unchanged), and so are the
+    designs; before, mean |g| <= ~1e-12 fell below the empirical histogram's range (a different design at 1e-13, a
+    traceback at 1e-20)."""
+    x = np.random.default_rng(3).laplace(0, 1, 20_000)
+    fits, designs = {}, {}
+    for c in (1.0, 1e-13, 1e-30, 1e30):
+        np.save(tmp_path / f"g{c:g}.npy", x * c)
+        rc, out, err = run(capsys, "fit", str(tmp_path / f"g{c:g}.npy"), "--json")
+        assert rc == 0, err
+        fits[c] = json.loads(out)
+        designs[c] = _design(capsys, "--scheme", "tnq", "--tail", "empirical", "--bits", "3", "--samples",
+                             str(tmp_path / f"g{c:g}.npy"))
+    unit = fits[1.0]
+    for c in (1e-13, 1e-30, 1e30):
+        f = fits[c]
+        assert f["laplace"]["scale"] == pytest.approx(c * unit["laplace"]["scale"], rel=1e-12)
+        assert f["powerlaw"]["m"] == pytest.approx(c * unit["powerlaw"]["m"], rel=1e-12)
+        assert f["powerlaw"]["gamma"] == pytest.approx(unit["powerlaw"]["gamma"], rel=1e-9)
+        assert f["powerlaw"]["ks"] == pytest.approx(unit["powerlaw"]["ks"], rel=1e-9)
+        assert f["powerlaw"]["n_tail"] == unit["powerlaw"]["n_tail"]
+        assert [(d["scheme"], d["tail"]) for d in f["designs"]] == [(d["scheme"], d["tail"]) for d in unit["designs"]]
+        for d, u in zip(f["designs"], unit["designs"], strict=True):
+            assert d["alpha"] == pytest.approx(c * u["alpha"], rel=1e-9), d
+            assert d["predicted_mse"] == pytest.approx(c * c * u["predicted_mse"], rel=1e-9), d
+            assert d["measured_mse"] == pytest.approx(c * c * u["measured_mse"], rel=1e-6), d
+        e, eu = designs[c], designs[1.0]
+        assert e["levels"] == pytest.approx([c * v for v in eu["levels"]], rel=1e-9)
+        assert e["measured_mse"] == pytest.approx(c * c * eu["measured_mse"], rel=1e-6)
 
 
 def test_fit_npy_and_pt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,11 +38,23 @@ def _files(tmp: Path) -> dict[str, str]:
     (tmp / "corrupt" / "results.json").write_text('{"runs": [')
     (tmp / "partial").mkdir()
     (tmp / "partial" / "results.json").write_text('{"runs": []}')
+    np.save(tmp / "huge.npy", np.concatenate([rng.standard_normal(1000), [1e300]]))  # float64 beyond float32
+    out["huge"] = str(tmp / "huge.npy")
+    np.save(tmp / "unit.npy", rng.laplace(0, 1, 1000))
+    out["unit"] = str(tmp / "unit.npy")
+    plan = {"workload": "synthetic", "workers": 2, "net": "none", "steps": 2, "eval_every": 1, "seed": 0,
+            "target_fraction": 0.99, "target_metric": "accuracy", "extra": {}, "notes": [], "methods": [["bf16", []]]}
+    for name, patch in (("plan-key", {"bogus": 1, "workload": "nosuch"}), ("plan-extra", {"extra": {"bogus": 1}}),
+                        ("plan-target", {"target_fraction": "high"})):
+        (tmp / name).mkdir()
+        (tmp / name / "compare.json").write_text(json.dumps({**plan, **patch}))
     return out
 
 
 DESIGN = ["design", "--scheme", "tnq", "--tail", "laplace", "--bits", "3"]
 HARNESS = ["--net", "none", "--workers", "2"]
+FAST = [*HARNESS, "--workload", "synthetic", "--steps", "2", "--eval-every", "1"]  # short, should a run start
+QUICK = ["--numel", "1000", "--repeat", "1", "--compressors", "tnq", "--bits", "2", "--paths", "reference"]
 BAD_INPUT = [
     # (argv, the words the one line must contain)
     (["train", *HARNESS, "--steps", "0"], "--steps must be an integer >= 1; got 0"),
@@ -57,7 +69,7 @@ BAD_INPUT = [
     (["compare", *HARNESS, "--methods", "bf16", "nosuch:3"], "must be one of"),
     (["train", *HARNESS, "--compressor", "powersgd", "--bits", "3"], "powersgd: unknown option(s) ['bits']"),
     (["train", *HARNESS, "--compressor", "tnq", "--bits", "9"], "--bits for tnq must be in 1..8; got 9"),
-    ([*DESIGN, "--scale", "inf"], "--scale must be a finite number; got inf"),
+    ([*DESIGN, "--scale", "inf"], "--scale must be a finite number in [1.17549e-38, 3.40282e+38]"),
     ([*DESIGN, "--scale", "1", "--seed", "-1"], "--seed must be an integer >= 0; got -1"),
     (["fit", "{tiny}"], "20 non-zero values; a tail fit needs at least 50"),
     (["fit", "{const}"], "every non-zero value has the same magnitude"),
@@ -66,6 +78,56 @@ BAD_INPUT = [
     (["report", "{tmp}/corrupt"], "is not a tailq comparison summary"),
     (["report", "{tmp}/partial"], "is not a tailq comparison summary"),
     (["compare", "--resume", "{tmp}/nothing-here"], "has no compare.json"),
+    # issue 24, item 8: every number finite and in range, checked before anything starts
+    (["train", *FAST, "--lr", "inf"], "--lr must be a finite number > 0; got inf"),
+    (["compare", *FAST, "--methods", "bf16", "--lr", "inf"], "--lr must be a finite number > 0; got inf"),
+    (["compare", *FAST, "--methods", "bf16", "--lr", "nan"], "--lr must be a finite number > 0; got nan"),
+    *[(["train", *FAST, "--tail-df", v], f"--tail-df must be a finite number > 2 (Student-t degrees of freedom with "
+       f"finite variance); got {float(v)}") for v in ("0", "-1", "nan", "inf")],
+    (["compare", *FAST, "--methods", "bf16", "--tail-df", "inf"], "--tail-df must be a finite number > 2"),
+    (["train", *FAST, "--bucket-cap-mb", "inf"], "--bucket-cap-mb must be a finite number in (0, 1e+06]; got inf"),
+    (["train", *FAST, "--bucket-cap-mb", "1e300"], "--bucket-cap-mb must be a finite number in (0, 1e+06]"),
+    (["train", *FAST, "--seed", "-1"], "--seed must be an integer >= 0; got -1"),
+    (["train", *FAST, "--seed", str(2**64 + 1)], "--seed must be in 0..4294967295"),
+    (["train", *FAST, "--workers", "1000"], "--workers must be in 1..250; got 1000"),
+    (["train", *FAST, "--steps", str(10**30)], "--steps must be in 1..9223372036854775807"),
+    (["train", *FAST, "--batch-size", str(10**30)], "--batch-size must be in 1..9223372036854775807"),
+    ([*DESIGN, "--scale", "1e300"], "--scale must be a finite number in [1.17549e-38, 3.40282e+38] (float32's normal "
+     "range"),
+    ([*DESIGN, "--scale", "1e-300"], "--scale must be a finite number in [1.17549e-38, 3.40282e+38]"),
+    (["design", "--scheme", "tnq", "--tail", "laplace", "--bits", "8", "--scale", "1e38"],
+     "--scale: the design's levels reach 1.27627e+39, beyond float32's range"),
+    (["design", "--scheme", "tnq", "--tail", "powerlaw", "--bits", "3", "--gamma", "4", "--m", "1e300"],
+     "--m must be a finite number in [1.17549e-38, 3.40282e+38]"),
+    ([*DESIGN, "--scale", "1", "--mc-samples", str(10**14)], "--mc-samples must be in 1..100000000"),
+    ([*DESIGN, "--scale", "1", "--seed", str(2**64 + 1)], "--seed must be in 0..4294967295"),
+    (["fit", "{huge}"], "huge.npy: values up to 1e+300 are beyond float32's range (+-3.40282e+38)"),
+    (["demo", "--n", "0"], "--n must be an integer >= 1; got 0"),
+    (["demo", "--n", "-1"], "--n must be an integer >= 1; got -1"),
+    (["bench", "codec", "--numel", str(10**14)], "--numel must be in 1..2147483647"),
+    (["bench", "codec", *QUICK, "--threads", "0"], "--threads must be an integer >= 1; got 0"),
+    (["bench", "codec", *QUICK, "--world", "1000"], "--world must be in 1..64; got 1000"),
+    (["bench", "codec", "--numel", "1000", "--repeat", "1", "--compressors", "tnq", "--paths", "reference", "--bits"],
+     "--bits needs at least one value"),
+    (["bench", "scale", "--compressor", "nosuch"], "--compressor nosuch --code-bits 3: unknown compressor 'nosuch'"),
+    # a compare.json that is not a plan: one line naming the file and the key
+    (["compare", "--resume", "{tmp}/plan-key"], "plan-key/compare.json: unknown key 'bogus'"),
+    (["compare", "--resume", "{tmp}/plan-extra"], "plan-extra/compare.json: unknown key 'extra.bogus'"),
+    (["compare", "--resume", "{tmp}/plan-target"], "plan-target/compare.json: --target must be a finite number"),
+    # what becomes a path component is a plain name; an empty string is not a silent default
+    (["compare", *FAST, "--methods", "bf16", "--out", "{tmp}/out", "--id", "../x"], "--id must be a plain name"),
+    (["compare", *FAST, "--methods", "bf16", "--out", "{tmp}/out", "--id", ".."], "--id must be a plain name"),
+    (["compare", *FAST, "--methods", "bf16", "--out", "{tmp}/out", "--id", ""], "--id must be a plain name"),
+    (["compare", *FAST, "--methods", "bf16", "--out", "{tmp}/out", "--id", "a/b"], "--id must be a plain name"),
+    (["compare", *FAST, "--methods", ""], "--methods: '': the method must be one of"),
+    (["compare", *FAST, "--methods", "bf16", "--resume", ""], "--resume must be a path; got ''"),
+    (["compare", *FAST, "--methods", "bf16", "--json", ""], "--json must be a path; got ''"),
+    (["train", *FAST, "--workload", ""], "--workload must be one of digits"),
+    (["train", *FAST, "--run-dir", ""], "--run-dir must be a path; got ''"),
+    # argparse's own complaints are one line too, named by the subcommand
+    ([*DESIGN[:-1], "abc", "--scale", "1"], "argument --bits: invalid int value: 'abc'"),
+    (["fit", "{unit}", "--bits", "0"], "argument --bits: invalid choice: 0"),
+    (["list", "--json", "extra"], "unrecognized arguments: extra"),
 ]
 
 
@@ -75,12 +137,23 @@ def test_bad_input_is_one_clear_line_and_exit_2(argv: list[str], words: str, tmp
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     files = _files(tmp_path)
     monkeypatch.chdir(tmp_path)  # a run directory would land here: nothing may be created
+
+    def started(*_: object, **__: object) -> None:
+        raise AssertionError("a run started")
+
+    import tailq.harness.compare
+    import tailq.harness.launch
+
+    monkeypatch.setattr(tailq.harness.launch, "launch_run", started)
+    monkeypatch.setattr(tailq.harness.compare, "launch_run", started)
+    before = sorted(tmp_path.rglob("*"))
     argv = [a.format(tmp=tmp_path, **files) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"tailq {argv[0]}: error: "), err
-    assert words in err and "Traceback" not in err
+    assert words in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()  # validated before anything started
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written anywhere (an --id cannot leave --out)
 
 
 # -- a comparison never loses finished work ------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 from tailq.comm.network import Network
 from tailq.errors import UsageError
+from tailq.options import check_float
 
 from .config import RunConfig, parse_value
 from .launch import RunFailed, launch_run
@@ -187,6 +188,13 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
     }
 
 
+def _one_directory(what: str, name: Any) -> None:
+    """``name`` (a run id, a method's label) must be one directory name: no separators, not ``.`` or ``..``
+    (``tailq compare --id`` asks more: a plain name, :func:`tailq.options.check_name`)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise UsageError(f"{what}: {name!r} is not one directory name (no '/' or '\\', not '.' or '..')")
+
+
 PLAN = "compare.json"  # the comparison's arguments, written before the first run: what --resume continues
 
 
@@ -227,6 +235,8 @@ def compare(
 
     if not isinstance(seeds, int) or seeds < 1:
         raise UsageError(f"--seeds must be an integer >= 1; got {seeds!r}")
+    if run_id is not None:  # one directory under out_dir, never a path that leaves it
+        _one_directory("--id", run_id)
     if seeds > 1:
         return _compare_seeds(seeds, workload=workload, workers=workers, net=net, methods=methods, steps=steps,
                               eval_every=eval_every, seed=seed, out_dir=out_dir, run_id=run_id,
@@ -247,11 +257,12 @@ def compare(
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise UsageError(f"--methods: {', '.join(dupes)} given more than once (each method is one run directory)")
-    if not 0 < target_fraction <= 1:
-        raise UsageError(f"--target must be in (0, 1]; got {target_fraction}")
+    for label in labels:  # each method's run directory is one directory under the comparison's
+        _one_directory("--methods", label)
+    check_float("--target", target_fraction, 0, 1, low_open=True, error=UsageError)
     if target_metric not in METRICS:
         raise UsageError(f"--target-metric must be one of {', '.join(METRICS)}; got {target_metric!r}")
-    run_id = run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") if run_id is None else run_id
     root = Path(out_dir) / run_id
     # every method validated (its hook built, unbound) before anything starts
     configs = [RunConfig(workload=workload, hook=m.hook, hook_options=dict(m.options), workers=workers, steps=steps,
@@ -303,7 +314,7 @@ def _compare_seeds(seeds: int, *, out_dir: str, run_id: str | None, seed: int, r
                    notes: list[str] | None, net: Network | str, methods: list[Method] | None,
                    **args: Any) -> Path:
     """K complete comparisons (``seed<S>/`` each), then their aggregate; a failed seed does not lose the others."""
-    run_id = run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_id = run_id if run_id is not None else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(out_dir) / run_id
     root.mkdir(parents=True, exist_ok=True)
     net_arg = net if isinstance(net, str) else net.as_arg()
@@ -513,9 +524,25 @@ def _finished(cfg: RunConfig) -> dict[str, Any] | None:
 def resume(root: str | Path, *, quiet: bool = False) -> Path:
     """Continue the comparison in ``root`` (``tailq compare --resume DIR``): the finished runs are kept, the
     missing or failed ones rerun with the saved arguments, and the report rebuilt."""
-    root = Path(root)
+    root = Path(root).resolve()  # "." or "..": the directory's own name is the run id
+    path = root / PLAN
     try:
-        plan = json.loads((root / PLAN).read_text())
+        plan = json.loads(path.read_text())
+        if not isinstance(plan, dict):
+            raise TypeError(f"expected a JSON object, got {type(plan).__name__}")
+        unknown = sorted(set(plan) - _PLAN_KEYS)
+        if unknown:
+            raise UsageError(f"--resume: {path}: unknown key {unknown[0]!r} (a comparison plan has the keys "
+                             f"{', '.join(sorted(_PLAN_KEYS))})")
+        extra = plan["extra"]
+        if not isinstance(extra, dict):
+            raise TypeError(f"'extra' must be an object, got {extra!r}")
+        unknown = sorted(set(extra) - _EXTRA_KEYS)
+        if unknown:
+            raise UsageError(f"--resume: {path}: unknown key 'extra.{unknown[0]}' (the run options in 'extra' are "
+                             f"{', '.join(sorted(_EXTRA_KEYS))})")
+        if not isinstance(plan["notes"], list) or not all(isinstance(n, str) for n in plan["notes"]):
+            raise TypeError(f"'notes' must be a list of strings, got {plan['notes']!r}")
         methods = [Method(hook, tuple((k, v) for k, v in opts)) for hook, opts in plan["methods"]]
         args = {k: plan[k] for k in ("workload", "workers", "net", "steps", "eval_every", "seed", "target_fraction",
                                      "extra", "notes")}
@@ -523,9 +550,22 @@ def resume(root: str | Path, *, quiet: bool = False) -> Path:
         args["target_metric"] = plan.get("target_metric", "accuracy")
     except FileNotFoundError:
         raise UsageError(f"--resume: {root} has no {PLAN} (a directory written by tailq compare)") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"--resume: {root / PLAN} is not a comparison plan ({err})") from err
-    return compare(methods=methods, out_dir=str(root.parent), run_id=root.name, quiet=quiet, resume=True, **args)
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--resume: {path} is not a comparison plan ({type(err).__name__}: {err})") from err
+    try:
+        return compare(methods=methods, out_dir=str(root.parent), run_id=root.name, quiet=quiet, resume=True, **args)
+    except UsageError as err:  # a value of the plan that the comparison refuses (checked before anything runs)
+        raise UsageError(f"--resume: {path}: {err}") from err
+
+
+# the keys of compare.json, and the run options its "extra" may carry (RunConfig's fields that compare does not set)
+_PLAN_KEYS = frozenset({"workload", "workers", "net", "steps", "eval_every", "seed", "seeds", "target_fraction",
+                        "target_metric", "extra", "notes", "methods"})
+_EXTRA_KEYS = frozenset({f.name for f in dataclasses.fields(RunConfig)} - {
+    "workload", "hook", "hook_options", "workers", "steps", "eval_every", "seed", "net", "run_dir", "label",
+    "target_metric", "time_budget_s", "extend_to_target", "max_steps"})
 
 
 def _cpus() -> int:

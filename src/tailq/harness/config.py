@@ -9,7 +9,7 @@ from typing import Any
 
 from tailq.comm.network import Network
 from tailq.errors import UsageError
-from tailq.options import check_int
+from tailq.options import INT64_MAX, MAX_BUCKET_CAP_MB, MAX_WORKERS, SEED_MAX, check_float, check_int
 
 from .workloads import WORKLOADS
 
@@ -72,9 +72,14 @@ class RunConfig:
             raise UsageError(f"--workload must be one of {', '.join(WORKLOADS)}; got {self.workload!r}")
         if self.hook not in hook_names():
             raise UsageError(f"--compressor must be one of {', '.join(hook_names())}; got {self.hook!r}")
-        for key, lo in (("workers", 1), ("steps", 1), ("eval_every", 1), ("threads", 1), ("checkpoint_every", 0),
-                        ("measure_every", 0)):
-            check_int(f"--{key.replace('_', '-')}", getattr(self, key), lo, error=UsageError)
+        for key, lo, hi in (("workers", 1, MAX_WORKERS), ("steps", 1, INT64_MAX), ("eval_every", 1, INT64_MAX),
+                            ("threads", 1, 1024), ("checkpoint_every", 0, INT64_MAX), ("measure_every", 0, INT64_MAX),
+                            ("seed", 0, SEED_MAX)):
+            name = f"--{key.replace('_', '-')}"
+            check_int(name, getattr(self, key), lo, error=UsageError)  # "must be an integer >= lo" below the range
+            check_int(name, getattr(self, key), lo, hi, error=UsageError)
+        if not isinstance(self.hook_options, dict):
+            raise UsageError(f"hook_options must be a dict of KEY=VALUE options; got {self.hook_options!r}")
         bits = self.hook_options.get("bits")
         if isinstance(bits, int) and not isinstance(bits, bool):
             from tailq.codec import list_compressors
@@ -83,22 +88,31 @@ class RunConfig:
             opt = cls.options.get("bits") if cls is not None else None
             if opt is not None and opt.low is not None and opt.high is not None and not opt.low <= bits <= opt.high:
                 raise UsageError(f"--bits for {self.hook} must be in {opt.low:g}..{opt.high:g}; got {bits}")
-        if self.lr is not None and not self.lr > 0:
-            raise UsageError(f"--lr must be > 0; got {self.lr}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1; got {self.batch_size}")
+        # every number finite and in range (NaN, inf and wrong types refused here, before any worker starts)
+        if self.lr is not None:
+            check_float("--lr", self.lr, 0, low_open=True, error=UsageError)
+        if self.batch_size is not None:
+            check_int("--batch-size", self.batch_size, 1, error=UsageError)
+        check_float("--tail-df", self.tail_df, 2, low_open=True, note=" (Student-t degrees of freedom with finite "
+                    "variance)", error=UsageError)
+        check_float("--bucket-cap-mb", self.bucket_cap_mb, 0, MAX_BUCKET_CAP_MB, low_open=True, error=UsageError)
+        if self.time_budget_s is not None:
+            check_float("time_budget_s", self.time_budget_s, 0, low_open=True, error=UsageError)
         if self.target_metric not in ("accuracy", "loss"):
             raise UsageError(f"--target-metric must be accuracy or loss; got {self.target_metric!r}")
-        if self.extend_to_target is not None and self.target_metric == "accuracy" \
-                and not 0 <= self.extend_to_target <= 1:
-            raise UsageError(f"extend_to_target must be an accuracy in [0, 1]; got {self.extend_to_target}")
-        if self.extend_to_target is not None and self.target_metric == "loss" and not self.extend_to_target > 0:
-            raise UsageError(f"extend_to_target must be a test loss > 0; got {self.extend_to_target}")
+        if self.extend_to_target is not None and self.target_metric == "accuracy":
+            check_float("extend_to_target (an accuracy)", self.extend_to_target, 0, 1, error=UsageError)
+        if self.extend_to_target is not None and self.target_metric == "loss":
+            check_float("extend_to_target (a test loss)", self.extend_to_target, 0, low_open=True, error=UsageError)
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < self.steps):
             raise UsageError(f"max_steps must be an integer >= steps ({self.steps}); got {self.max_steps!r}")
-        if not self.bucket_cap_mb > 0:
-            raise UsageError(f"--bucket-cap-mb must be > 0; got {self.bucket_cap_mb}")
+        if not isinstance(self.fsdp, bool):
+            raise UsageError(f"fsdp must be true or false; got {self.fsdp!r}")
+        for key in ("data_dir", "run_dir", "label"):
+            value = getattr(self, key)
+            if not (value is None and key == "data_dir") and not isinstance(value, str):
+                raise UsageError(f"{key} must be a string; got {value!r}")
         if not isinstance(self.net, Network):
             raise UsageError(f"net must be a tailq.comm.network.Network or --net text; got {self.net!r}")
         if self.fsdp:

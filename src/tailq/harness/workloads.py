@@ -179,8 +179,9 @@ def digits(seed: int = 0, **_: Any) -> Workload:
 
 def synthetic(seed: int = 0, tail_df: float = 3.0, n: int = 8192, d: int = 128, classes: int = 10,
               **_: Any) -> Workload:
-    if not tail_df > 2:
-        raise ValueError(f"tail_df must be > 2 (finite variance); got {tail_df}")
+    if isinstance(tail_df, bool) or not isinstance(tail_df, int | float) or not (math.isfinite(tail_df)
+                                                                                  and tail_df > 2):
+        raise ValueError(f"tail_df must be a finite number > 2 (finite variance); got {tail_df!r}")
     rng = np.random.default_rng(seed)
     centers = rng.normal(0, 1, (classes, d))
     y = rng.integers(0, classes, n)

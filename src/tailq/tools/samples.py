@@ -8,12 +8,15 @@ from typing import Any
 import numpy as np
 
 from tailq.errors import UsageError
+from tailq.options import FLOAT32_MAX, FLOAT32_TINY
 
 __all__ = ["load_samples", "monte_carlo_mse"]
 
 
 def load_samples(path: str) -> np.ndarray:
-    """Flattened gradient values from a ``.npy`` file or a ``.pt`` file of tensors (``weights_only=True``)."""
+    """Flattened gradient values from a ``.npy`` file or a ``.pt`` file of tensors (``weights_only=True``): finite,
+    within float32's range, and (unless all zero) of a scale in float32's normal range; else :class:`UsageError`
+    naming the file."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(
@@ -47,6 +50,15 @@ def load_samples(path: str) -> np.ndarray:
     bad = int((~np.isfinite(x)).sum())
     if bad:
         raise UsageError(f"{path}: contains {bad} non-finite values (NaN/Inf) of {x.size}")
+    # the codec computes in float32: values beyond its range, or a scale below its normal numbers, cannot be coded
+    with np.errstate(over="ignore"):
+        top, scale = float(np.max(np.abs(x))), float(np.mean(np.abs(x)))
+    if top > FLOAT32_MAX:
+        raise UsageError(f"{path}: values up to {top:.6g} are beyond float32's range (+-{FLOAT32_MAX:.6g}) that the "
+                         "codec computes in; rescale them")
+    if 0 < scale < FLOAT32_TINY:
+        raise UsageError(f"{path}: mean |value| {scale:.6g} is below float32's normal range (>= {FLOAT32_TINY:.6g}) "
+                         "that the codec computes in; rescale them")
     return x
 
 
