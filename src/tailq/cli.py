@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -566,6 +567,7 @@ class _Check:
     low_open: bool = False
     note: str = ""
     name: bool = False  # str: a plain name (check_name), not only non-empty
+    output: str = ""  # str: "dir" (a directory the command creates or writes in) or "file" (written at the end)
 
     def check(self, value: Any) -> None:
         if isinstance(value, list) and not value:
@@ -590,11 +592,33 @@ class _Check:
                 check_name(self.flag, v, error=UsageError)
             elif not v.strip():
                 raise UsageError(f"{self.flag} must be a path; got {v!r}")
+            elif self.output and not (self.output == "file" and v == "-"):
+                _check_output(self.flag, v, self.output == "dir")
+
+
+def _check_output(flag: str, path: str, directory: bool) -> None:
+    """Where a command will write can be written, checked without creating anything: a file's directory exists (it
+    is written at the end, after the work), a directory is one or can be made under the nearest existing one."""
+    p = Path(path)
+    if directory:
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{flag} {path}: exists and is not a directory")
+        near = p
+        while not near.exists() and near != near.parent:
+            near = near.parent
+        if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path}: cannot create it under {near} (not a writable directory)")
+        return
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; give a file path")
+    parent = p.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {parent} is not a writable directory (it is not created)")
 
 
 def _arg(s: argparse.ArgumentParser, flag: str, kind: type = str, low: float | None = None,
          high: float | None = None, *, low_open: bool = False, note: str = "", name: bool = False,
-         **kw: Any) -> None:
+         output: str = "", **kw: Any) -> None:
     """``add_argument`` with the option's accepted values, checked by :func:`main` before the command runs."""
     action = s.add_argument(flag, type=kind, **kw) if kind is not str else s.add_argument(flag, **kw)
     checks = s.get_default("_checks")
@@ -602,7 +626,7 @@ def _arg(s: argparse.ArgumentParser, flag: str, kind: type = str, low: float | N
         checks = []
         s.set_defaults(_checks=checks)
     shown = flag if flag.startswith("-") else kw.get("metavar", flag.upper())
-    checks.append(_Check(shown, action.dest, kind, low, high, low_open, note, name))
+    checks.append(_Check(shown, action.dest, kind, low, high, low_open, note, name, output))
 
 
 F32 = " (float32's normal range: the codec computes in float32)"
@@ -640,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the first main job: every compressor at 2, 3, 4 bits on heavy tails")
     _arg(s, "--n", int, 1, 10**8, default=1 << 18, help="samples per distribution")
     _arg(s, "--seed", int, 0, SEED_MAX, default=0)
-    _arg(s, "--json", metavar="PATH", help="also write the table as JSON")
+    _arg(s, "--json", output="file", metavar="PATH", help="also write the table as JSON")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="micro-benchmarks: codec throughput per kernel path, hook time vs bf16")
@@ -665,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(s, "--modeled", int, 2, 2**20, nargs="*", default=[64, 256, 1024], help="scale: worker counts modeled")
     s.add_argument("--compressor", default="tnq", help="scale: a shared-codebook compressor (default tnq)")
     _arg(s, "--code-bits", int, 1, 8, default=3, help="scale: its bits (default 3)")
-    _arg(s, "--json", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")
+    _arg(s, "--json", output="file", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("train", help="one training run (a compressor, N workers, a workload, a network)")
@@ -673,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compressor", default="tnq", help="any hook name (tailq list, or fp32/fp16/bf16/powersgd)")
     s.add_argument("--bits", type=int, help="bits per coordinate (compressors that take bits)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="more hook options")
-    _arg(s, "--run-dir", help="where to write (default runs/train-<compressor>)")
+    _arg(s, "--run-dir", output="dir", help="where to write (default runs/train-<compressor>)")
     _arg(s, "--checkpoint-every", int, 0, INT64_MAX, default=0, help="steps between checkpoints (0 = none)")
     s.set_defaults(func=cmd_train)
 
@@ -692,9 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(s, "--seeds", int, 1, INT64_MAX, default=1,
                    help="run the whole comparison with K seeds (--seed, --seed+1, ...): medians, exact "
                         "order-statistic intervals and speedups paired by seed (default 1)")
-    _arg(s, "--out", default="runs", help="parent directory of the run directory")
+    _arg(s, "--out", output="dir", default="runs", help="parent directory of the run directory")
     _arg(s, "--id", name=True, help="run directory name: letters, digits, -_. (default: a timestamp)")
-    _arg(s, "--json", metavar="PATH", help="also write the summary JSON here")
+    _arg(s, "--json", output="file", metavar="PATH", help="also write the summary JSON here")
     _arg(s, "--resume", metavar="DIR", help="continue the comparison in DIR: keep its finished runs, rerun "
                    "the missing or failed ones with its saved arguments, rebuild the report (other options ignored)")
     s.set_defaults(func=cmd_compare)

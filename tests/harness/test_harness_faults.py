@@ -85,10 +85,14 @@ BAD_INPUT = [
     *[(["train", *FAST, "--tail-df", v], f"--tail-df must be a finite number > 2 (Student-t degrees of freedom with "
        f"finite variance); got {float(v)}") for v in ("0", "-1", "nan", "inf")],
     (["compare", *FAST, "--methods", "bf16", "--tail-df", "inf"], "--tail-df must be a finite number > 2"),
+    (["compare", *FAST, "--methods", "bf16", "tnq:3:timeout_s=inf"], "option 'timeout_s' must be a finite number"),
+    (["train", *FAST, "--option", "timeout_s=inf"], "option 'timeout_s' must be a finite number; got inf"),
     (["train", *FAST, "--bucket-cap-mb", "inf"], "--bucket-cap-mb must be a finite number in (0, 1e+06]; got inf"),
     (["train", *FAST, "--bucket-cap-mb", "1e300"], "--bucket-cap-mb must be a finite number in (0, 1e+06]"),
     (["train", *FAST, "--seed", "-1"], "--seed must be an integer >= 0; got -1"),
     (["train", *FAST, "--seed", str(2**64 + 1)], "--seed must be in 0..4294967295"),
+    (["compare", *FAST, "--methods", "bf16", "--seed", "4294967295", "--seeds", "2"],
+     "--seed 4294967295 with --seeds 2 would run seeds up to 4294967296; seeds must be in 0..4294967295"),
     (["train", *FAST, "--workers", "1000"], "--workers must be in 1..250; got 1000"),
     (["train", *FAST, "--steps", str(10**30)], "--steps must be in 1..9223372036854775807"),
     (["train", *FAST, "--batch-size", str(10**30)], "--batch-size must be in 1..9223372036854775807"),
@@ -122,6 +126,12 @@ BAD_INPUT = [
     (["compare", *FAST, "--methods", ""], "--methods: '': the method must be one of"),
     (["compare", *FAST, "--methods", "bf16", "--resume", ""], "--resume must be a path; got ''"),
     (["compare", *FAST, "--methods", "bf16", "--json", ""], "--json must be a path; got ''"),
+    (["train", *FAST, "--run-dir", "{tmp}/partial/results.json/run"], "--run-dir {tmp}/partial/results.json/run: "
+     "cannot create it under {tmp}/partial/results.json (not a writable directory)"),
+    (["compare", *FAST, "--methods", "bf16", "--out", "{tmp}/partial/results.json"], "exists and is not a directory"),
+    (["compare", *FAST, "--methods", "bf16", "--json", "{tmp}/nothing-here/s.json"],
+     "--json {tmp}/nothing-here/s.json: {tmp}/nothing-here is not a writable directory (it is not created)"),
+    (["demo", "--n", "100", "--json", "{tmp}"], "--json {tmp}: is a directory; give a file path"),
     (["train", *FAST, "--workload", ""], "--workload must be one of digits"),
     (["train", *FAST, "--run-dir", ""], "--run-dir must be a path; got ''"),
     # argparse's own complaints are one line too, named by the subcommand
@@ -151,6 +161,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(argv: list[str], words: str, tmp
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"tailq {argv[0]}: error: "), err
+    words = words.format(tmp=tmp_path)
     assert words in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()  # validated before anything started
     assert sorted(tmp_path.rglob("*")) == before  # nothing written anywhere (an --id cannot leave --out)

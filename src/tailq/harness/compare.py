@@ -22,7 +22,7 @@ from typing import Any
 
 from tailq.comm.network import Network
 from tailq.errors import UsageError
-from tailq.options import check_float
+from tailq.options import SEED_MAX, check_float
 
 from .config import RunConfig, parse_value
 from .launch import RunFailed, launch_run
@@ -237,6 +237,9 @@ def compare(
         raise UsageError(f"--seeds must be an integer >= 1; got {seeds!r}")
     if run_id is not None:  # one directory under out_dir, never a path that leaves it
         _one_directory("--id", run_id)
+    if isinstance(seed, int) and seed + seeds - 1 > SEED_MAX:  # before the first seed runs, not after
+        raise UsageError(f"--seed {seed} with --seeds {seeds} would run seeds up to {seed + seeds - 1}; seeds must be "
+                         f"in 0..{SEED_MAX}")
     if seeds > 1:
         return _compare_seeds(seeds, workload=workload, workers=workers, net=net, methods=methods, steps=steps,
                               eval_every=eval_every, seed=seed, out_dir=out_dir, run_id=run_id,

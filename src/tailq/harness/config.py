@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,14 @@ class RunConfig:
             check_float("time_budget_s", self.time_budget_s, 0, low_open=True, error=UsageError)
         if self.target_metric not in ("accuracy", "loss"):
             raise UsageError(f"--target-metric must be accuracy or loss; got {self.target_metric!r}")
-        if self.extend_to_target is not None and self.target_metric == "accuracy":
-            check_float("extend_to_target (an accuracy)", self.extend_to_target, 0, 1, error=UsageError)
-        if self.extend_to_target is not None and self.target_metric == "loss":
-            check_float("extend_to_target (a test loss)", self.extend_to_target, 0, low_open=True, error=UsageError)
+        if self.extend_to_target is not None:
+            accuracy = self.target_metric == "accuracy"
+            try:
+                check_float("extend_to_target", self.extend_to_target, 0, 1 if accuracy else None,
+                            low_open=not accuracy, error=UsageError)
+            except UsageError:
+                need = "an accuracy in [0, 1]" if accuracy else "a test loss > 0"
+                raise UsageError(f"extend_to_target must be {need}; got {self.extend_to_target!r}") from None
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < self.steps):
             raise UsageError(f"max_steps must be an integer >= steps ({self.steps}); got {self.max_steps!r}")
@@ -138,6 +143,14 @@ class RunConfig:
 
         opts = dict(self.hook_options)
         what = f"method {self.name}: " if self.label else ""
+        from tailq.codec import list_compressors
+
+        cls = list_compressors().get(self.hook)
+        for key, value in opts.items():  # an infinite value only where the option says inf is meant (no clipping)
+            if isinstance(value, float) and math.isinf(value):
+                opt = cls.options.get(key) if cls is not None else None
+                if opt is None or opt.high != math.inf or value < 0:
+                    raise UsageError(f"{what}option {key!r} must be a finite number; got {value!r}")
         if self.fsdp and self.hook not in BUILTINS:
             from tailq.fsdp import reduce_scatter
 
