@@ -16,6 +16,7 @@ fails naming the missing rank's file; another world size is refused by name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,14 +35,30 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_train.p
 BIN = Path(sys.executable).parent
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo.extend(children.get(out[-1], []))
+    return out
+
+
 def _launch(cmd: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess[str]:
-    """``cmd`` in a session of its own: on a timeout every process it started is killed, not only the launcher."""
+    """``cmd`` on a timeout every process it started is killed, not only the launcher."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _tree(proc.pid):  # torchrun starts its workers in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(f"still running after {timeout} s (a rank waits in a collective?)\n{out[-2000:]}"
                              f"{err[-3000:]}") from None
