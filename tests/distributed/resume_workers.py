@@ -156,3 +156,26 @@ def w_unused_loaded_residuals(rank: int, world: int) -> list[str]:
         logging.getLogger("tailq").removeHandler(handler)
         again.close()
     return seen
+
+
+def w_resume_with_other_options(rank: int, world: int) -> dict[str, str]:
+    """A state loaded by a hook with another ``measure_every`` (measurement only), another ``timeout_s``, or other
+    ``bits`` (arithmetic): "ok" or the error."""
+    base = {"bits": 3, "warmup_steps": 1, "min_bucket": 0, "error_feedback": True, "route": "allreduce"}
+    state = TailqState("tnq", **base)
+    for _ in range(2):
+        state.process(FakeBucket(heavy(4096, seed=rank)))
+    saved = state.state_dict()
+    state.close()
+    out = {}
+    for what, change in (("measure_every", {"measure_every": 2}), ("timeout_s", {"timeout_s": 600}),
+                         ("bits", {"bits": 4})):
+        again = TailqState("tnq", **{**base, **change})
+        try:
+            again.load_state_dict(saved)
+            again.process(FakeBucket(heavy(4096, seed=rank)))
+            out[what] = "ok" if again.step == 3 else f"step {again.step}"
+        except ValueError as err:
+            out[what] = str(err).splitlines()[0]
+        again.close()
+    return out

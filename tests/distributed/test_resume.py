@@ -8,6 +8,7 @@ import torch
 from resume_workers import (
     w_checkpoint_after_warmup,
     w_residuals_across_regrouping,
+    w_resume_with_other_options,
     w_static_graph_checkpoint,
     w_unused_loaded_residuals,
     w_world_of_one,
@@ -54,3 +55,9 @@ def test_loaded_residuals_that_go_unused_are_named_in_a_warning() -> None:
     for seen in launch(w_unused_loaded_residuals, 2):
         assert len(seen) == 1  # after the first step only
         assert "0:4096:" in seen[0] and "prime_buckets" in seen[0]
+
+
+def test_a_resume_may_change_what_measures_but_not_what_computes() -> None:
+    for r in launch(w_resume_with_other_options, 2):
+        assert r["measure_every"] == "ok" and r["timeout_s"] == "ok"  # before: measure_every was refused
+        assert "compressor" in r["bits"] and "differ" in r["bits"]

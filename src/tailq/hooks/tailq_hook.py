@@ -57,10 +57,18 @@ from .config import HookConfig
 from .layout import BucketLayouts
 from .metrics import HookMetrics
 
-__all__ = ["TailqState", "bucket_key", "measure_codec_cost", "tailq_hook"]
+__all__ = ["MEASUREMENT_ONLY", "TailqState", "bucket_key", "measure_codec_cost", "resume_config", "tailq_hook"]
 
 STATE_VERSION = 1
+MEASUREMENT_ONLY = frozenset({"measure_every"})
+"""Options every rank must share (they add collectives) but a resumed run may change: they measure, and change
+nothing that goes on the wire for the method or into its state."""
 log = logging.getLogger("tailq")
+
+
+def resume_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What a loaded state's ``config()`` must equal: everything but :data:`MEASUREMENT_ONLY`."""
+    return {k: v for k, v in config.items() if k not in MEASUREMENT_ONLY}
 
 
 def bucket_key(bucket: dist.GradBucket) -> str:
@@ -207,9 +215,11 @@ class TailqState:
                 "warmup_timings": self._warmup_timings(), **self.policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("config") != self.config():
-            raise ValueError(f"hook state was saved with a different configuration:\n  saved: {state.get('config')}\n"
-                             f"  this:  {self.config()}")
+        saved, mine = resume_config(state.get("config") or {}), resume_config(self.config())
+        if saved != mine:
+            differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            raise ValueError(f"hook state was saved with a different configuration ({', '.join(differ)} differ):\n"
+                             f"  saved: {state.get('config')}\n  this:  {self.config()}")
         self.step = int(state["step"])
         if self.memory is not None:
             self.memory.load_state_dict(state["error_feedback"])

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tailq.hooks import HookState
+from tailq.hooks.tailq_hook import MEASUREMENT_ONLY
 
 __all__ = ["FORMAT", "config_differences", "load_checked", "rank_and_world", "rank_file_state", "read_rank_file",
            "to_cpu", "write_rank_file"]
@@ -128,7 +129,7 @@ def config_differences(saved: dict[str, Any] | None, now: dict[str, Any]) -> lis
     a, b = _flat(saved or {}), _flat(now)
     out = []
     for key in sorted(set(a) | set(b)):
-        if key == "world_size" or a.get(key, "(absent)") == b.get(key, "(absent)"):
+        if key in ("world_size", *MEASUREMENT_ONLY) or a.get(key, "(absent)") == b.get(key, "(absent)"):
             continue
         shown = "hook" if key in ("compressor.name", "name") else key.removeprefix("compressor.")
         out.append(f"{shown}: saved {a.get(key, '(absent)')!r}, now {b.get(key, '(absent)')!r}")
@@ -139,8 +140,8 @@ def load_checked(state: HookState, saved: dict[str, Any], *, who: str, fresh: st
     """``state.load_state_dict(saved)`` after naming every option that differs from the saved run's.
 
     The hook state refuses another configuration itself; this says which option, and what to do. Options that do
-    not change the arithmetic (``timeout_s``) and equivalent spellings (``error_feedback=True`` / ``"all"``) are
-    not part of the configuration, so they may differ.
+    not change the arithmetic (``timeout_s``, ``measure_every``) and equivalent spellings (``error_feedback=True`` /
+    ``"all"``) are not part of the configuration compared, so they may differ.
     """
     diff = config_differences(saved.get("config"), state.config())
     if diff:

@@ -88,6 +88,7 @@ from tailq.comm.routes import shard_numel
 from tailq.comm.wire import Comm, Tag
 from tailq.hooks.config import HookConfig
 from tailq.hooks.metrics import HookMetrics
+from tailq.hooks.tailq_hook import resume_config
 from tailq.kernels import RandKey, dispatch
 
 try:  # torch >= 2.9 (FSDP2's pluggable collectives)
@@ -494,7 +495,7 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
                 **(self.policy.state_dict() if self.policy is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved, mine = dict(state.get("config") or {}), self.config()
+        saved, mine = resume_config(state.get("config") or {}), resume_config(self.config())
         version = saved.get("state_version")
         if version != STATE_VERSION:
             raise ValueError(f"tailq.fsdp: state_version {version} cannot be loaded by this tailq (state_version "
