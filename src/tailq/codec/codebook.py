@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,11 +23,33 @@ import torch
 
 from tailq.kernels import RandKey, RoundSpec, counter_uniform, dispatch
 
+from .base import FLOAT32_MAX
 from .packing import LanePlan, pack_bits, pack_lanes, unpack_bits, unpack_lanes
 
-__all__ = ["Codebook", "Generator", "SnappedCodebook", "stochastic_round_uniform", "stochastic_round_levels"]
+__all__ = ["Codebook", "Generator", "SnappedCodebook", "fit_float32", "mean_headroom", "stochastic_round_uniform",
+           "stochastic_round_levels"]
 
 Generator = torch.Generator | RandKey  # what the rounding functions accept as their source of randomness
+
+
+def fit_float32(levels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """float64 ``levels`` scaled down (if need be) so the outer one is at most float32's largest value.
+
+    For designs and rescalings computed in float64 (α* of a tail model, a kept design times Σ|g_t|/Σ|g_design|)
+    that land beyond float32: every input is within ±FLOAT32_MAX, so bringing the outer level down to it clips
+    nothing more, and scaling the whole set (not clipping it) keeps the levels distinct and the design's shape.
+    """
+    lv = np.asarray(levels.detach().cpu().double() if isinstance(levels, torch.Tensor) else levels, dtype=np.float64)
+    top = float(np.abs(lv).max()) if lv.size else 0.0
+    return lv * (FLOAT32_MAX / top) if top > FLOAT32_MAX else lv
+
+
+def mean_headroom(top: float, count: int) -> int:
+    """The octaves k a mean of ``count`` float32 values of magnitude at most ``top`` is summed at (values
+    scaled by 2^-k, the mean scaled back by 2^k), so that its float32 sum cannot overflow: 0 — the plain sum —
+    while count·top ≤ FLOAT32_MAX/2, which leaves room for the sum's rounding; else the fewest octaves that do."""
+    need = 2.0 * count * top / FLOAT32_MAX  # float64: no overflow for any count
+    return 0 if need <= 1.0 else max(1, math.ceil(math.log2(need)))
 
 
 def _f32(v: float) -> float:
@@ -231,7 +254,23 @@ class Codebook:
 
         Summed in payload order starting from 0.0, then divided by the count (the reference order). ``out``: a
         float32 tensor of ``n`` elements to write the mean into (the fast path then allocates nothing).
+
+        Headroom: where the count times the largest |level| could overflow float32 while summing (levels within
+        a factor 2·count of float32's largest value, :func:`mean_headroom`), the same arithmetic runs on the
+        levels scaled by 2^-k — exact, so the float32 sum rounds as it would with an unbounded exponent — and
+        the mean is scaled back by 2^k (clamped to the levels' range against the sum's last rounding). Every
+        other codebook takes the plain path: no extra pass.
         """
+        k = mean_headroom(max(-self.low, self.high), len(payloads))
+        if k:
+            scaled = Codebook(self.levels * 2.0**-k, uniform=self.uniform)  # exact: powers of two
+            res = scaled._decode_mean_packed(payloads, bits, n, out)
+            return res.clamp_(scaled.low, scaled.high).mul_(2.0**k)
+        return self._decode_mean_packed(payloads, bits, n, out)
+
+    def _decode_mean_packed(
+        self, payloads: Sequence[torch.Tensor], bits: int, n: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
         res = dispatch.decode_dense_mean(payloads, self.round_spec, bits, n, out)
         if res is not None:
             return res

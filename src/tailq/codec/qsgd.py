@@ -15,7 +15,10 @@ exactly ceil(n·bits/8) bytes), plus one float32 norm per bucket:
 bits per coordinate = (8·ceil(n·bits/8) + 32·ceil(n/bucket_size)) / n  (≈ bits + 32/bucket_size).
 
 The norm is rounded *up* to float32 so r_i ≤ 1 holds exactly; encode and decode use the same float32 norm,
-which keeps the estimate unbiased.
+which keeps the estimate unbiased. A norm beyond float32's range (a bucket of values near its largest value) is
+sent as that largest value instead: a scale S ≥ every |v_i| below ‖v‖, so r_i ≤ 1 still holds, the estimate stays
+unbiased and the variance only shrinks (each term ≤ S²/(4s²) — the bounds below with S in place of ‖v‖ hold a
+fortiori); every decoded value S·level stays finite.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from tailq.kernels import RandKey, baselines
 
-from .base import Compressor, Encoded, Option, check_input, register
+from .base import FLOAT32_MAX, Compressor, Encoded, Option, check_input, register
 from .codebook import stochastic_round_levels, stochastic_round_uniform
 from .packing import pack_bits, unpack_bits
 from .scales import round_up_f32
@@ -83,7 +86,8 @@ class _BucketNormQuantizer(Compressor):
         pad = nb * b - n
         v = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
         norm64 = torch.linalg.vector_norm(v.view(nb, b), dim=1, dtype=torch.float64)
-        return round_up_f32(norm64, f"{self.name}: bucket L2 norm")
+        # a norm beyond float32 (values near its top) is sent as float32's largest value: still >= every |v_i|
+        return round_up_f32(norm64.clamp_(max=FLOAT32_MAX), f"{self.name}: bucket L2 norm")
 
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> Encoded:
         """``generator``: a ``torch.Generator`` or a :class:`~tailq.kernels.RandKey`; with a key the rounding,

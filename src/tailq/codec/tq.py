@@ -34,7 +34,7 @@ from tailq import theory
 from tailq.kernels import RandKey, dispatch
 
 from .base import FLOAT32_MAX, Aggregation, Compressor, Encoded, Option, check_input, register
-from .codebook import Codebook
+from .codebook import Codebook, fit_float32
 from .stats import histogram_stats, laplace_stats
 
 __all__ = ["TUQ", "TNQ", "TBQ", "TruncatedQuantizer", "DesignResult", "checked_input"]
@@ -85,13 +85,9 @@ def _histogram(stats: np.ndarray) -> Any:
 
 
 def _f32_levels(levels: Any, shift: int = 0) -> np.ndarray:
-    """float64 ``levels``·2^shift, scaled down (if need be) so the outer level is at most float32's largest value.
-
-    Every input is within ±FLOAT32_MAX, so lowering an outer level above it to it clips nothing more.
-    """
-    lv = np.ldexp(np.asarray(levels, dtype=np.float64), int(shift))
-    top = float(np.abs(lv).max())
-    return lv * (FLOAT32_MAX / top) if top > FLOAT32_MAX else lv
+    """float64 ``levels``·2^shift, scaled down (if need be) so the outer level is at most float32's largest value
+    (:func:`~tailq.codec.codebook.fit_float32`)."""
+    return fit_float32(np.ldexp(np.asarray(levels, dtype=np.float64), int(shift)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -134,7 +130,8 @@ def _design_cached(
         # Every |g| is below the histogram's zero bin (< 2^-40 in the binned units; encode re-bins such a bucket,
         # so this is reached only when told to design at that shift): a uniform grid on the bound is exact enough
         # (error < 2^-80 per coordinate in those units) and keeps zero in -> zero out for true zeros.
-        bound = float(np.ldexp(hist.max_abs_bound, int(shift)))
+        # the bound is a bin edge: at float32's top octave that is 2^128, beyond float32 (nothing lies above its max)
+        bound = min(float(np.ldexp(hist.max_abs_bound, int(shift))), FLOAT32_MAX)
         note = f"empirical design degenerate ({err}); used a uniform grid on [-{bound:.3g}, {bound:.3g}]"
         return DesignResult(Codebook.uniform_grid(bound, 2**bits - 1), None, None, fallback=note)
 

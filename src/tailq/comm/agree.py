@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from tailq.codec import Codebook
+from tailq.codec.codebook import fit_float32
 
 from .families import Family
 from .wire import Comm, Tag
@@ -259,7 +260,8 @@ class RedesignEvery(_Shifts):
             assert s1 is not None
             if s1 == 0.0:  # every rank's bucket is zero: the mean is exactly zero, nothing else is sent
                 return Agreement(False, None)
-            return Agreement(False, Codebook((levels.double() * (s1 / s0)).to(torch.float32), uniform=uniform))
+            scaled = fit_float32(levels.double() * (s1 / s0))  # a jump towards float32's top stays finite
+            return Agreement(False, Codebook(torch.from_numpy(scaled).to(torch.float32), uniform=uniform))
         agreed, _, shift, rebins = self._agree_binned(comm, tag, x, nonfinite, self.shifts.get(key, 0),
                                                       sum_abs=_sum_abs(x))
         if agreed.nonfinite > 0:

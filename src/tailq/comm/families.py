@@ -394,11 +394,14 @@ class _PerRankCoder:
         tmpl = self.family.template(self.numel)
         # every rank's compressor has this configuration (checked when the hook starts): its format id
         shell = Encoded({}, self._enc.shape, self._enc.dtype, maker=self.comp.format_id)
-        mean = torch.zeros(self.numel, dtype=torch.float32, device=self.x.device)
+        # summed in float64 and divided before the cast back: N decodes near float32's largest value (their mean
+        # is finite) would overflow a float32 sum; the float64 accumulator is no extra pass over the bucket
+        mean = torch.zeros(self.numel, dtype=torch.float64, device=self.x.device)
         for row in rows:
             shell.tensors = _deserialize(row, tmpl)
             mean += self.comp.decode(shell).reshape(-1)
-        return _into(mean / rows.shape[0], out)
+        res = torch.empty(self.numel, dtype=torch.float32, device=self.x.device) if out is None else out
+        return torch.div(mean, rows.shape[0], out=res.reshape(-1))  # divided, then cast: one pass
 
     def encode_lanes(self, key: RandKey, plan: LanePlan) -> torch.Tensor:
         raise TypeError(f"{self.comp.name}: per-rank encodings are not summable")

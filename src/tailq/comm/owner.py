@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tailq.codec import Codebook, SharesCodebook
+from tailq.codec import FLOAT32_MAX, Codebook, SharesCodebook
+from tailq.codec.codebook import fit_float32
 from tailq.kernels import RandKey
 
 __all__ = ["OwnerRequantizer", "default_gather_bits"]
@@ -79,7 +80,7 @@ class OwnerRequantizer:
         sum_abs = float(v.abs().double().sum())
         kept = self.designs.get(key)
         if kept is not None and kept["uses"] % self.redesign_every != 0:  # between redesigns: rescale
-            levels = kept["levels"].double() * (sum_abs / kept["sum_abs"])
+            levels = torch.from_numpy(fit_float32(kept["levels"].double() * (sum_abs / kept["sum_abs"])))
             kept["uses"] += 1
         else:
             # the compressor's own design for this shard at any scale (its octave shift), where it has one
@@ -93,11 +94,13 @@ class OwnerRequantizer:
         # never clip the (already truncated) mean a second time: stretch the levels to its largest |value|
         if float(levels[-1]) < top or float(levels[0]) > -top:
             levels = levels * (top / max(float(levels[-1]), -float(levels[0])))
-        lv = levels.to(torch.float32)
+        lv = torch.from_numpy(fit_float32(levels)).to(torch.float32)  # a stretch near float32's top stays finite
         if lv.numel() != 2**self.bits:
             raise RuntimeError(f"{self.comp.name}: a {self.bits}-bit design gave {lv.numel()} levels, expected "
                                f"{2**self.bits}")
-        lv[-1] = max(float(lv[-1]), float(np.nextafter(np.float32(top), np.float32(np.inf))))
+        # the outer levels just beyond the largest |value| (at it when that is float32's largest value)
+        above = top if top >= FLOAT32_MAX else float(np.nextafter(np.float32(top), np.float32(np.inf)))
+        lv[-1] = max(float(lv[-1]), above)
         lv[0] = min(float(lv[0]), -float(lv[-1]))
         if self.uniform:
             return torch.tensor([float(lv[0]), float(lv[-1])], dtype=torch.float32)
