@@ -6,47 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from workers import FakeBucket, _dataset, _model, _train_steps, heavy
+from workers import FakeBucket, _dataset, _ddp, heavy
 
-import tailq
 from tailq.hooks.tailq_hook import TailqState, bucket_key
-
-
-def _static_ddp(hook: str, opts: dict[str, Any]) -> tuple[Any, Any, Any]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ddp = DDP(_model(), bucket_cap_mb=0.02, static_graph=True)
-    state, fn = tailq.ddp_hook(hook, **opts)
-    ddp.register_comm_hook(state, fn)
-    return ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9), state
-
-
-def w_static_graph_checkpoint(rank: int, world: int, opts: dict[str, Any], phase: str, path: str
-                              ) -> list[torch.Tensor]:  # fmt: skip
-    """12 steps under ``static_graph=True`` in one go ("full"), or 6, a checkpoint, and 6 more after a restore."""
-    ddp, opt, state = _static_ddp("tnq", opts)
-    if phase == "full":
-        _train_steps(rank, world, ddp, opt, 0, 12)
-    elif phase == "first":
-        _train_steps(rank, world, ddp, opt, 0, 6)
-        torch.save({"model": ddp.module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()},
-                   f"{path}.{rank}")
-    else:
-        ck = torch.load(f"{path}.{rank}", weights_only=True)
-        ddp.module.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        state.load_state_dict(ck["hook"])
-        x, y = _dataset()
-        tailq.hooks.prime_buckets(ddp, state, lambda: torch.nn.functional.cross_entropy(ddp(x[:8]), y[:8]).backward())
-        _train_steps(rank, world, ddp, opt, 6, 12)
-    state.close()
-    return [p.detach().clone() for p in ddp.module.parameters()]
 
 
 def w_residuals_across_regrouping(rank: int, world: int) -> dict[str, Any]:
     """Under static_graph DDP regroups its buckets after step 1. Per parameter: the residual step 1 left (under the
     first layout) and the residual step 2 added to the gradient (under the new one), read off the buckets."""
-    ddp, opt, state = _static_ddp("tnq", {"bits": 2, "min_bucket": 0, "error_feedback": True, "route": "allreduce"})
+    ddp, opt, state = _ddp("tnq", {"bits": 2, "min_bucket": 0, "error_feedback": True, "route": "allreduce"},
+                           static_graph=True)
     params: dict[str, list[tuple[int, int]]] = {}  # bucket key → (parameter id, numel) in buffer order
     keys: dict[int, list[str]] = {}  # step → bucket keys
     added: dict[str, torch.Tensor] = {}  # bucket key → the residual compensate added at step 2

@@ -9,11 +9,10 @@ from resume_workers import (
     w_checkpoint_after_warmup,
     w_residuals_across_regrouping,
     w_resume_with_other_options,
-    w_static_graph_checkpoint,
     w_unused_loaded_residuals,
     w_world_of_one,
 )
-from workers import launch
+from workers import launch, w_checkpoint
 
 
 def test_static_graph_resume_is_exact(tmp_path: Any) -> None:
@@ -21,9 +20,10 @@ def test_static_graph_resume_is_exact(tmp_path: Any) -> None:
     # steps on another layout than the uninterrupted run's
     opts = {"bits": 3, "min_bucket": 0, "error_feedback": True, "stale_stats": True, "route": "allreduce"}
     path = str(tmp_path / "ck")
-    full = launch(w_static_graph_checkpoint, 2, opts, "full", path)
-    launch(w_static_graph_checkpoint, 2, opts, "first", path)
-    resumed = launch(w_static_graph_checkpoint, 2, opts, "resume", path)
+    static = {"static_graph": True}
+    full = launch(w_checkpoint, 2, "tnq", opts, "full", path, static)
+    launch(w_checkpoint, 2, "tnq", opts, "first", path, static)
+    resumed = launch(w_checkpoint, 2, "tnq", opts, "resume", path, static)
     for a, b in zip(full[0], resumed[0], strict=True):
         assert torch.equal(a, b)
 

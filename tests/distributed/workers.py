@@ -274,11 +274,11 @@ def _model() -> torch.nn.Module:
                                torch.nn.Linear(128, 8))
 
 
-def _ddp(hook: str, opts: dict[str, Any]) -> tuple[Any, Any, Any]:
+def _ddp(hook: str, opts: dict[str, Any], **ddp_kwargs: Any) -> tuple[Any, Any, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = _model()
-    ddp = DDP(model, bucket_cap_mb=0.02)
+    ddp = DDP(model, bucket_cap_mb=0.02, **ddp_kwargs)
     state = None
     if hook != "none":
         state, fn = tailq.ddp_hook(hook, **opts)
@@ -342,8 +342,10 @@ def w_lazy(rank: int, world: int, init_file: str, hooks: list[tuple[str, dict[st
     return out
 
 
-def w_checkpoint(rank: int, world: int, hook: str, opts: dict[str, Any], phase: str, path: str) -> list[torch.Tensor]:
-    ddp, opt, state = _ddp(hook, opts)
+def w_checkpoint(rank: int, world: int, hook: str, opts: dict[str, Any], phase: str, path: str,
+                 ddp_kwargs: dict[str, Any] | None = None) -> list[torch.Tensor]:
+    """12 steps in one go ("full"), or 6, a checkpoint ("first"), and 6 more after a restore ("resume")."""
+    ddp, opt, state = _ddp(hook, opts, **(ddp_kwargs or {}))
     if phase == "full":
         _train_steps(rank, world, ddp, opt, 0, 12)
     elif phase == "first":

@@ -16,11 +16,8 @@ fails naming the missing rank's file; another world size is refused by name.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -28,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import run_tree
 
 pytestmark = pytest.mark.slow
 
@@ -35,34 +33,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_train.p
 BIN = Path(sys.executable).parent
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and every process below it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        out.append(todo.pop())
-        todo.extend(children.get(out[-1], []))
-    return out
-
-
 def _launch(cmd: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess[str]:
-    """``cmd`` on a timeout every process it started is killed, not only the launcher."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for pid in _tree(proc.pid):  # torchrun starts its workers in sessions of their own
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"still running after {timeout} s (a rank waits in a collective?)\n{out[-2000:]}"
-                             f"{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_tree(cmd, cwd, timeout, "still running (a rank waits in a collective?)")
+
 
 
 def _run(tmp: Path, launcher: list[str], name: str, *args: str) -> list[dict]:

@@ -17,11 +17,8 @@ no-op; under ``ddp_spawn`` the launching process gets the run's totals and a cle
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,39 +26,16 @@ from typing import Any
 
 import pytest
 import torch
+from procs import run_tree
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).with_name("lightning_script.py")
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and every process below it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        out.append(todo.pop())
-        todo.extend(children.get(out[-1], []))
-    return out
-
-
 def _launch(tmp: Path, mode: str, name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    """The script on a timeout every process it started is killed, not only the first."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), mode, str(tmp / name), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for pid in _tree(proc.pid):  # torchrun starts its workers in sessions of their own
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{name}: still running after {timeout} s\n{out[-2000:]}{err[-3000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_tree([sys.executable, str(SCRIPT), mode, str(tmp / name), *args], tmp, timeout, name)
+
 
 
 def _run(tmp: Path, mode: str, name: str, *args: str, ranks: int = 2) -> list[dict[str, Any]]:
