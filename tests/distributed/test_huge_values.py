@@ -38,13 +38,15 @@ import torch.distributed as dist
 from workers import FakeBucket, heavy, launch
 
 from tailq.codec import list_compressors
-from tailq.comm.routes import ROUTES
+from tailq.comm.routes import ROUTES, shard_numel
 from tailq.hooks.tailq_hook import TailqState
+from tailq.kernels.dispatch import AUTO_MIN_NUMEL
 
 pytestmark = pytest.mark.slow
 
 HUGE = 3.0e38
-D = 3001  # not a multiple of 8·N: the two-phase route pads its last shard
+D = 50001  # not a multiple of 8·N (the two-phase route pads its last shard); its shards (16672 at N = 3) and the
+# bucket are above the kernels' AUTO_MIN_NUMEL, so the fast paths (C kernels, inductor) run as in training
 WORLD = {"allreduce": 2, "allgather": 3, "twophase": 3}
 OPTS: dict[str, dict[str, Any]] = {  # defaults, except widths where a compressor's default is 1 bit wide intervals
     "tuq": {"bits": 3}, "tnq": {"bits": 3}, "tbq": {"bits": 3}, "single-scale": {"bits": 4},
@@ -192,6 +194,7 @@ def test_huge_finite_gradients_average_on_every_route(route: str) -> None:
     # every compressor of the registry, on every route it can take (the three tests together)
     assert set(OPTS) == set(list_compressors()) and set(WORLD) == set(ROUTES)
     world = WORLD[route]
+    assert shard_numel(D, world) >= AUTO_MIN_NUMEL  # the fast paths run (see D)
     names = _names_on(route)
     assert names
     check(launch(w_huge, world, route, names, timeout=600), world)

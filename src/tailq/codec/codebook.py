@@ -258,14 +258,15 @@ class Codebook:
         Headroom: where the count times the largest |level| could overflow float32 while summing (levels within
         a factor 2·count of float32's largest value, :func:`mean_headroom`), the same arithmetic runs on the
         levels scaled by 2^-k — exact, so the float32 sum rounds as it would with an unbounded exponent — and
-        the mean is scaled back by 2^k (clamped to the levels' range against the sum's last rounding). Every
-        other codebook takes the plain path: no extra pass.
+        the mean is scaled back by 2^k: the same bits as the plain path gives 2^k lower, and finite (rounding to
+        nearest is monotonic, so the sum of N values of magnitude ≤ float32's largest value, all-ones mantissa,
+        never exceeds N times it). One more pass over the mean for these codebooks only; every other codebook
+        takes the plain path.
         """
         k = mean_headroom(max(-self.low, self.high), len(payloads))
         if k:
             scaled = Codebook(self.levels * 2.0**-k, uniform=self.uniform)  # exact: powers of two
-            res = scaled._decode_mean_packed(payloads, bits, n, out)
-            return res.clamp_(scaled.low, scaled.high).mul_(2.0**k)
+            return scaled._decode_mean_packed(payloads, bits, n, out).mul_(2.0**k)
         return self._decode_mean_packed(payloads, bits, n, out)
 
     def _decode_mean_packed(

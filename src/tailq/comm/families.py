@@ -394,14 +394,17 @@ class _PerRankCoder:
         tmpl = self.family.template(self.numel)
         # every rank's compressor has this configuration (checked when the hook starts): its format id
         shell = Encoded({}, self._enc.shape, self._enc.dtype, maker=self.comp.format_id)
-        # summed in float64 and divided before the cast back: N decodes near float32's largest value (their mean
-        # is finite) would overflow a float32 sum; the float64 accumulator is no extra pass over the bucket
-        mean = torch.zeros(self.numel, dtype=torch.float64, device=self.x.device)
+        # N decodes near float32's largest value (their mean is finite) would overflow a float32 sum: each is added
+        # at 2^-k with 2^k ≥ 2N (exact), and the sum divided by N·2^-k (exact) — the same bits as summing and then
+        # dividing by N (rounding scales with a power of two; values below 2^(k-126) lose low subnormal bits), in
+        # the same passes, and finite (a rounded sum of values ≤ float32's max never exceeds N times it)
+        n_rows = rows.shape[0]
+        scale = 2.0 ** -(max(1, n_rows - 1).bit_length() + 1)
+        mean = torch.zeros(self.numel, dtype=torch.float32, device=self.x.device)
         for row in rows:
             shell.tensors = _deserialize(row, tmpl)
-            mean += self.comp.decode(shell).reshape(-1)
-        res = torch.empty(self.numel, dtype=torch.float32, device=self.x.device) if out is None else out
-        return torch.div(mean, rows.shape[0], out=res.reshape(-1))  # divided, then cast: one pass
+            mean.add_(self.comp.decode(shell).reshape(-1), alpha=scale)
+        return _into(mean.div_(n_rows * scale), out)
 
     def encode_lanes(self, key: RandKey, plan: LanePlan) -> torch.Tensor:
         raise TypeError(f"{self.comp.name}: per-rank encodings are not summable")
