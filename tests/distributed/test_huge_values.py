@@ -30,6 +30,7 @@ the headroom scaling, and a padded last shard holding the huge element).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -198,3 +199,37 @@ def test_huge_finite_gradients_average_on_every_route(route: str) -> None:
     names = _names_on(route)
     assert names
     check(launch(w_huge, world, route, names, timeout=600), world)
+
+
+def w_exact_paths(rank: int, world: int) -> dict[str, Any]:
+    """The hook's uncompressed fp32 paths at float32's largest: the measured exact mean (``measure_every``), the
+    NaN/Inf fallback, and priming. Every rank holds 3e38 in element 0 (the mean is 3e38)."""
+    out: dict[str, Any] = {}
+    g = heavy(20_000, seed=rank)
+    g[0] = 3.0e38
+    state = TailqState("tnq", bits=3, warmup_steps=0, min_bucket=0, measure_every=1, route="allgather")
+    buf = g.clone()
+    state.process(FakeBucket(buf))
+    out["measured"] = state.metrics.vnmse[-1]["vnmse"]
+    bad = g.clone()
+    if rank == 1:
+        bad[1] = float("nan")  # the whole bucket falls back to the fp32 mean
+    state.process(FakeBucket(bad))
+    out["fallback"] = (float(bad[0]), bool(bad[1].isnan()), len(state.metrics.fallbacks))
+    state.priming = True
+    primed = g.clone()
+    state.process(FakeBucket(primed))
+    out["primed"] = float(primed[0])
+    state.close()
+    return out
+
+
+def test_the_hooks_exact_paths_keep_float32s_largest_finite() -> None:
+    # before: measure, the fallback and priming summed N values before dividing: inf (and a NaN vNMSE)
+    for r in launch(w_exact_paths, 2):
+        # a finite vNMSE: the exact mean it compares against is finite (large: the design's levels span +-3.1e38
+        # with none at zero, so every ordinary value rounds to +-4.5e37, unbiased but with that spread)
+        assert math.isfinite(r["measured"]) and r["measured"] > 0
+        huge = float(torch.tensor(3.0e38))  # the float32 nearest 3e38
+        assert r["fallback"] == (huge, True, 1)  # 3e38 / 2 + 3e38 / 2 = 3e38 in float32, exactly
+        assert r["primed"] == huge

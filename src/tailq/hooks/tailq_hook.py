@@ -293,16 +293,12 @@ class TailqState:
         self.layouts.record(key, bucket)
         g = buf.reshape(-1).to(torch.float32)
         if self.priming:  # plain fp32 mean; step, residuals, statistics and metrics untouched
-            t = g.clone()
-            self.comm.all_reduce(t, Tag(step, idx, n, "priming"), "priming")
-            buf.copy_(t.div_(self.comm.n).reshape(buf.shape))
+            buf.copy_(self._exact_mean(g, Tag(step, idx, n, "priming"), "priming").reshape(buf.shape))
             return buf
         exact = None
         if opts.measure_every and step % opts.measure_every == 0:
             tm = time.perf_counter()
-            exact = g.clone()
-            self.comm.all_reduce(exact, Tag(step, idx, n, "measure"), "measure")
-            exact /= self.comm.n
+            exact = self._exact_mean(g, Tag(step, idx, n, "measure"), "measure")
             sec["measure"] += time.perf_counter() - tm  # not part of the method: harnesses subtract it
         self._shard = None
         if step < opts.warmup_steps or n < opts.min_bucket or n == 0:
@@ -435,10 +431,15 @@ class TailqState:
 
     def _fallback(self, g: torch.Tensor, tag: Tag, why: str) -> torch.Tensor:
         """Uncompressed fp32 mean: non-finite values reach every rank exactly as with plain DDP."""
-        t = g.clone()
-        self.comm.all_reduce(t, tag, "fallback")
         self.metrics.fallbacks.append({"step": tag.step, "bucket": tag.bucket, "why": why})
-        return t.div_(self.comm.n)
+        return self._exact_mean(g, tag, "fallback")
+
+    def _exact_mean(self, g: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
+        """The fp32 mean as plain DDP takes it: divided by N first, then all-reduced (so finite values up to float32's
+        largest stay finite)."""
+        t = g / self.comm.n
+        self.comm.all_reduce(t, tag, kind)
+        return t
 
 
 def measure_codec_cost(comp: Compressor, family: Any, device: torch.device | str, n_workers: int,
