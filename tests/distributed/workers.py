@@ -133,6 +133,14 @@ def _agreed_stats(state: TailqState, x: torch.Tensor) -> torch.Tensor:
     return local[1:]
 
 
+def _plain_ddp(g: torch.Tensor) -> torch.Tensor:
+    """What plain DDP averages ``g`` to: PyTorch's own ``allreduce_hook`` (divide by N, then all-reduce SUM)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    out = default_hooks.allreduce_hook(None, FakeBucket(g.clone())).wait()  # type: ignore[arg-type]
+    return out[0] if isinstance(out, list) else out
+
+
 def _mean(t: torch.Tensor) -> torch.Tensor:
     t = t.clone().double()
     dist.all_reduce(t)
@@ -222,9 +230,7 @@ def w_nonfinite(rank: int, world: int, name: str, stale: bool, opts: dict[str, A
         bad[5] = float("inf")
         bad[7] = float("nan")
     res = state.process(FakeBucket(bad.clone()))
-    plain = bad.clone()
-    dist.all_reduce(plain)
-    plain /= world
+    plain = _plain_ddp(bad)
     state.close()
     return {"equal": bool(torch.equal(torch.nan_to_num(res, nan=123.0), torch.nan_to_num(plain, nan=123.0))),
             "inf": bool(torch.isinf(res[5])), "nan": bool(torch.isnan(res[7])), "fallbacks": state.metrics.fallbacks}
@@ -477,8 +483,7 @@ def w_redesign(rank: int, world: int, name: str, every: int) -> dict[str, Any]:
         out["fresh"].append(None if cb is None else cb.levels.clone())
     plain = g * 1.0
     plain[11] = float("nan") if rank == 1 else plain[11]
-    dist.all_reduce(plain)
-    out["plain_nan_step"] = plain / world
+    out["plain_nan_step"] = _plain_ddp(plain)
     out["fallbacks"] = state.metrics.fallbacks
     sd = state.state_dict()
     out["saved_designs"] = sorted(sd["designs"])
