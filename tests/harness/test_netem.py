@@ -10,6 +10,9 @@ Tolerances, from the link model (tbf on both directions of each worker link, rat
 * a 2-rank Gloo all-reduce of S bytes moves 2·(N−1)/N·S bytes over each uplink, so it cannot finish before
   that many bits / R (plus nothing: headers only make it slower);
 * ``tx_bytes`` counts frames handed to the interface, so it is at least the payload sent.
+* K nodes × L workers (``node_size=L``): ranks of one node talk over loopback (≈ 0 bytes on the node's NIC),
+  a ring over all ranks numbered node by node has one edge leaving each node (2·(N−1)/N·S on each NIC, up
+  to 10% more for headers), and L senders of one node share its rate.
 
 Emulation tests need root, iproute2 and network namespaces; they are skipped (with the reason) elsewhere. Every
 test deletes its namespaces in ``finally``, also when an assertion fails.
@@ -411,6 +414,144 @@ def test_gloo_all_reduce_across_the_emulated_network(tag: str) -> None:
     finally:
         _kill(procs)
         net.teardown()
+
+
+NODE_WORKER = r"""
+import json, os, time
+from datetime import timedelta
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=60))
+rank, n = dist.get_rank(), dist.get_world_size()
+L, node = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["GROUP_RANK"])
+place = {k: os.environ[k] for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE")}
+groups = [dist.new_group(list(range(k * L, (k + 1) * L))) for k in range(n // L)]  # every rank creates every group
+mine = groups[node]
+numel = int(os.environ["TQ_NUMEL"])
+def tx():  # this node's NIC: eth0 of the namespace ip netns exec put us in (sysfs is remounted for it)
+    dist.barrier()
+    with open("/sys/class/net/eth0/statistics/tx_bytes") as f:
+        v = int(f.read())
+    dist.barrier()
+    return v
+def timed(fn):
+    dist.barrier(); t = time.perf_counter(); fn(); return time.perf_counter() - t
+x = torch.ones(1024); dist.all_reduce(x); dist.all_reduce(x, group=mine)  # warm-up: every connection opened
+out = {"rank": rank, "place": place}
+t0 = tx()
+y = torch.full((numel,), float(rank + 1)); out["t_node"] = timed(lambda: dist.all_reduce(y, group=mine))
+out["node_ok"] = bool(torch.all(y == sum(range(node * L + 1, (node + 1) * L + 1))))
+t1 = tx()
+z = torch.full((numel,), float(rank + 1)); out["t_world"] = timed(lambda: dist.all_reduce(z))
+out["world_ok"] = bool(torch.all(z == n * (n + 1) / 2))
+t2 = tx()
+# the L workers of node 0 each send numel floats to their peer on node 1 at the same time (one shared NIC)
+buf = torch.full((numel,), float(rank))
+dist.barrier()
+t = time.perf_counter()
+if node == 0:
+    dist.send(buf, rank + L)
+elif node == 1:
+    dist.recv(buf, rank - L)
+    out["p2p_ok"] = bool(torch.all(buf == rank - L))
+out["t_p2p"] = time.perf_counter() - t
+t3 = tx()
+out.update(node_bytes=t1 - t0, world_bytes=t2 - t1, p2p_bytes=t3 - t2)
+print(json.dumps(out), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@needs_emulation
+def test_nodes_share_one_nic_and_talk_locally_inside(tag: str) -> None:
+    """2 nodes x 2 workers at 200 Mbit/s, measured on each node's eth0: an all-reduce among the two workers of a node
+    puts ~0 bytes on its NIC (loopback), a ring all-reduce over the 4 ranks (numbered node by node: one ring edge
+    leaves each node) puts 2(N-1)/N·B on each node's NIC, and two workers of one node sending at once share its
+    rate (each about half)."""
+    pytest.importorskip("torch")
+    n, L, rate = 4, 2, 200e6
+    numel = 1 << 20
+    size = 4 * numel  # B: 4 MiB of float32
+    ring = 2 * (n - 1) / n * size
+    procs: list[subprocess.Popen[str]] = []
+    net = EmulatedNetwork(n, Network.parse("200mbit"), node_size=L, tag=tag)
+    try:
+        with net:
+            pid = os.getpid()
+            assert net.n_nodes == 2 and len(net.namespaces) == 3  # 2 nodes + the switch
+            assert [net.node_of(r) for r in range(n)] == [0, 0, 1, 1]
+            for r in range(n):
+                assert net.command_prefix(r) == ["ip", "netns", "exec", f"tq-{pid}-{tag}-w{r // L}"]
+                assert net.workers[r] == net.hosts[r // L]
+                env = net.env(r)
+                assert env["MASTER_ADDR"] == net.hosts[0].address and env["GLOO_SOCKET_IFNAME"] == "eth0"
+                assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["GROUP_RANK"],
+                        env["GROUP_WORLD_SIZE"]) == (str(r), "4", str(r % L), "2", str(r // L), "2")
+            before = net.tx_bytes()
+            assert len(before) == 2
+            for rank in range(n):
+                procs.append(subprocess.Popen(
+                    net.command_prefix(rank) + [sys.executable, "-c", NODE_WORKER],
+                    env={**os.environ, **net.env(rank), "TQ_NUMEL": str(numel), "OMP_NUM_THREADS": "1"},
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                ))  # fmt: skip
+            outs = []
+            for p in procs:
+                out, err = p.communicate(timeout=90)
+                assert p.returncode == 0, err[-3000:]
+                outs.append(json.loads(out.strip().splitlines()[-1]))
+            after = net.tx_bytes()
+            total = [a - b for a, b in zip(after, before, strict=True)]
+            by_node = {k: outs[k * L] for k in range(2)}  # local rank 0 of each node reports its node's counter
+            t_world = max(o["t_world"] for o in outs)
+            t_p2p = [outs[2]["t_p2p"], outs[3]["t_p2p"]]  # receivers: from the common start to the last byte
+            print(f"\n2 nodes x 2 workers, 200 Mbit/s, B = 4 MiB. NIC bytes per node: node-group all-reduce "
+                  f"{[o['node_bytes'] for o in by_node.values()]}, world all-reduce "
+                  f"{[o['world_bytes'] for o in by_node.values()]} (2(N-1)/N·B = {ring:.0f}), two 4 MiB sends from "
+                  f"node 0 at once {[o['p2p_bytes'] for o in by_node.values()]}; whole run {total}. Times: node "
+                  f"all-reduce {max(o['t_node'] for o in outs):.3f} s, world all-reduce {t_world:.3f} s "
+                  f"(bound {ring * 8 / rate:.3f} s), the two sends {[round(t, 3) for t in t_p2p]} s = "
+                  f"{[round(size * 8 / t / 1e6, 1) for t in t_p2p]} Mbit/s each")  # fmt: skip
+            for o in outs:
+                assert o["place"] == {"LOCAL_RANK": str(o["rank"] % L), "LOCAL_WORLD_SIZE": "2",
+                                      "GROUP_RANK": str(o["rank"] // L), "GROUP_WORLD_SIZE": "2"}
+                assert o["node_ok"] and o["world_ok"]
+            assert outs[2]["p2p_ok"] and outs[3]["p2p_ok"]
+            for o in by_node.values():
+                assert o["node_bytes"] < 0.01 * size  # inside a node: loopback, not the NIC (barriers only)
+                assert ring <= o["world_bytes"] <= 1.1 * ring  # one ring edge leaves each node, + TCP/IP headers
+            assert 2 * size <= by_node[0]["p2p_bytes"] <= 1.1 * 2 * size
+            assert by_node[1]["p2p_bytes"] < 0.05 * size  # ACKs
+            assert t_world >= ring * 8 / rate  # the NIC sets the pace
+            for t in t_p2p:  # each sender gets about half the node's rate (alone it would get ~0.95)
+                assert size * 8 / t <= 0.7 * rate
+            assert 0.6 * rate <= 2 * size * 8 / max(t_p2p) <= 1.05 * rate  # together: the one link's rate
+            # the whole run on the same counters read from outside (ip -s link): at least what the phases sent
+            assert total[0] >= ring + 2 * size and total[1] >= ring
+            assert net.qdisc_drops() == [0, 0]
+        assert not (set(net.namespaces) & _netns())
+    finally:
+        _kill(procs)
+        net.teardown()
+
+
+def test_node_size_must_divide_the_workers() -> None:
+    with pytest.raises(ValueError, match=r"node_size must be a divisor of n_workers \(6\).*accepted 1, 2, 3, 6; got 4"):
+        EmulatedNetwork(6, Network.parse("100mbit"), node_size=4)
+    for bad in (0, 7, True, 2.0):
+        with pytest.raises(ValueError, match="node_size"):
+            EmulatedNetwork(6, Network.parse("100mbit"), node_size=bad)  # type: ignore[arg-type]
+    net = EmulatedNetwork(6, Network.parse("100mbit"), node_size=3)
+    assert (net.n_nodes, net.node_size) == (2, 3) and [net.node_of(r) for r in range(6)] == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="rank must be in"):
+        net.node_of(6)
+
+
+def test_node_env_is_what_torchrun_sets() -> None:
+    from tailq.harness.netem import node_env
+
+    assert node_env(5, 8, 4) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                                 "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2"}
+    assert node_env(3, 4, 1)["LOCAL_RANK"] == "0" and node_env(3, 4, 1)["GROUP_RANK"] == "3"
 
 
 # --------------------------------------------------------------------------------------------- teardown

@@ -1,4 +1,5 @@
-"""An emulated network: one namespace per worker on a bridge, each link shaped with ``tc`` in both directions."""
+"""An emulated network: one namespace per node (its L workers share it) on a bridge, each node's link shaped
+with ``tc`` in both directions."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from . import cleanup
 from .namespaces import _IP, _TC, EmulationError, _add_netns, _delete_netns, _host_lock, _list_netns, _run, sweep_stale
 from .probe import require_emulation
 
-__all__ = ["MIN_EMULATED_RATE_BPS", "EmulatedNetwork", "Host"]
+__all__ = ["MIN_EMULATED_RATE_BPS", "EmulatedNetwork", "Host", "node_env"]
 
 MIN_EMULATED_RATE_BPS = 100e3
 """Slowest link :class:`EmulatedNetwork` shapes, bits/s (100 kbit); ``model:`` takes any rate > 0."""
@@ -29,7 +30,7 @@ _TAG = re.compile(r"^[A-Za-z0-9_]{1,24}$")
 
 @dataclass(frozen=True)
 class Host:
-    """One emulated host: the namespace a rank runs in, its interface and its IPv4 address."""
+    """One emulated host (a node): the namespace its ranks run in, its interface (the NIC) and its IPv4 address."""
 
     namespace: str
     ifname: str
@@ -41,20 +42,28 @@ _SUBNET_PREFIX = "10.213"
 
 
 class EmulatedNetwork:
-    """``n_workers`` hosts on a switch, each with a symmetric link of ``spec.rate_bps`` (+ ``spec.delay_s``).
+    """``n_workers`` ranks on ``K = n_workers / node_size`` hosts (nodes) on a switch, each node with a symmetric
+    link of ``spec.rate_bps`` (+ ``spec.delay_s``) that its ``L = node_size`` ranks share.
+
+    Ranks are numbered node by node, as ``torchrun --nnodes K --nproc-per-node L`` numbers them: ranks
+    ``k·L .. k·L + L − 1`` run in node ``k``'s namespace. They bind Gloo to the node's ``eth0`` address, so two
+    ranks of one node reach each other over the kernel's local route (loopback: unlimited, never on the veth),
+    while traffic to other nodes leaves through the node's shaped veth, the NIC its ranks share. With
+    ``node_size=1`` (the default) every rank is a node of its own.
 
     Use as a context manager; the namespaces exist between ``__enter__`` and ``__exit__`` (teardown happens even
     on exceptions, SIGINT/SIGTERM and normal interpreter exit; see :func:`sweep_stale` for SIGKILL)::
 
-        with EmulatedNetwork(4, Network.parse("100mbit")) as net:
+        with EmulatedNetwork(4, Network.parse("100mbit"), node_size=2) as net:   # 2 nodes x 2 workers
             procs = [subprocess.Popen(net.command_prefix(r) + argv, env={**os.environ, **net.env(r)})
                      for r in range(4)]
             ...
-            wire = net.tx_bytes()
+            wire = net.tx_bytes()   # one entry per node
 
     Args:
-        n_workers: number of hosts (ranks), 1..250.
+        n_workers: number of ranks, 1..250.
         spec: an ``"emulated"`` :class:`~tailq.comm.network.Network`.
+        node_size: ranks per node (``L``), a divisor of ``n_workers``; default 1 (one namespace per rank).
         tag: short name ([A-Za-z0-9_], up to 24 characters) in the namespace names; unique per process.
             Default: ``n<counter>``.
         master_port: ``MASTER_PORT`` put in :meth:`env` (each network is its own set of hosts, so any port is free).
@@ -63,8 +72,13 @@ class EmulatedNetwork:
     IFNAME = "eth0"
     BRIDGE = "br0"
 
-    def __init__(self, n_workers: int, spec: Network, *, tag: str | None = None, master_port: int = 29500) -> None:
+    def __init__(self, n_workers: int, spec: Network, *, node_size: int = 1, tag: str | None = None,
+                 master_port: int = 29500) -> None:
         check_int("n_workers", n_workers, 1, 250)
+        divisors = [d for d in range(1, n_workers + 1) if n_workers % d == 0]
+        if isinstance(node_size, bool) or not isinstance(node_size, int) or node_size not in divisors:
+            raise ValueError(f"node_size must be a divisor of n_workers ({n_workers}) so that every node has as many "
+                             f"workers: accepted {', '.join(map(str, divisors))}; got {node_size!r}")
         if not isinstance(spec, Network) or spec.kind != "emulated" or spec.rate_bps is None:
             shown = spec.describe() if isinstance(spec, Network) else repr(spec)
             raise ValueError(f"--net: EmulatedNetwork needs an emulated network (RATE[,DELAY]), got {shown}")
@@ -80,12 +94,14 @@ class EmulatedNetwork:
         if not 1 <= master_port <= 65535:
             raise ValueError(f"master_port must be in [1, 65535], got {master_port!r}")
         self.n_workers = n_workers
+        self.node_size = node_size
+        self.n_nodes = n_workers // node_size
         self.spec = spec
         self.tag = tag
         self.master_port = master_port
         self.subnet_id = 1 + zlib.crc32(tag.encode()) % 254
         self.subnet = f"{_SUBNET_PREFIX}.{self.subnet_id}.0/24"
-        self.workers: list[Host] = []
+        self.hosts: list[Host] = []  # one per node
         self.switch_namespace = ""
         self._owner_pid = 0
         self._state = "new"  # new -> up -> closed
@@ -94,16 +110,27 @@ class EmulatedNetwork:
 
     @property
     def namespaces(self) -> list[str]:
-        """All namespace names of this network (workers, then the switch); empty before ``__enter__``."""
-        return [h.namespace for h in self.workers] + ([self.switch_namespace] if self.switch_namespace else [])
+        """All namespace names of this network (nodes, then the switch); empty before ``__enter__``."""
+        return [h.namespace for h in self.hosts] + ([self.switch_namespace] if self.switch_namespace else [])
+
+    @property
+    def workers(self) -> list[Host]:
+        """Each rank's host (its node's; with ``node_size=1`` one host per rank); empty before ``__enter__``."""
+        return [self.hosts[self.node_of(r)] for r in range(self.n_workers)] if self.hosts else []
+
+    def node_of(self, rank: int) -> int:
+        """The node ``rank`` runs on (``rank // node_size``: ranks are numbered node by node)."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.n_workers:
+            raise ValueError(f"rank must be in [0, {self.n_workers}), got {rank!r}")
+        return rank // self.node_size
 
     def _plan(self) -> None:
         self._owner_pid = os.getpid()
         base = f"tq-{self._owner_pid}-{self.tag}"
         self.switch_namespace = f"{base}-sw"
-        self.workers = [
-            Host(f"{base}-w{r}", self.IFNAME, f"{_SUBNET_PREFIX}.{self.subnet_id}.{r + 1}")
-            for r in range(self.n_workers)
+        self.hosts = [
+            Host(f"{base}-w{k}", self.IFNAME, f"{_SUBNET_PREFIX}.{self.subnet_id}.{k + 1}")
+            for k in range(self.n_nodes)
         ]
 
     # --- shaping parameters --------------------------------------------------------------------------------
@@ -165,8 +192,8 @@ class EmulatedNetwork:
                    ["link set lo up", f"link add {br} type bridge", f"link set {br} addrgenmode none"])  # fmt: skip
         sw_ip: list[str] = []
         sw_tc: list[str] = []
-        for rank, host in enumerate(self.workers):
-            port = f"p{rank}"
+        for node, host in enumerate(self.hosts):
+            port = f"p{node}"
             self._add(host.namespace)
             self._step([_IP, "-n", host.namespace, "-b", "-"], [
                 "link set lo up",
@@ -198,7 +225,7 @@ class EmulatedNetwork:
             return  # a forked child must not destroy its parent's network
         self._state = "closed"
         cleanup.unregister(self)
-        if not self.workers:
+        if not self.hosts:
             return  # never entered
         # look every time: a command interrupted by a signal during set-up may have created a namespace after
         # the first pass
@@ -218,24 +245,26 @@ class EmulatedNetwork:
             raise ValueError(f"rank must be in [0, {self.n_workers}), got {rank}")
 
     def command_prefix(self, rank: int) -> list[str]:
-        """Argv prefix that runs a command inside ``rank``'s namespace: ``["ip", "netns", "exec", ns]``."""
+        """Argv prefix that runs a command inside the namespace of ``rank``'s node: ``["ip", "netns", "exec", ns]``."""
         self._check_up(rank)
-        return [_IP, "netns", "exec", self.workers[rank].namespace]
+        return [_IP, "netns", "exec", self.hosts[self.node_of(rank)].namespace]
 
     def env(self, rank: int) -> dict[str, str]:
         """Variables to add to ``rank``'s environment.
 
         ``GLOO_SOCKET_IFNAME`` (Gloo otherwise binds to the address the host name resolves to, usually loopback,
-        which inside a namespace reaches nobody), ``MASTER_ADDR``/``MASTER_PORT`` (the TCPStore listens on rank
-        0's emulated address), ``RANK`` and ``WORLD_SIZE``.
+        which inside a namespace reaches nobody; bound to the node's ``eth0`` address, the ranks of one node still
+        reach each other over the local route), ``MASTER_ADDR``/``MASTER_PORT`` (the TCPStore listens on node 0's
+        emulated address), and what ``torchrun --nnodes K --nproc-per-node L`` sets: ``RANK``, ``WORLD_SIZE``,
+        ``LOCAL_RANK`` (``rank % L``), ``LOCAL_WORLD_SIZE`` (``L``), ``GROUP_RANK`` (the node, ``rank // L``) and
+        ``GROUP_WORLD_SIZE`` (``K``).
         """
         self._check_up(rank)
         return {
-            "GLOO_SOCKET_IFNAME": self.workers[rank].ifname,
-            "MASTER_ADDR": self.workers[0].address,
+            "GLOO_SOCKET_IFNAME": self.hosts[self.node_of(rank)].ifname,
+            "MASTER_ADDR": self.hosts[0].address,
             "MASTER_PORT": str(self.master_port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(self.n_workers),
+            **node_env(rank, self.n_workers, self.node_size),
         }
 
     def _link_stats(self, namespace: str, dev: str) -> dict[str, Any]:
@@ -244,24 +273,42 @@ class EmulatedNetwork:
         return data
 
     def tx_bytes(self) -> list[int]:
-        """Bytes each rank has sent on its interface so far (the kernel's ``tx_bytes`` counter, as in sysfs).
+        """Bytes each node has sent on its interface so far, one entry per node (the kernel's ``tx_bytes`` counter,
+        as in sysfs; with ``node_size=1`` one per rank).
 
         Counts Ethernet frames as handed to the interface (with GSO, one set of headers per super-packet), so it
-        is the payload plus a few percent of headers.
+        is the payload plus a few percent of headers. Traffic between two ranks of one node is not in it (it takes
+        the local route).
         """
         self._check_up()
-        return [int(self._link_stats(h.namespace, h.ifname)["stats64"]["tx"]["bytes"]) for h in self.workers]
+        return [int(self._link_stats(h.namespace, h.ifname)["stats64"]["tx"]["bytes"]) for h in self.hosts]
 
     def qdisc_drops(self) -> list[int]:
-        """Packets dropped by the shaping qdiscs of each rank's link (uplink + downlink); should stay 0."""
+        """Packets dropped by the shaping qdiscs of each node's link (uplink + downlink); should stay 0."""
         self._check_up()
-        drops = [0] * self.n_workers
-        sides = [(h.namespace, h.ifname, r) for r, h in enumerate(self.workers)]
-        sides += [(self.switch_namespace, f"p{r}", r) for r in range(self.n_workers)]
-        for namespace, dev, rank in sides:
+        drops = [0] * self.n_nodes
+        sides = [(h.namespace, h.ifname, k) for k, h in enumerate(self.hosts)]
+        sides += [(self.switch_namespace, f"p{k}", k) for k in range(self.n_nodes)]
+        for namespace, dev, node in sides:
             proc = _run([_TC, "-j", "-s", "-n", namespace, "qdisc", "show", "dev", dev])
-            drops[rank] += sum(int(q.get("drops", 0)) for q in json.loads(proc.stdout))
+            drops[node] += sum(int(q.get("drops", 0)) for q in json.loads(proc.stdout))
         return drops
 
     def __repr__(self) -> str:
-        return f"EmulatedNetwork({self.n_workers}, {self.spec.describe()!r}, tag={self.tag!r}, state={self._state})"
+        nodes = "" if self.node_size == 1 else f", node_size={self.node_size}"
+        return (f"EmulatedNetwork({self.n_workers}, {self.spec.describe()!r}{nodes}, tag={self.tag!r}, "
+                f"state={self._state})")
+
+
+def node_env(rank: int, n_workers: int, node_size: int) -> dict[str, str]:
+    """What ``torchrun --nnodes K --nproc-per-node L`` puts in rank ``rank``'s environment about its place, for
+    ``n_workers = K·L`` ranks numbered node by node: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (``rank % L``),
+    ``LOCAL_WORLD_SIZE`` (``L``), ``GROUP_RANK`` (the node, ``rank // L``) and ``GROUP_WORLD_SIZE`` (``K``)."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(n_workers),
+        "LOCAL_RANK": str(rank % node_size),
+        "LOCAL_WORLD_SIZE": str(node_size),
+        "GROUP_RANK": str(rank // node_size),
+        "GROUP_WORLD_SIZE": str(n_workers // node_size),
+    }
