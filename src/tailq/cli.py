@@ -402,7 +402,8 @@ def _require_harness_extras() -> None:
 
 def _extra(args: argparse.Namespace) -> dict[str, Any]:
     return {"lr": args.lr, "batch_size": args.batch_size, "data_dir": args.data_dir, "tail_df": args.tail_df,
-            "bucket_cap_mb": args.bucket_cap_mb, "measure_every": args.measure_every, "fsdp": args.fsdp}
+            "bucket_cap_mb": args.bucket_cap_mb, "measure_every": args.measure_every, "fsdp": args.fsdp,
+            "nodes": args.nodes}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -732,6 +733,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _harness_common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--workload", help="digits (the default) | charlm | synthetic | mnist | cifar10")
     _arg(s, "--workers", int, 1, MAX_WORKERS, default=4, help=f"worker processes, 1..{MAX_WORKERS}")
+    _arg(s, "--nodes", int, 1, MAX_WORKERS, metavar="K",
+         help="K nodes of workers/K workers each (a divisor of --workers): a node's workers share one network link "
+              "(emulated: one namespace and one shaped NIC per node; they talk over loopback) and get torchrun's "
+              "LOCAL_RANK/LOCAL_WORLD_SIZE/GROUP_RANK (default: one worker per node)")
     _arg(s, "--steps", int, 1, INT64_MAX)
     _arg(s, "--eval-every", int, 1, INT64_MAX)
     s.add_argument("--net", default=DEFAULT_NET,

@@ -45,7 +45,7 @@ def _files(tmp: Path) -> dict[str, str]:
     plan = {"workload": "synthetic", "workers": 2, "net": "none", "steps": 2, "eval_every": 1, "seed": 0,
             "target_fraction": 0.99, "target_metric": "accuracy", "extra": {}, "notes": [], "methods": [["bf16", []]]}
     for name, patch in (("plan-key", {"bogus": 1, "workload": "nosuch"}), ("plan-extra", {"extra": {"bogus": 1}}),
-                        ("plan-target", {"target_fraction": "high"})):
+                        ("plan-target", {"target_fraction": "high"}), ("plan-nodes", {"extra": {"nodes": 3}})):
         (tmp / name).mkdir()
         (tmp / name / "compare.json").write_text(json.dumps({**plan, **patch}))
     return out
@@ -94,6 +94,16 @@ BAD_INPUT = [
     (["compare", *FAST, "--methods", "bf16", "--seed", "4294967295", "--seeds", "2"],
      "--seed 4294967295 with --seeds 2 would run seeds up to 4294967296; seeds must be in 0..4294967295"),
     (["train", *FAST, "--workers", "1000"], "--workers must be in 1..250; got 1000"),
+    # --nodes K: K nodes of equal size (a divisor of --workers), on a network that has nodes (issue 21, item 5)
+    (["train", *FAST, "--nodes", "0"], "--nodes must be an integer >= 1; got 0"),
+    (["train", *FAST, "--nodes", "1000"], "--nodes must be in 1..250; got 1000"),
+    (["train", *FAST, "--nodes", "3"], "--nodes must divide --workers (2) into nodes of equal size: accepted 1, 2; "
+     "got 3"),
+    (["compare", *FAST, "--workers", "6", "--methods", "bf16", "--nodes", "4"],
+     "--nodes must divide --workers (6) into nodes of equal size: accepted 1, 2, 3, 6; got 4"),
+    (["train", *FAST, "--workers", "4", "--nodes", "2", "--net", "model:50mbit"],
+     "--nodes 2 with a modeled network (--net model:50mbit): the modeled clock prices every worker on a link of "
+     "its own"),
     (["train", *FAST, "--steps", str(10**30)], "--steps must be in 1..9223372036854775807"),
     (["train", *FAST, "--batch-size", str(10**30)], "--batch-size must be in 1..9223372036854775807"),
     ([*DESIGN, "--scale", "1e300"], "--scale must be a finite number in [1.17549e-38, 3.40282e+38] (float32's normal "
@@ -118,6 +128,7 @@ BAD_INPUT = [
     (["compare", "--resume", "{tmp}/plan-key"], "plan-key/compare.json: unknown key 'bogus'"),
     (["compare", "--resume", "{tmp}/plan-extra"], "plan-extra/compare.json: unknown key 'extra.bogus'"),
     (["compare", "--resume", "{tmp}/plan-target"], "plan-target/compare.json: --target must be a finite number"),
+    (["compare", "--resume", "{tmp}/plan-nodes"], "plan-nodes/compare.json: --nodes must divide --workers (2)"),
     # what becomes a path component is a plain name; an empty string is not a silent default
     (["compare", *FAST, "--methods", "bf16", "--out", "{tmp}/out", "--id", "../x"], "--id must be a plain name"),
     (["compare", *FAST, "--methods", "bf16", "--out", "{tmp}/out", "--id", ".."], "--id must be a plain name"),

@@ -141,7 +141,8 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
         vn = _steady_vnmse(r)
         steps = r["steps"]
         params, n = r["parameters"], len(steps)
-        tx = r["network"].get("tx_bytes_per_rank")
+        tx = r["network"].get("tx_bytes_per_rank")  # a worker's own interface: only where a node is one worker
+        tx_node = r["network"].get("tx_bytes_per_node", tx)  # (results from before nodes: the ranks were the nodes)
 
         def mean(key: str, steps: list[dict[str, Any]] = steps) -> float:
             return sum(s[key] for s in steps) / len(steps) if steps else float("nan")
@@ -167,6 +168,9 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
             "wire_bits_per_coord": r["wire"]["bits_per_coord_handed"],
             "ring_traffic_bits_per_coord": r["wire"]["bits_per_coord_ring_traffic"],
             "nic_bits_per_coord": (8 * sum(tx) / len(tx) / (params * n)) if tx and n else None,
+            # bits leaving each node's NIC (mean over nodes), measured; and the hook's own account of them
+            "node_nic_bits_per_coord": (8 * sum(tx_node) / len(tx_node) / (params * n)) if tx_node and n else None,
+            "node_nic_bits_per_coord_model": r["wire"].get("node_nic_bits_per_coord"),
             "train_clock_s": steps[-1]["clock"] if steps else 0.0,
             "steps": n,
             "step_s": mean("step_s"),
@@ -177,7 +181,10 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
             "kernel_warmup_s": r.get("kernel_warmup_s"),
         })
     net = Network.parse(results[0]["network"]["spec"])  # as the run recorded it
+    recorded = results[0]["network"]  # (results from before nodes: one worker per node)
     return {
+        "nodes": recorded.get("nodes", results[0]["config"].get("workers")),
+        "node_size": recorded.get("node_size", 1),
         "target_metric": target_metric,
         "target": target,
         "target_accuracy": target if target_metric == "accuracy" else None,
@@ -202,6 +209,7 @@ def compare(
     *,
     workload: str = "digits",
     workers: int = 4,
+    nodes: int | None = None,
     net: Network | str = "none",
     methods: list[Method] | None = None,
     steps: int = 300,
@@ -230,11 +238,16 @@ def compare(
 
     ``target_metric``: ``"accuracy"`` (the target is ``target_fraction`` of bf16's best test accuracy) or
     ``"loss"`` (bf16's best test loss × (2 − ``target_fraction``): within 1% of it at 0.99).
+
+    ``nodes``: K nodes of ``workers / K`` workers each sharing one link (:attr:`RunConfig.nodes`; default one worker
+    per node); kept with the run options (``extra``), so ``--resume`` keeps it.
     """
     from rich.console import Console
 
     if not isinstance(seeds, int) or seeds < 1:
         raise UsageError(f"--seeds must be an integer >= 1; got {seeds!r}")
+    if nodes is not None:  # a run option like the others in extra (the plan's "extra" keeps it for --resume)
+        extra = {**(extra or {}), "nodes": nodes}
     if run_id is not None:  # one directory under out_dir, never a path that leaves it
         _one_directory("--id", run_id)
     if isinstance(seed, int) and seed + seeds - 1 > SEED_MAX:  # before the first seed runs, not after
@@ -294,6 +307,8 @@ def compare(
         "workload_note": results[0]["workload_note"],
         "parameters": results[0]["parameters"],
         "workers": workers,
+        "nodes": configs[0].n_nodes,
+        "node_size": configs[0].node_size,
         "fsdp": bool((extra or {}).get("fsdp", False)),
         "steps": steps,
         "seed": seed,
@@ -360,7 +375,8 @@ def _compare_seeds(seeds: int, *, out_dir: str, run_id: str | None, seed: int, r
 
 
 _AGG_KEYS = ("tta_s_interp", "tta_s", "tta_step_interp", "best_accuracy", "final_accuracy", "final_test_loss",
-             "vnmse", "wire_bits_per_coord", "nic_bits_per_coord", "step_s", "codec_s", "comm_s")
+             "vnmse", "wire_bits_per_coord", "nic_bits_per_coord", "node_nic_bits_per_coord", "step_s", "codec_s",
+             "comm_s")
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -428,6 +444,7 @@ def aggregate(summaries: list[dict[str, Any]], level: float = 0.9) -> dict[str, 
     return {
         "workload": first["workload"], "workload_note": first.get("workload_note", ""),
         "parameters": first.get("parameters"), "workers": first["workers"], "fsdp": first.get("fsdp", False),
+        "nodes": first.get("nodes", first["workers"]), "node_size": first.get("node_size", 1),
         "steps": first["steps"], "network": first["network"], "seeds": seeds, "level": level,
         "target_fraction_of_bf16_best": first["target_fraction_of_bf16_best"],
         "target_metric": first.get("target_metric", "accuracy"),
@@ -519,7 +536,10 @@ def _finished(cfg: RunConfig) -> dict[str, Any] | None:
         res: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if res.get("config") != cfg.to_dict() or not res.get("history") or not res.get("steps"):
+    saved = res.get("config")
+    if isinstance(saved, dict):  # a key added to RunConfig since the run (e.g. nodes): it ran with the default
+        saved = {**RunConfig().to_dict(), **saved}
+    if saved != cfg.to_dict() or not res.get("history") or not res.get("steps"):
         return None
     return res
 

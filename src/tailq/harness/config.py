@@ -33,6 +33,10 @@ class RunConfig:
     hook: str = "bf16"
     hook_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     workers: int = 4
+    # K nodes of workers / K workers each (--nodes): the workers of one node share its network link (one namespace
+    # and one shaped NIC per node when emulated) and get torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE / GROUP_RANK;
+    # ranks numbered node by node. None = one worker per node (K = workers), what every run was before
+    nodes: int | None = None
     steps: int = 300
     eval_every: int = 25
     seed: int = 0
@@ -79,6 +83,7 @@ class RunConfig:
             name = f"--{key.replace('_', '-')}"
             check_int(name, getattr(self, key), lo, error=UsageError)  # "must be an integer >= lo" below the range
             check_int(name, getattr(self, key), lo, hi, error=UsageError)
+        self._check_nodes()
         if not isinstance(self.hook_options, dict):
             raise UsageError(f"hook_options must be a dict of KEY=VALUE options; got {self.hook_options!r}")
         bits = self.hook_options.get("bits")
@@ -135,6 +140,27 @@ class RunConfig:
             raise UsageError("the method option reduce= applies to --fsdp runs only")
         self._check_hook_options()
         return self
+
+    def _check_nodes(self) -> None:
+        if self.nodes is None:
+            return
+        divisors = [d for d in range(1, self.workers + 1) if self.workers % d == 0]
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes not in divisors:
+            raise UsageError(f"--nodes must divide --workers ({self.workers}) into nodes of equal size: accepted "
+                             f"{', '.join(map(str, divisors))}; got {self.nodes!r}")
+        if self.nodes < self.workers and self.net.kind == "model":
+            raise UsageError(f"--nodes {self.nodes} with a modeled network (--net {self.net.as_arg()}): the modeled "
+                             "clock prices every worker on a link of its own (no nodes); use an emulated RATE or none")
+
+    @property
+    def n_nodes(self) -> int:
+        """K: the number of nodes (``nodes``, or one per worker)."""
+        return self.workers if self.nodes is None else self.nodes
+
+    @property
+    def node_size(self) -> int:
+        """L: workers per node (``workers / n_nodes``)."""
+        return self.workers // self.n_nodes
 
     def _check_hook_options(self) -> None:
         """Build the run's hook (or FSDP reduce-scatter) here, unbound, so a bad option fails before any worker

@@ -1,8 +1,12 @@
 """Launch one training run: N worker processes on this machine, over loopback or an emulated network.
 
 Each rank is ``python -m tailq.harness.worker --config RUN.json`` with RANK / WORLD_SIZE / MASTER_ADDR /
-MASTER_PORT set. With an emulated network each rank runs inside its own network namespace
-(``ip netns exec``) and Gloo is pinned to that namespace's interface (``GLOO_SOCKET_IFNAME``). The network is
+MASTER_PORT set, and the node structure as ``torchrun --nnodes K --nproc-per-node L`` would set it (LOCAL_RANK,
+LOCAL_WORLD_SIZE, GROUP_RANK, GROUP_WORLD_SIZE; ``RunConfig.nodes``, one worker per node by default, ranks numbered
+node by node), on loopback too. With an emulated network each node is one network namespace (``ip netns exec``),
+its L ranks share its shaped link, and Gloo is pinned to that namespace's interface (``GLOO_SOCKET_IFNAME``). The
+result's ``network`` gains ``nodes``, ``node_size`` and, emulated, ``tx_bytes_per_node`` (each node's interface
+during the run; ``tx_bytes_per_rank`` too where every node is one rank). The network is
 torn down when the run ends, fails or is interrupted. If any rank fails, the others are stopped and the error
 names the rank and shows the end of its output.
 
@@ -32,7 +36,7 @@ from typing import Any
 from tailq.comm.network import Network
 
 from .config import RunConfig
-from .netem import EmulatedNetwork
+from .netem import EmulatedNetwork, node_env
 
 __all__ = ["launch_run", "reap", "RunFailed", "Stopped", "stop_on_signals", "done_marker"]
 
@@ -94,12 +98,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _network(net: Network, workers: int) -> Iterator[EmulatedNetwork | None]:
+def _network(net: Network, workers: int, node_size: int = 1) -> Iterator[EmulatedNetwork | None]:
     """The emulated network of a run (``EmulationError`` when it cannot be emulated here), or nothing."""
     if net.kind != "emulated":
         yield None
         return
-    with EmulatedNetwork(workers, net) as emulated:
+    with EmulatedNetwork(workers, net, node_size=node_size) as emulated:
         yield emulated
 
 
@@ -124,12 +128,12 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
         done_marker(run_dir, rank).unlink(missing_ok=True)
     config_path = run_dir / "config.json"
     cfg.save(config_path)
-    with stop_on_signals(), _network(cfg.net, cfg.workers) as net:
+    with stop_on_signals(), _network(cfg.net, cfg.workers, cfg.node_size) as net:
         tx0 = net.tx_bytes() if net is not None else None
         procs, logs = [], []
         port = 29500 if net is not None else _free_port()
         for rank in range(cfg.workers):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(cfg.workers), "LOCAL_RANK": str(rank),
+            env = {**os.environ, **node_env(rank, cfg.workers, cfg.node_size),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(cfg.threads),
                    "PYTHONUNBUFFERED": "1"}
             prefix: list[str] = []
@@ -150,12 +154,14 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
     if not result_path.is_file():
         raise RunFailed(f"run {cfg.name}: rank 0 finished without writing {result_path}")
     result: dict[str, Any] = json.loads(result_path.read_text())
+    result["network"]["nodes"], result["network"]["node_size"] = cfg.n_nodes, cfg.node_size
     if tx is not None:
-        result["network"]["tx_bytes_per_rank"] = tx
+        result["network"]["tx_bytes_per_node"] = tx
+        if cfg.node_size == 1:  # a node is a rank: its interface is the rank's own
+            result["network"]["tx_bytes_per_rank"] = tx
     if exit_notes:
         result["exit_notes"] = exit_notes
-    if tx is not None or exit_notes:
-        result_path.write_text(json.dumps(result, indent=1))
+    result_path.write_text(json.dumps(result, indent=1))
     return result
 
 

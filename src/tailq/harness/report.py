@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["render", "table_rows", "print_table"]
+__all__ = ["header", "render", "table_rows", "print_table"]
 
 PLOTS = ("accuracy_vs_time.png", "tta_vs_bits.png", "vnmse.png", "gradient_histogram.png")
 
@@ -22,8 +22,36 @@ def _fmt(v: Any, spec: str, none: str = "—") -> str:
     return none if v is None else format(v, spec)
 
 
+def has_nodes(summary: dict[str, Any]) -> bool:
+    """Several workers share each node's link (``--nodes K`` with K < workers): the per-node NIC column is shown."""
+    nodes = summary.get("nodes")
+    return isinstance(nodes, int) and nodes < int(summary["workers"])
+
+
+def workers_text(summary: dict[str, Any]) -> str:
+    """``4 workers`` or ``8 workers on 2 nodes``."""
+    nodes = f" on {summary['nodes']} nodes" if has_nodes(summary) else ""
+    return f"{summary['workers']} workers{nodes}"
+
+
+def _node_nic(r: dict[str, Any]) -> str:
+    """Bits per coordinate leaving each node's NIC, measured, and the hook's own account of them in parentheses."""
+    model = r.get("node_nic_bits_per_coord_model")
+    return _fmt(r.get("node_nic_bits_per_coord"), ".2f") + (f" ({model:.2f})" if model is not None else "")
+
+
+def header(summary: dict[str, Any]) -> list[str]:
+    """The table's columns: :data:`HEADER`, with the per-node NIC column beside the per-worker one when several
+    workers share a node."""
+    if not has_nodes(summary):
+        return list(HEADER)
+    at = HEADER.index("bits/coord (NIC)") + 1
+    return [*HEADER[:at], NODE_NIC, *HEADER[at:]]
+
+
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     rows = []
+    nodes = has_nodes(summary)
     for r in summary["runs"]:
         rows.append([
             r["name"],
@@ -36,16 +64,18 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
             _fmt(r.get("final_test_loss"), ".4f"),
             _fmt(r["wire_bits_per_coord"], ".2f"),
             _fmt(r["nic_bits_per_coord"], ".2f"),
+            *([_node_nic(r)] if nodes else []),
             _fmt(r["vnmse"], ".3g"),
             f"{1e3 * r['step_s']:.1f}",
             f"{1e3 * r['codec_s']:.1f}",
             f"{1e3 * r['comm_s']:.1f}",
         ])
     for f in summary.get("failed", []):  # a method whose run failed: recorded, never silently dropped
-        rows.append([f["name"], "FAILED", *["—"] * (len(HEADER) - 2)])
+        rows.append([f["name"], "FAILED", *["—"] * (len(header(summary)) - 2)])
     return rows
 
 
+NODE_NIC = "bits/coord (node NIC)"
 HEADER = ["method", "TTA (s)", "at step (interp.)", "speedup vs bf16 (interp.)", "best acc", "final acc",
           "final test loss", "bits/coord (hook)",
           "bits/coord (NIC)", "vNMSE", "step ms", "codec ms", "comm ms"]
@@ -58,7 +88,7 @@ def print_table(summary: dict[str, Any]) -> None:
     if "per_seed" in summary:  # over seeds: medians and intervals
         from rich.markup import escape
 
-        t = Table(title=escape(f"{summary['workload']}, {summary['workers']} workers, {summary['network']['rate']}; "
+        t = Table(title=escape(f"{summary['workload']}, {workers_text(summary)}, {summary['network']['rate']}; "
                                f"{len(summary['seeds'])} seeds, median [interval]; {_coverage_text(summary)}"))
         for h in SEED_HEADER:
             t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
@@ -71,9 +101,9 @@ def print_table(summary: dict[str, Any]) -> None:
     net = summary["network"]
     label = " [MODELED network]" if net.get("modeled") else ""
     fsdp = ", FSDP2" if summary.get("fsdp") else ""
-    t = Table(title=f"{summary['workload']}, {summary['workers']} workers{fsdp}, {net['rate']}{label}; "
+    t = Table(title=f"{summary['workload']}, {workers_text(summary)}{fsdp}, {net['rate']}{label}; "
                     f"{target_text(summary)}")
-    for h in HEADER:
+    for h in header(summary):
         t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
     for row in table_rows(summary):
         t.add_row(*row)
@@ -193,7 +223,7 @@ def _plots(root: Path, summary: dict[str, Any], runs: dict[str, dict[str, Any]])
     ax.axhline(target, color="k", linestyle="--", linewidth=1, label="target")
     ax.set_xlabel(f"training clock (s){modeled}")
     ax.set_ylabel("test loss" if loss else "test accuracy")
-    ax.set_title(f"{summary['workload']}, {summary['workers']} workers, {summary['network']['rate']}")
+    ax.set_title(f"{summary['workload']}, {workers_text(summary)}, {summary['network']['rate']}")
     if loss:
         ax.set_yscale("log")
     else:
@@ -310,7 +340,7 @@ def _steps_vs_vnmse_plot(root: Path, summary: dict[str, Any]) -> None:
         ax.set_ylabel(lab)
         ax.grid(alpha=0.3)
     seeds = f", median and interval over {len(summary['seeds'])} seeds" if multi else ""
-    fig.suptitle(f"{summary['workload']}, {summary['workers']} workers: error against convergence{seeds}")
+    fig.suptitle(f"{summary['workload']}, {workers_text(summary)}: error against convergence{seeds}")
     fig.tight_layout()
     fig.savefig(root / STEPS_PLOT, dpi=110)
     plt.close(fig)
@@ -325,7 +355,7 @@ def _seed_markdown(summary: dict[str, Any]) -> str:
         f"# tailq comparison {summary.get('id', '')} over {k} seeds",
         "",
         f"- workload: **{summary['workload']}** — {summary.get('workload_note', '')}",
-        f"- workers: {summary['workers']}, steps per run: {summary['steps']}, seeds {summary['seeds']}",
+        f"- workers: {workers_text(summary)}, steps per run: {summary['steps']}, seeds {summary['seeds']}",
         f"- network: **{net['rate']}**" + (" (MODELED)" if net.get("modeled") else ""),
         f"- target per seed ({_target_rule(summary, per_seed=True)}): {targets}",
         f"- {_coverage_text(summary)}",
@@ -405,7 +435,7 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         f"# tailq comparison {summary.get('id', '')}",
         "",
         f"- workload: **{summary['workload']}** — {summary.get('workload_note', '')}",
-        f"- workers: {summary['workers']}, steps per run: {summary['steps']}, seed {summary.get('seed', 0)}",
+        f"- workers: {workers_text(summary)}, steps per run: {summary['steps']}, seed {summary.get('seed', 0)}",
         f"- network: **{net['rate']}** ({kind})",
         *([] if not summary.get("fsdp") else [
             "- **FSDP2** (`--fsdp`): gradients leave through FSDP2's reduce-scatter (`fully_shard` per transformer "
@@ -422,11 +452,14 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         "interpolated linearly between the last evaluation below it and the first at or above it (shown where the "
         "crossing is between two evaluations). bits/coord (hook) = bytes "
         "handed to collectives by the hook, metadata included; bits/coord (NIC) = "
-        "bytes sent on the worker's emulated interface (TCP/IP headers and vNMSE measurement traffic included). "
+        "bytes sent on the worker's emulated interface (TCP/IP headers and vNMSE measurement traffic included)"
+        + (f"; with {summary.get('node_size')} workers per node they share one interface, so that column is empty "
+           "and bits/coord (node NIC) = bytes sent on each node's interface (mean over nodes), with the hook's own "
+           "account of them in parentheses where it gives one" if has_nodes(summary) else "") + ". "
         "step/codec/comm = mean wall time per step / in the hook's encode+decode / waiting on collectives (the "
         "hook's work overlaps backward).",
         "",
-        *_md_table(HEADER, table_rows(summary)),
+        *_md_table(header(summary), table_rows(summary)),
     ]
     warm = [f"{r['name']} {r['kernel_warmup_s']:.1f} s" for r in summary["runs"] if r.get("kernel_warmup_s")]
     if warm:
