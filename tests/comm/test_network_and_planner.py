@@ -29,7 +29,8 @@ def test_cost_model_is_ring_traffic_over_the_rate_plus_a_latency_per_hop() -> No
 def test_summary_records_the_network_without_reparsing() -> None:
     s = Network.parse("model:2.5gbit,2ms").summary()
     assert s == {"spec": "model:2.5gbit,2ms", "kind": "model", "describe": "modeled 2.5 Gbit/s, 2 ms",
-                 "rate_bps": 2.5e9, "delay_s": 2e-3, "emulated": False, "modeled": True}
+                 "rate_bps": 2.5e9, "delay_s": 2e-3, "node_rate_bps": None, "node_delay_s": 0.0, "emulated": False,
+                 "modeled": True}
 
 
 def _planner(name: str, bits: int, n_workers: int, net: Network) -> Planner:
@@ -86,7 +87,8 @@ def test_the_plan_is_the_cost_models_minimum_including_passthrough_and_codec_tim
     fam = family_for(compressor(name, bits=4), fine_bits=2, keep_own=False)
     p = Planner(fam, 8, network, cost, passthrough=True)
     times = {PASSTHROUGH: network.time("all_reduce", 2 * n, 8) + 0.5e-9 * n}
-    for r in p.routes:
+    assert all(r.startswith("hier-") for r in set(p.routes) - set(p.candidates))  # one worker per node: flat only
+    for r in p.candidates[1:]:
         phases = ROUTES[r].phases(n, 8, fam)
         times[r] = sum(network.time(c, b, 8) for c, b in phases) + 2e-9 * n * (1 + ROUTES[r].codec_passes(n, 8))
     best = min(times.values())
@@ -99,14 +101,15 @@ def test_the_plan_is_the_cost_models_minimum_including_passthrough_and_codec_tim
 
 
 def test_families_get_their_routes_from_the_aggregation_attribute() -> None:
-    assert route_names() == ("auto", "allreduce", "allgather", "twophase")
-    assert _planner("tnq", 3, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather", "twophase")
-    assert _planner("multi-scale", 4, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather")
+    hier = ("hier-bf16", "hier-allreduce", "hier-allgather", "hier-twophase")
+    assert route_names() == ("auto", "allreduce", "allgather", "twophase", *hier)
+    assert _planner("tnq", 3, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather", "twophase", *hier)
+    assert _planner("multi-scale", 4, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather", *hier[:3])
     assert Planner(family_for(compressor("qsgd"), fine_bits=2, keep_own=False), 4, PLANNING_DEFAULT).routes == (
-        "allgather",)
+        "allgather", "hier-bf16", "hier-allgather")
     # ties go to the summable route (N = 1: every collective is free)
     assert _planner("tuq", 3, 1, PLANNING_DEFAULT).plan(50_000) == "allreduce"
-    assert set(ROUTES) == {"allreduce", "allgather", "twophase"}
+    assert set(ROUTES) == {"allreduce", "allgather", "twophase", *hier}
     assert _planner("tuq", 3, 4, PLANNING_DEFAULT).candidates == ("allreduce", "allgather", "twophase")  # no bf16
 
 

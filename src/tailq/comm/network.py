@@ -27,6 +27,8 @@ __all__ = ["Network", "PLANNING_DEFAULT", "fit_network", "ring_traffic_bytes"]
 
 MAX_RATE_BPS = 100e9
 """Largest accepted link rate, bits/s (100 gbit)."""
+MAX_NODE_RATE_BPS = 10e12
+"""Largest accepted node-link rate, bits/s (10000 gbit: NVLink-class)."""
 MAX_DELAY_S = 10.0
 """Largest accepted one-way delay per link, seconds."""
 
@@ -48,7 +50,8 @@ _ACCEPTED = (
     "accepted forms: 'none' (plain loopback); 'RATE[,DELAY]' (emulated network, e.g. '100mbit,1ms'); "
     "'model:RATE[,DELAY]' (cost model, no emulation, e.g. 'model:1gbit'). RATE is a number with a unit: "
     "bit, kbit, mbit, gbit (bits/s) or bps, kbps, mbps, gbps (bytes/s), 0 < RATE <= 100gbit; DELAY is a number "
-    "with a unit s, ms or us, 0 <= DELAY <= 10s (one-way, added on every link)"
+    "with a unit s, ms or us, 0 <= DELAY <= 10s (one-way, added on every link); optional ',node=RATE' and "
+    "',node_delay=DELAY' price the link between workers of one node (e.g. 'model:50mbit,node=10gbit')"
 )
 
 
@@ -79,6 +82,12 @@ class Network:
     kind: str
     rate_bps: float | None
     delay_s: float = 0.0
+    node_rate_bps: float | None = None
+    """The link between workers of one node (NVLink, shared memory, loopback), bits/s; ``None``: not given (the
+    planner fits it from the warm-up, else assumes :data:`NODE_LINK_DEFAULT`). Only priced with several workers per
+    node; never emulated (workers of an emulated node talk over its namespace's loopback)."""
+    node_delay_s: float = 0.0
+    """One-way delay on the node link, seconds."""
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -91,6 +100,10 @@ class Network:
             raise ValueError(f"--net: rate must be > 0 and <= 100gbit, got {self.rate_bps!r} bit/s")
         if not 0 <= self.delay_s <= MAX_DELAY_S:
             raise ValueError(f"--net: delay must be >= 0 and <= 10s, got {self.delay_s!r} s")
+        if self.node_rate_bps is not None and not 0 < self.node_rate_bps <= MAX_NODE_RATE_BPS:
+            raise ValueError(f"--net: node rate must be > 0 and <= 10000gbit, got {self.node_rate_bps!r} bit/s")
+        if not 0 <= self.node_delay_s <= MAX_DELAY_S:
+            raise ValueError(f"--net: node_delay must be >= 0 and <= 10s, got {self.node_delay_s!r} s")
 
     # -- text ------------------------------------------------------------------------------------------------
     @classmethod
@@ -111,6 +124,21 @@ class Network:
         if body.startswith("model:"):
             kind, body = "model", body[len("model:") :].strip()
         parts = [p.strip() for p in body.split(",")]
+        node_rate, node_delay = None, Decimal(0)
+        for part in [p for p in parts if "=" in p]:
+            name, _, value = (v.strip() for v in part.partition("="))
+            if name == "node":
+                node_rate = _parse_quantity(text, value, _RATE_UNITS, "node rate")
+                if not 0 < node_rate <= Decimal(int(MAX_NODE_RATE_BPS)):
+                    raise _net_error(text, f"node rate {value!r} is outside (0, 10000gbit]")
+            elif name == "node_delay":
+                node_delay = _parse_quantity(text, value, _DELAY_UNITS, "node delay")
+                if not 0 <= node_delay <= Decimal(int(MAX_DELAY_S)):
+                    raise _net_error(text, f"node delay {value!r} is outside [0, 10s]")
+            else:
+                raise _net_error(text, f"unknown setting {name!r} (node=RATE, node_delay=DELAY)")
+        parts = [p for p in parts if "=" not in p]
+        body = ",".join(parts)
         if not body or len(parts) > 2:
             raise _net_error(text, "expected RATE or RATE,DELAY")
         rate = _parse_quantity(text, parts[0], _RATE_UNITS, "rate")
@@ -119,7 +147,7 @@ class Network:
             raise _net_error(text, f"rate {parts[0]!r} is outside (0, 100gbit]")
         if not 0 <= delay <= Decimal(int(MAX_DELAY_S)):
             raise _net_error(text, f"delay {parts[1]!r} is outside [0, 10s]")
-        return cls(kind, float(rate), float(delay))
+        return cls(kind, float(rate), float(delay), None if node_rate is None else float(node_rate), float(node_delay))
 
     def describe(self) -> str:
         """Human description, e.g. ``"emulated 100 Mbit/s, 1 ms"``, ``"modeled 1 Gbit/s"``, ``"loopback"``."""
@@ -128,6 +156,10 @@ class Network:
         text = f"{'emulated' if self.kind == 'emulated' else 'modeled'} {_format_rate(self.rate_bps)}"
         if self.delay_s > 0:
             text += f", {format_delay(self.delay_s)}"
+        if self.node_rate_bps is not None:
+            text += f"; node link {_format_rate(self.node_rate_bps)}"
+            if self.node_delay_s > 0:
+                text += f", {format_delay(self.node_delay_s)}"
         return text
 
     def as_arg(self) -> str:
@@ -137,6 +169,10 @@ class Network:
         text = ("model:" if self.kind == "model" else "") + rate_arg(self.rate_bps)
         if self.delay_s > 0:
             text += f",{_delay_arg(self.delay_s)}"
+        if self.node_rate_bps is not None:
+            text += f",node={rate_arg(self.node_rate_bps)}"
+        if self.node_delay_s > 0:
+            text += f",node_delay={_delay_arg(self.node_delay_s)}"
         return text
 
     def __str__(self) -> str:
@@ -145,7 +181,8 @@ class Network:
     def summary(self) -> dict[str, object]:
         """What results and reports record about the network (no re-parsing needed to read them)."""
         return {"spec": self.as_arg(), "kind": self.kind, "describe": self.describe(), "rate_bps": self.rate_bps,
-                "delay_s": self.delay_s, "emulated": self.kind == "emulated", "modeled": self.kind == "model"}
+                "delay_s": self.delay_s, "node_rate_bps": self.node_rate_bps,
+                "node_delay_s": self.node_delay_s, "emulated": self.kind == "emulated", "modeled": self.kind == "model"}
 
     # -- the cost model ----------------------------------------------------------------------------------------
     @property
@@ -157,6 +194,12 @@ class Network:
     def hop_latency_s(self) -> float:
         """Latency of one message hop: the sender's uplink delay plus the receiver's downlink delay."""
         return 2.0 * self.delay_s
+
+    def node_link(self) -> Network:
+        """The link between workers of one node as a network of its own (:data:`NODE_LINK_DEFAULT` if not given)."""
+        if self.node_rate_bps is None:
+            return NODE_LINK_DEFAULT
+        return Network("model", self.node_rate_bps, self.node_delay_s)
 
     def time(self, collective: str, handed_bytes: int, n_workers: int) -> float:
         """Seconds a ``collective`` (ring ``all_reduce`` | ``all_gather``, pairwise ``all_to_all``) of
@@ -189,6 +232,9 @@ def fit_network(latencies_s: Sequence[float], timings: Sequence[tuple[float, flo
 
 PLANNING_DEFAULT = Network("model", 10e9, 25e-6)
 """What the route planner assumes when the caller knows nothing about the network: 10 Gbit/s, 50 µs per hop."""
+NODE_LINK_DEFAULT = Network("model", 100e9, 2.5e-6)
+"""What the planner assumes of the link inside a node when nothing says otherwise and the warm-up could not time
+it: 100 Gbit/s, 5 µs per hop (PCIe/shared-memory class; NVLink is faster, a 2-core loopback much slower)."""
 
 
 def _plain(x: float) -> str:

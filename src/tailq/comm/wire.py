@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from .network import ring_traffic_bytes
+from .topology import Shape, nic_bytes
 
-__all__ = ["Comm", "Tag", "WireLog", "WireRecord", "group_timeout_s", "own_group"]
+__all__ = ["Comm", "Tag", "WireLog", "WireRecord", "group_timeout_s", "new_group_like", "own_group"]
 
 # kinds of traffic: what the compressed method costs, and what is only measurement
 METHOD_KINDS = ("payload", "stats", "index", "passthrough", "fallback", "plan")
@@ -67,23 +68,36 @@ def own_group(group: Any) -> Any:
     hashed name repeat this one's in the store.
     """
     pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    new = new_group_like(pg, list(range(dist.get_world_size(pg))), "tailq_hook")
     ranks = dist.get_process_group_ranks(pg)
-    kwargs: dict[str, Any] = {"backend": dist.get_backend(pg), "group_desc": "tailq_hook"}
-    timeout = group_timeout_s(pg)
-    if timeout is not None:
-        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
-    if "sort_ranks" in inspect.signature(dist.new_group).parameters:
-        kwargs["sort_ranks"] = False  # group rank r stays rank r of the caller's group
-    subgroup = len(ranks) < dist.get_world_size()
-    try:
-        new = dist.new_group(ranks=ranks, use_local_synchronization=subgroup, **kwargs)
-    except Exception as err:
-        raise RuntimeError(f"tailq: could not create the hook's own process group (ranks {ranks}, backend "
-                           f"{kwargs['backend']}): {err}") from err
     if dist.get_process_group_ranks(new) != ranks:
         raise RuntimeError(f"tailq: the hook's own process group has ranks {dist.get_process_group_ranks(new)}, "
                            f"its process group {ranks}")
     return new
+
+
+def new_group_like(pg: Any, group_ranks: list[int], desc: str) -> Any:
+    """A process group over ``group_ranks`` (ranks *of* ``pg``, in that order) with ``pg``'s backend and timeout.
+
+    A proper subgroup of the world is created with group-local synchronization (only its members call this; its
+    name is hashed from its ranks and the number of groups this process holds), the whole world with torch's
+    ordinary creation order. Ranks that create several groups must create them in the same order (the hooks:
+    their own group, then the node group, then the cross-node group), so the hashed names agree.
+    """
+    ranks = dist.get_process_group_ranks(pg)
+    members = [ranks[r] for r in group_ranks]
+    kwargs: dict[str, Any] = {"backend": dist.get_backend(pg), "group_desc": desc}
+    timeout = group_timeout_s(pg)
+    if timeout is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
+    if "sort_ranks" in inspect.signature(dist.new_group).parameters:
+        kwargs["sort_ranks"] = False  # group rank r stays the r-th of ``members``
+    subgroup = len(members) < dist.get_world_size()
+    try:
+        return dist.new_group(ranks=members, use_local_synchronization=subgroup, **kwargs)
+    except Exception as err:
+        raise RuntimeError(f"tailq: could not create a process group ({desc}: ranks {members}, backend "
+                           f"{kwargs['backend']}): {err}") from err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +120,11 @@ class WireRecord:
     collective: str
     handed_bytes: int
     traffic_bytes: float
+    nic_bytes: float | None = None
+    """What this rank's collective put on its node's NIC (:func:`~tailq.comm.topology.nic_bytes`); ``None``: one
+    worker per node, where it equals ``traffic_bytes``."""
+    scope: str = "world"
+    """Where the collective ran: ``world``, ``node`` (the L ranks of a node) or ``cross`` (one rank per node)."""
 
 
 class WireLog:
@@ -114,8 +133,9 @@ class WireLog:
     def __init__(self, max_records: int = 200_000) -> None:
         self.records: collections.deque[WireRecord] = collections.deque(maxlen=max_records)
         self.totals: dict[str, list[float]] = collections.defaultdict(
-            lambda: [0.0, 0.0]
-        )  # kind -> [handed, traffic]
+            lambda: [0.0, 0.0, 0.0]
+        )  # kind -> [handed, traffic, node NIC]
+        self.node_size = 1  # workers sharing this rank's NIC (set by the hook once the ranks agreed the topology)
         self.coords = 0  # Σ numel over (step, bucket) pairs that were communicated by the method
         self.added = 0  # records ever added (the deque keeps the newest max_records)
 
@@ -125,6 +145,7 @@ class WireLog:
         t = self.totals[rec.kind]
         t[0] += rec.handed_bytes
         t[1] += rec.traffic_bytes
+        t[2] += rec.traffic_bytes if rec.nic_bytes is None else rec.nic_bytes
 
     def count_bucket(self, numel: int) -> None:
         """One bucket of ``numel`` coordinates went through the hook (the denominator of bits per coordinate)."""
@@ -142,6 +163,13 @@ class WireLog:
         i = 1 if traffic else 0
         return 8 * sum(self.totals[k][i] for k in kinds if k in self.totals) / self.coords
 
+    def node_nic_bits_per_coord(self, kinds: tuple[str, ...] = METHOD_KINDS) -> float:
+        """Bits leaving this rank's node through its NIC per coordinate (modeled from the collectives issued): this
+        rank's share × the node's L ranks, which issue the same collectives. One worker per node: ring traffic."""
+        if not self.coords:
+            return float("nan")
+        return 8 * self.node_size * sum(self.totals[k][2] for k in kinds if k in self.totals) / self.coords
+
     def step_bits_per_coord(self, step: int, kinds: tuple[str, ...] = METHOD_KINDS) -> float:
         """Bits handed per coordinate in one step (from the retained records)."""
         recs = [r for r in self.records if r.step == step]
@@ -154,7 +182,10 @@ class WireLog:
             "coords": self.coords,
             "bits_per_coord_handed": self.bits_per_coord(),
             "bits_per_coord_ring_traffic": self.bits_per_coord(traffic=True),
-            "by_kind": {k: {"handed_bytes": v[0], "traffic_bytes": v[1]} for k, v in self.totals.items()},
+            "node_size": self.node_size,
+            "node_nic_bits_per_coord": self.node_nic_bits_per_coord(),
+            "by_kind": {k: {"handed_bytes": v[0], "traffic_bytes": v[1], "node_nic_bytes": v[2]}
+                        for k, v in self.totals.items()},
         }
 
 
@@ -166,8 +197,11 @@ class Comm:
     waiting for collectives.
     """
 
-    def __init__(self, group: Any, log: WireLog, timeout_s: float) -> None:
+    def __init__(self, group: Any, log: WireLog, timeout_s: float, *, scope: str = "world",
+                 shape: Shape | None = None) -> None:
         self.log = log
+        self.scope = scope  # world | node | cross: what its collectives put on the node's NIC (wire accounting)
+        self.shape = shape
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.seconds = 0.0  # time spent waiting for collectives
         self.n: int = dist.get_world_size(group)
@@ -210,8 +244,9 @@ class Comm:
 
     def _record(self, tag: Tag, kind: str, collective: str, t: torch.Tensor) -> None:
         handed = t.numel() * t.element_size()
+        nic = None if self.shape is None else nic_bytes(collective, handed, self.scope, self.shape)
         self.log.add(WireRecord(tag.step, tag.bucket, tag.numel, tag.route, kind, collective, handed,
-                                ring_traffic_bytes(collective, handed, self.n)))
+                                ring_traffic_bytes(collective, handed, self.n), nic, self.scope))
 
     def _wait(self, work: Any, what: str) -> None:
         self._held.append(work)
@@ -270,6 +305,25 @@ class Comm:
         work = dist.all_to_all_single(out, src, group=self.group, async_op=True)
         self._wait(work, f"all_to_all({kind})")
         return out.to(flat.device).view(self.n, flat.numel() // self.n)
+
+    def reduce_scatter(self, t: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
+        """The sum over ranks of chunk r of the 1-D ``t`` (N equal chunks), on rank r.
+
+        NCCL: ``reduce_scatter_tensor``. Gloo has none: an all-to-all of the chunks, then the sum of the N received
+        rows here (the same bytes on the wire as a pairwise reduce-scatter). Rows are added in rank order, so the
+        result is the same on every backend run to run.
+        """
+        flat = t.reshape(-1).contiguous()
+        if flat.numel() % self.n:
+            raise ValueError(f"reduce_scatter: {flat.numel()} elements do not split into {self.n} equal chunks")
+        if "nccl" in str(dist.get_backend(self.group)).lower() and flat.is_cuda:
+            self._record(tag, kind, "all_to_all", flat)  # the same traffic: (N - 1)/N of the input leaves
+            out = torch.empty(flat.numel() // self.n, dtype=flat.dtype, device=flat.device)
+            work = dist.reduce_scatter_tensor(out, flat, group=self.group, async_op=True)
+            self._wait(work, f"reduce_scatter({kind})")
+            return out
+        rows = self.all_to_all(flat, tag, kind)
+        return rows.sum(dim=0) if self.n > 1 else rows[0].clone()
 
     def verify_same_config(self, config: dict[str, Any], tag: Tag) -> None:
         """Fail on every rank, with the differing configurations, unless all ranks hold the same config."""

@@ -17,8 +17,10 @@ class HookConfig:
 
     route: str = "auto"
     """``auto`` (the cost model's pick per bucket size, bf16 passthrough included), ``allreduce`` (summable codes in
-    headroom lanes), ``allgather`` (dense codes, or each rank's own encoding) or ``twophase`` (all-to-all of shards,
-    the owner's requantized mean all-gathered; shared-codebook quantizers)."""
+    headroom lanes), ``allgather`` (dense codes, or each rank's own encoding), ``twophase`` (all-to-all of shards,
+    the owner's requantized mean all-gathered; shared-codebook quantizers), or ``hier-<inner>`` (exact
+    reduce-scatter inside each node, ``<inner>`` = ``bf16``/``allreduce``/``allgather``/``twophase`` across nodes,
+    all-gather inside the node; without several nodes of several workers it is its flat ``<inner>`` route)."""
     gather_bits: int | None = None
     """Two-phase: bits of the owner's requantized mean shard, 1..8; ``None``: the compressor's bits + 2 (at most 8)."""
     owner_feedback: bool = False
@@ -37,6 +39,10 @@ class HookConfig:
     """Extra bits of the fine grid that non-uniform levels snap to for the summable route."""
     measure_every: int = 0
     """Every k-th step also all-reduce the exact fp32 mean and record the vNMSE (not charged to the method)."""
+    node_size: int | None = None
+    """Workers per node (L; SPEC §9): ranks numbered node by node share a NIC. ``None``: torchrun's
+    ``LOCAL_WORLD_SIZE`` where set, else one worker per node. Prices the routes on both links and enables the
+    hierarchical routes (``hier-*``: exact inside the node, compressed across nodes)."""
     timeout_s: float = 300.0
     """Every wait on a collective: a dead or misconfigured peer raises instead of hanging."""
 
@@ -59,6 +65,8 @@ class HookConfig:
         check_int("measure_every", self.measure_every, 0)
         check_int("redesign_every", self.redesign_every, 1)
         check_int("fine_bits", self.fine_bits, 0, 8)
+        if self.node_size is not None:
+            check_int("node_size", self.node_size, 1)
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0; got {self.timeout_s!r}")
         object.__setattr__(self, "timeout_s", float(self.timeout_s))

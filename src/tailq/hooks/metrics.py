@@ -40,6 +40,7 @@ class HookMetrics:
         self.fallbacks: list[dict[str, Any]] = []  # {"step", "bucket", "why"}: buckets sent uncompressed
         self.last: dict[int, dict[str, Any]] = {}  # bucket index -> what its last compressed step reported
         self.plan: dict[str, Any] = {}  # route="auto": the network and codec cost planned against, each size's pick
+        self.topology: dict[str, Any] = {}  # the agreed nodes x workers, where it came from, why it fell back to flat
         # cumulative wall seconds in the hook: total (measurement excluded), waiting on collectives, measurement
         self.seconds = {"total": 0.0, "communicate": 0.0, "measure": 0.0}
         self._lap = (0.0, 0.0, 0.0, 0)

@@ -47,9 +47,19 @@ from tailq.codec import (
 from tailq.codec.base import registered_in_order
 from tailq.comm.agree import policy_for
 from tailq.comm.families import family_for
-from tailq.comm.network import MAX_RATE_BPS, PLANNING_DEFAULT, Network, fit_network, ring_traffic_bytes
-from tailq.comm.routes import PASSTHROUGH, ROUTES, CodecCost, Planner, ShardCheck, zero_outcome
-from tailq.comm.wire import Comm, Tag, own_group
+from tailq.comm.network import (
+    MAX_NODE_RATE_BPS,
+    MAX_RATE_BPS,
+    PLANNING_DEFAULT,
+    Network,
+    fit_network,
+    ring_traffic_bytes,
+)
+from tailq.comm.routes import PASSTHROUGH, ROUTES, CodecCost, Planner, ShardCheck, is_staged, zero_outcome
+from tailq.comm.routes.hierarchical import BF16, NodeComms, node_shard_numel
+from tailq.comm.topology import Shape, detect
+from tailq.comm.topology import agree as agree_shape
+from tailq.comm.wire import Comm, Tag, new_group_like, own_group
 from tailq.comm.worker import Handoff, OrderedWorker
 from tailq.kernels import RandKey, dispatch
 
@@ -142,7 +152,11 @@ class TailqState:
             self.metrics.plan = {"network": self.network.summary(), "network_source": "default", "buckets": {}}
         self._timings: list[tuple[float, float]] = []  # (ring traffic bytes, seconds) of timed warm-up all-reduces
         self._latency: list[float] = []  # seconds of the tiny all-reduces that precede them
+        self._node_timings: list[tuple[float, float]] = []  # the same, timed inside the node (two-link fit)
+        self._node_latency: list[float] = []
         self._shard: ShardCheck | None = None  # the two-phase owner's view of the last bucket (per-phase vNMSE)
+        self.shape: Shape | None = None  # K nodes x L workers, agreed by the ranks at the first bucket
+        self._node: NodeComms | None = None  # the node and cross-node groups, made at the first use
         self.policy = policy_for(self.family, stale_stats=opts.stale_stats, redesign_every=opts.redesign_every,
                                  first_step=opts.warmup_steps)
         self.step = 0
@@ -172,7 +186,8 @@ class TailqState:
                     "torch.distributed.init_process_group, but it must have been called by the first bucket (or "
                     "the first state_dict/load_state_dict); call init_process_group before training")
             self._comm = Comm(self.process_group, self.metrics.wire, self.options.timeout_s)
-            self._planner = Planner(self.family, self._comm.n, self.network, passthrough=self.options.route == "auto")
+            self._planner = Planner(self.family, self._comm.n, self.network, passthrough=self.options.route == "auto",
+                                    shape=self.shape)
         return self._comm
 
     @property
@@ -227,7 +242,9 @@ class TailqState:
         self.family.load_state_dict(state.get("route_state", {}))
         plan = state.get("plan")
         if plan:  # the saved run's calibration: a resumed run plans exactly as the run it continues
-            net = Network(plan["kind"], float(plan["rate_bps"]), float(plan["delay_s"]))
+            node_rate = plan.get("node_rate_bps")
+            net = Network(plan["kind"], float(plan["rate_bps"]), float(plan["delay_s"]),
+                          None if node_rate is None else float(node_rate), float(plan.get("node_delay_s", 0.0)))
             self._use_plan(net, CodecCost(float(plan["per_pass_s"]), float(plan["cast_s"])), plan["source"])
         timed = state.get("warmup_timings")
         if timed and not self._planned:  # saved between the warm-up and the plan: the fit still has its inputs
@@ -263,7 +280,8 @@ class TailqState:
             return None  # nothing measured: the plan is a pure function of the configuration
         c, net = self.planner.codec, self.network
         return {"kind": net.kind, "rate_bps": net.rate_bps, "delay_s": net.delay_s, "per_pass_s": c.per_pass_s,
-                "cast_s": c.cast_s, "source": self.metrics.plan["network_source"]}
+                "cast_s": c.cast_s, "source": self.metrics.plan["network_source"],
+                "node_rate_bps": net.node_rate_bps, "node_delay_s": net.node_delay_s}
 
     def close(self) -> None:
         self.worker.close()
@@ -275,7 +293,7 @@ class TailqState:
     # -- one bucket ---------------------------------------------------------------------------------------
     def process(self, bucket: dist.GradBucket) -> torch.Tensor:
         """Average one bucket in place (runs on the ordered worker): compressed, passthrough, or priming."""
-        t0, comm0, sec = time.perf_counter(), self.comm.seconds, self.metrics.seconds
+        t0, comm0, sec = time.perf_counter(), self._comm_seconds(), self.metrics.seconds
         meas0 = sec["measure"]
         buf = bucket.buffer()
         idx, n, step, opts = bucket.index(), buf.numel(), self.step, self.options
@@ -289,6 +307,8 @@ class TailqState:
             if bucket.is_last() and not self.priming:
                 self._end_step()
             return buf
+        if self.shape is None:
+            self._agree_topology(Tag(step, idx, n, "config"))
         key = bucket_key(bucket)
         self.layouts.record(key, bucket)
         g = buf.reshape(-1).to(torch.float32)
@@ -319,7 +339,7 @@ class TailqState:
             buf.copy_(mean.reshape(buf.shape))
         measured = sec["measure"] - meas0
         sec["total"] += time.perf_counter() - t0 - measured
-        sec["communicate"] += self.comm.seconds - comm0 - measured
+        sec["communicate"] += self._comm_seconds() - comm0 - measured
         return buf
 
     def _decode_target(self, buf: torch.Tensor) -> torch.Tensor | None:
@@ -338,39 +358,120 @@ class TailqState:
         if not self._planned:
             self._calibrate(g.device, Tag(step, idx, n, "plan"))
         route = self.options.route if self.options.route != "auto" else self.planner.plan(n)
+        route = self.planner.flat(route)  # a hierarchical route without several nodes of several workers
         if self.options.route == "auto" and n not in self.metrics.plan.setdefault("buckets", {}):
             self.metrics.plan["buckets"][n] = self.planner.explain(n)
         if route == PASSTHROUGH:  # the cost model found bf16 cheaper for this size: nothing to compress
             self.metrics.last[idx] = {"route": PASSTHROUGH}
             return self._passthrough(g, Tag(step, idx, n, PASSTHROUGH))
         tag = Tag(step, idx, n, route)
+        if is_staged(route):
+            return self._hierarchical(g, tag, key, dest)
         if self.memory is not None:  # 1. + error-feedback residual (carried over if DDP regrouped its buckets)
             self.layouts.carry((self.memory.truncation, self.memory.rounding), key)
-        x = self.memory.compensate(key, g) if self.memory is not None else g
+        return self._compressed_on(self.comm, tag, key, g, route, dest)
+
+    def _compressed_on(self, comm: Comm, tag: Tag, key: str, g: torch.Tensor, route: str,
+                       dest: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """Steps 1-5 of :func:`tailq_hook` for ``g`` over ``comm``'s ranks on the flat ``route`` (the whole group's
+        bucket, or, inside a hierarchical route, this rank's node-mean shard among the K nodes)."""
+        if self.memory is not None:  # 1. + error-feedback residual
+            x = self.memory.compensate(key, g)
+        else:
+            x = g
         bad = _nonfinite_count(x)
         xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if bad else x
-        agreed = self.policy.agree(self.comm, tag, key, xs, bad)  # 2. agree statistics across ranks
+        agreed = self.policy.agree(comm, tag, key, xs, bad)  # 2. agree statistics across ranks
         if agreed.nonfinite:
-            return self._fallback(g, dataclasses.replace(tag, route="fallback"), "non-finite gradient on some rank")
-        coder = self.family.coder(xs, agreed.codebook, self.comm, tag, key)  # 3. the shared codebook, this rank's codes
-        rkey = RandKey(self.seed, self.comm.rank, step, idx)  # counter-based randomness for this bucket and step
-        out = zero_outcome(xs, route) if coder is None else ROUTES[route].run(self.comm, tag, coder, rkey, dest)  # 4.
-        if not self.policy.settle(self.comm, key, agreed):  # stale statistics arriving now say NaN/Inf: void
+            return self._fallback(g, dataclasses.replace(tag, route="fallback"), "non-finite gradient on some rank",
+                                  comm)
+        coder = self.family.coder(xs, agreed.codebook, comm, tag, key)  # 3. the shared codebook, this rank's codes
+        # counter-based randomness for this bucket and step, keyed by the rank in the hook's whole group
+        rkey = RandKey(self.seed, self.comm.rank, tag.step, tag.bucket)
+        out = zero_outcome(xs, route) if coder is None else ROUTES[route].run(comm, tag, coder, rkey, dest)  # 4.
+        if not self.policy.settle(comm, key, agreed):  # stale statistics arriving now say NaN/Inf: void
             return self._fallback(g, dataclasses.replace(tag, route="fallback"),
-                                  "non-finite gradient on some rank (seen in stale-mode stats)")
+                                  "non-finite gradient on some rank (seen in stale-mode stats)", comm)
         if self.memory is not None:  # 5. residual of what this rank sent
             self.memory.update(key, x, out.own, target=out.target)
-        self.metrics.last[idx] = {"route": out.route, **out.info}
+        self.metrics.last[tag.bucket] = {"route": tag.route, **out.info}
         self._shard = out.shard
         return out.mean
 
-    def _passthrough(self, g: torch.Tensor, tag: Tag, timed: bool = False) -> torch.Tensor:
-        """bf16, as PyTorch's bf16_compress_hook: divide first, all-reduce SUM, cast back.
+    def _hierarchical(self, g: torch.Tensor, tag: Tag, key: str, dest: torch.Tensor | None) -> torch.Tensor:
+        """A ``hier-*`` route: exact reduce-scatter in the node, this rank's shard through steps 1-5 among the K ranks
+        with its local rank (error feedback, statistics, codebook keyed by the shard), all-gather in the node."""
+        comms = self._node_comms()
+        shape, local = comms.shape, comms.local
+        skey = f"{key}|shard{local}of{shape.node_size}"
+
+        def shard_mean(cross: Comm, x: torch.Tensor, inner: str) -> torch.Tensor:
+            if inner == BF16:
+                return self._passthrough(x, tag, comm=cross)
+            return self._compressed_on(cross, tag, skey, x, inner, None)
+
+        mean = ROUTES[tag.route].run(comms, tag, g, shard_mean, dest)  # type: ignore[attr-defined]
+        if self._shard is not None:  # the two-phase owner's piece, as an offset into the whole (unpadded) bucket
+            offset = self._shard.offset + local * node_shard_numel(g.numel(), shape.node_size)
+            valid = max(0, min(self._shard.mean1.numel(), g.numel() - offset))
+            self._shard = ShardCheck(offset, self._shard.mean1[:valid], self._shard.mean2[:valid])
+        self.metrics.last[tag.bucket] = {**self.metrics.last.get(tag.bucket, {}), "route": tag.route}
+        return mean  # type: ignore[no-any-return]
+
+    # -- topology -------------------------------------------------------------------------------------------
+    def _agree_topology(self, tag: Tag) -> None:
+        """At the first bucket: every rank's node (``node_size``, torchrun's environment, or one worker per node),
+        exchanged in one all-gather of three integers, checked, and the planner priced on both links."""
+        found = detect(self.options.node_size)
+        mine = torch.tensor(found[:3], dtype=torch.int64)
+        shape, why = agree_shape(found, self.comm.all_gather(mine, tag, "config"), self.comm.n)
+        if why is not None:
+            log.warning("tailq %s: %s", self.name, why)
+        self.shape = shape
+        self.comm.shape = shape  # the whole group's collectives now counted on the node's shared NIC
+        self.metrics.wire.node_size = shape.node_size
+        self.metrics.topology = {"nodes": shape.nodes, "node_size": shape.node_size, "source": found[3],
+                                 "flat_because": why}
+        old = self.planner
+        self._planner = Planner(self.family, self.comm.n, old.network, old.codec,
+                                passthrough=PASSTHROUGH in old.candidates, shape=shape)
+        if is_staged(self.options.route) and not shape.hierarchical:
+            log.info("tailq %s: route %s runs as %s on %s", self.name, self.options.route,
+                     self.planner.flat(self.options.route), shape.describe())
+
+    def _node_comms(self) -> NodeComms:
+        """This rank's node and cross-node groups (created at their first use: the same bucket on every rank, from
+        the worker thread, node group first)."""
+        if self._node is None:
+            assert self.shape is not None
+            shape, r, pg = self.shape, self.comm.rank, self.comm.group
+            node = new_group_like(pg, shape.node_ranks(shape.node_of(r)), "tailq_node")
+            cross = new_group_like(pg, shape.cross_ranks(shape.local_of(r)), "tailq_cross")
+            wire, timeout = self.metrics.wire, self.options.timeout_s
+            self._node = NodeComms(shape, r, Comm(node, wire, timeout, scope="node", shape=shape),
+                                   Comm(cross, wire, timeout, scope="cross", shape=shape))
+        return self._node
+
+    def _comm_seconds(self) -> float:
+        """Seconds spent waiting on collectives, on every group of this state."""
+        extra = 0.0 if self._node is None else self._node.node.seconds + self._node.cross.seconds
+        return (self._comm.seconds if self._comm is not None else 0.0) + extra
+
+    def _passthrough(self, g: torch.Tensor, tag: Tag, timed: bool = False, comm: Comm | None = None) -> torch.Tensor:
+        """bf16, as PyTorch's bf16_compress_hook: divide first, all-reduce SUM, cast back (over ``comm``: default the
+        hook's whole group).
 
         ``timed``: a warm-up step whose all-reduce calibrates the planner's network — a one-element all-reduce
-        lines the ranks up, a second one times the latency, then the bucket's all-reduce is timed.
+        lines the ranks up, a second one times the latency, then the bucket's all-reduce is timed; with several
+        nodes of several workers the same again inside the node (the node link's fit).
         """
+        if comm is not None:
+            t = g.to(torch.bfloat16).div_(comm.n)
+            comm.all_reduce(t, tag, "passthrough")
+            return t.to(torch.float32)
         t = g.to(torch.bfloat16).div_(self.comm.n)
+        if timed and self.shape is not None and self.shape.hierarchical and self.network.node_rate_bps is None:
+            self._time_node_link(t, dataclasses.replace(tag, route="plan"))
         if timed and self.comm.n > 1:
             probe = torch.zeros(1, dtype=torch.bfloat16, device=g.device)
             self.comm.all_reduce(probe, dataclasses.replace(tag, route="plan"), "plan")  # absorbs the ranks' skew
@@ -385,6 +486,20 @@ class TailqState:
             self.comm.all_reduce(t, tag, "passthrough")
         return t.to(torch.float32)
 
+    def _time_node_link(self, t: torch.Tensor, tag: Tag) -> None:
+        """One bf16 all-reduce of the bucket inside the node, timed after the ranks lined up (a measurement: its
+        bytes are counted as ``plan``, never as the method's)."""
+        node = self._node_comms().node
+        probe = torch.zeros(1, dtype=torch.bfloat16, device=t.device)
+        node.all_reduce(probe, tag, "plan")
+        t0 = time.perf_counter()
+        node.all_reduce(probe, tag, "plan")
+        t1 = time.perf_counter()
+        node.all_reduce(t.clone(), tag, "plan")
+        t2 = time.perf_counter()
+        self._node_latency.append(t1 - t0)
+        self._node_timings.append((ring_traffic_bytes("all_reduce", t.numel() * 2, node.n), t2 - t1))
+
     # -- planning ---------------------------------------------------------------------------------------------
     def _calibrate(self, device: torch.device, tag: Tag) -> None:
         """Plan once: the network (given, or fitted from the warm-up), the codec's cost, agreed across ranks.
@@ -396,21 +511,29 @@ class TailqState:
         local = self._probe_codec(device)
         mine = fit_network(self._latency, self._timings, self.comm.n) if self.network_source == "fitted" else None
         hop, per_byte = (mine.hop_latency_s, 8.0 / mine.rate_bps) if mine and mine.rate_bps else (0.0, 0.0)
-        agreed = torch.tensor([hop, per_byte, local.per_pass_s, local.cast_s], dtype=torch.float64)
+        shape = self.shape or Shape.flat(self.comm.n)
+        node = fit_network(self._node_latency, self._node_timings, shape.node_size)  # None unless timed
+        node_hop, node_per_byte = (node.hop_latency_s, 8.0 / node.rate_bps) if node and node.rate_bps else (0.0, 0.0)
+        agreed = torch.tensor([hop, per_byte, local.per_pass_s, local.cast_s, node_hop, node_per_byte],
+                              dtype=torch.float64)
         self.comm.all_reduce(agreed, tag, "plan")
-        hop, per_byte, per_pass, cast = (agreed / self.comm.n).tolist()
+        hop, per_byte, per_pass, cast, node_hop, node_per_byte = (agreed / self.comm.n).tolist()
         source, network = self.network_source, self.network
         if mine is not None:
-            network = Network("model", min(MAX_RATE_BPS, 8.0 / per_byte) if per_byte > 0 else MAX_RATE_BPS, hop / 2)
+            network = Network("model", min(MAX_RATE_BPS, 8.0 / per_byte) if per_byte > 0 else MAX_RATE_BPS, hop / 2,
+                              network.node_rate_bps, network.node_delay_s)
         elif source == "fitted":  # no warm-up bucket was timed (every one was below min_bucket, or N = 1)
             source = "default"
+        if node is not None and network.node_rate_bps is None:  # the node link, timed in the warm-up
+            network = dataclasses.replace(network, node_rate_bps=min(MAX_NODE_RATE_BPS, 8.0 / node_per_byte)
+                                          if node_per_byte > 0 else MAX_NODE_RATE_BPS, node_delay_s=node_hop / 2)
         self._use_plan(network, CodecCost(per_pass, cast), source)
         log.info("tailq %s: planning against %s (%s), codec %.3g ns/element/pass, bf16 cast %.3g ns/element",
                  self.name, network.describe(), source, per_pass * 1e9, cast * 1e9)
 
     def _use_plan(self, network: Network, codec: CodecCost, source: str) -> None:
         self.network = network
-        self._planner = Planner(self.family, self.comm.n, network, codec, passthrough=True)
+        self._planner = Planner(self.family, self.comm.n, network, codec, passthrough=True, shape=self.shape)
         self._planned = True
         self.metrics.plan = {"network": network.summary(), "network_source": source,
                              "codec_ns_per_elem_pass": codec.per_pass_s * 1e9, "cast_ns_per_elem": codec.cast_s * 1e9,
@@ -429,16 +552,18 @@ class TailqState:
         self.comm.all_reduce(e, tag, "measure")
         return {"phase1": float(e[0]), "phase2": float(e[1])}
 
-    def _fallback(self, g: torch.Tensor, tag: Tag, why: str) -> torch.Tensor:
-        """Uncompressed fp32 mean: non-finite values reach every rank exactly as with plain DDP."""
+    def _fallback(self, g: torch.Tensor, tag: Tag, why: str, comm: Comm | None = None) -> torch.Tensor:
+        """Uncompressed fp32 mean (over ``comm``; default the whole group): non-finite values reach every rank
+        exactly as with plain DDP."""
         self.metrics.fallbacks.append({"step": tag.step, "bucket": tag.bucket, "why": why})
-        return self._exact_mean(g, tag, "fallback")
+        return self._exact_mean(g, tag, "fallback", comm)
 
-    def _exact_mean(self, g: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
+    def _exact_mean(self, g: torch.Tensor, tag: Tag, kind: str, comm: Comm | None = None) -> torch.Tensor:
         """The fp32 mean as plain DDP takes it: divided by N first, then all-reduced (so finite values up to float32's
         largest stay finite)."""
-        t = g / self.comm.n
-        self.comm.all_reduce(t, tag, kind)
+        comm = comm or self.comm
+        t = g / comm.n
+        comm.all_reduce(t, tag, kind)
         return t
 
 
