@@ -326,8 +326,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "scale":
         from tailq.comm.network import Network
         from tailq.harness.netem import emulation_available, unavailable_message
-        from tailq.tools.scale import run_scale_bench
+        from tailq.tools.scale import parse_grid, run_scale_bench
 
+        try:
+            grid = [parse_grid(g) for g in args.grid] if args.grid is not None else None
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        # --grid alone measures its cases only; --workers alone (or neither: the default counts) N x 1 each
+        workers = args.workers if args.workers is not None or grid is not None else SCALE_WORKERS
         try:
             _check_scale_compressor(args.compressor, args.code_bits, Network.parse(args.net))
         except ValueError as err:
@@ -337,7 +343,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not ok:
             raise UsageError("bench scale measures NIC bytes on an emulated network (--net RATE[,DELAY]); "
                              + (unavailable_message(net, why) if net.kind == "emulated" else f"got {args.net!r}"))
-        return run_scale_bench(net, args.workers, args.sizes, name=args.compressor, bits=args.code_bits,
+        return run_scale_bench(net, workers, args.sizes, name=args.compressor, bits=args.code_bits, grid=grid,
                                steps=args.steps, modeled=args.modeled, json_out=None if args.json == "-" else args.json)
     if args.what == "hook":
         return bench.run_hook_bench(world=args.world, numel=args.numel or 1 << 22, steps=args.steps,
@@ -365,6 +371,9 @@ def _check_scale_compressor(name: str, bits: int, net: Any) -> None:
                 close()
     except (TypeError, ValueError) as err:
         raise UsageError(f"--compressor {name} --code-bits {bits}: {' '.join(str(err).split())}") from err
+
+
+SCALE_WORKERS = [2, 4, 8, 16]  # bench scale's worker counts when neither --workers nor --grid is given
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -685,7 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(s, "--steps", int, 1, INT64_MAX, default=5, help="hook: timed steps after two warm-up steps")
     _arg(s, "--threads", int, 1, 1024, default=None, help="hook: torch threads per rank (default cores/world)")
     s.add_argument("--net", default="100mbit", help="scale: the emulated network (RATE[,DELAY], default 100mbit)")
-    _arg(s, "--workers", int, 2, 64, nargs="*", default=[2, 4, 8, 16], help="scale: worker counts measured")
+    _arg(s, "--workers", int, 2, 64, nargs="*", default=None,
+         help="scale: worker counts measured, one worker per node (default 2 4 8 16 unless --grid is given)")
+    s.add_argument("--grid", nargs="+", metavar="KxL",  # checked by tailq.tools.scale.parse_grid
+                   help="scale: K nodes x L workers each, e.g. 2x2 2x4 4x2 (2 <= K*L <= 64): the L workers of a "
+                        "node share its emulated link (NIC bits per node) and talk over loopback; with --workers, "
+                        "both sets are measured")
     _arg(s, "--sizes", int, 1, MAX_NUMEL, nargs="*", default=[1 << 20, 1 << 22], help="scale: bucket lengths")
     _arg(s, "--modeled", int, 2, 2**20, nargs="*", default=[64, 256, 1024], help="scale: worker counts modeled")
     s.add_argument("--compressor", default="tnq", help="scale: a shared-codebook compressor (default tnq)")

@@ -124,6 +124,11 @@ BAD_INPUT = [
     (["bench", "codec", "--numel", "1000", "--repeat", "1", "--compressors", "tnq", "--paths", "reference", "--bits"],
      "--bits needs at least one value"),
     (["bench", "scale", "--compressor", "nosuch"], "--compressor nosuch --code-bits 3: unknown compressor 'nosuch'"),
+    (["bench", "scale", "--grid", "2by2"], "--grid must be KxL (K nodes x L workers per node, e.g. 2x4) with 2 <= K*L "
+     "<= 64; got '2by2'"),
+    (["bench", "scale", "--grid", "2x2", "8x16"], "--grid must be KxL (K nodes x L workers per node, e.g. 2x4) with "
+     "2 <= K*L <= 64; got '8x16'"),
+    (["bench", "scale", "--grid"], "argument --grid: expected at least one argument"),
     # a compare.json that is not a plan: one line naming the file and the key
     (["compare", "--resume", "{tmp}/plan-key"], "plan-key/compare.json: unknown key 'bogus'"),
     (["compare", "--resume", "{tmp}/plan-extra"], "plan-extra/compare.json: unknown key 'extra.bogus'"),

@@ -96,7 +96,10 @@ class Network:
             if self.rate_bps is not None or self.delay_s != 0:
                 raise ValueError("--net: 'none' (loopback) takes no rate or delay")
             return
-        if self.rate_bps is None or not 0 < self.rate_bps <= MAX_RATE_BPS:
+        # a modeled link may be as fast as a node's (the node link is priced as a network of its own); --net text
+        # takes at most 100gbit for the network itself (parse)
+        limit = MAX_NODE_RATE_BPS if self.kind == "model" else MAX_RATE_BPS
+        if self.rate_bps is None or not 0 < self.rate_bps <= limit:
             raise ValueError(f"--net: rate must be > 0 and <= 100gbit, got {self.rate_bps!r} bit/s")
         if not 0 <= self.delay_s <= MAX_DELAY_S:
             raise ValueError(f"--net: delay must be >= 0 and <= 10s, got {self.delay_s!r} s")

@@ -1,11 +1,17 @@
 """``tailq bench scale``: every route at N workers on an emulated network — NIC bits, step time against bf16, vNMSE.
 
-For each worker count N, one :class:`~tailq.harness.netem.EmulatedNetwork` of N hosts; in it N processes (Gloo over
-the emulated links) push one bucket per step through each hook — PyTorch's bf16 hook, then the compressor on each
-route — and record, per case:
+Each case is K nodes × L workers (``--workers N``: N × 1, one worker per node; ``--grid KxL``: K nodes of L workers
+sharing each node's link), one :class:`~tailq.harness.netem.EmulatedNetwork` of N = K·L ranks on K hosts
+(``node_size=L``); in it N processes (Gloo over the emulated links, loopback inside a node; each with torchrun's
+``LOCAL_RANK``/``LOCAL_WORLD_SIZE``/``GROUP_RANK`` from ``env(rank)``) push one bucket per step through each
+hook — PyTorch's bf16 hook, then the compressor on each route of :data:`ROUTES` (any route name the hook accepts) —
+and record, per case:
 
 * **NIC bits per coordinate**: bytes the worker's interface sent during the timed steps (the kernel's counter,
-  TCP/IP headers and the per-step barrier included), × 8 / (steps × bucket length), mean over ranks;
+  TCP/IP headers and the per-step barrier included), × 8 / (steps × bucket length), mean over ranks; only where a
+  node is one worker (L = 1: with L > 1 the workers share one interface and this is ``None``);
+* **node NIC bits per coordinate**: the same for each node's interface (read by the node's local rank 0), mean over
+  nodes; K × L cases are judged by it (with L = 1 it equals the per-worker figure);
 * **hook bits per coordinate**: bytes handed to collectives, from the hook's wire log;
 * **ms per step** (median over the timed steps, ranks lined up by a barrier first) and its ratio to the bf16 hook
   measured in the same network right before;
@@ -14,7 +20,8 @@ route — and record, per case:
 
 Next to the measured rows, **modeled** rows for every N (measured ones included, so the model's error shows):
 ring traffic from the cost model and time = the cost model's communication + the codec's cost measured in this
-process (uncontended: one worker per machine) × the route's passes.
+process (uncontended: one worker per machine) × the route's passes. The model prices one worker per node (N × 1);
+a route the flat planner cannot price has no modeled row.
 
 Gradients: per rank, a shared Student-t(3) component plus an independent one (heavy tails, correlated ranks).
 On a 2-core machine N processes share two cores, so measured codec time at N = 16 is ~8× what one worker per
@@ -37,7 +44,7 @@ import numpy as np
 
 from tailq.comm.network import Network, ring_traffic_bytes
 
-__all__ = ["modeled_rows", "run_scale_bench"]
+__all__ = ["ROUTES", "modeled_rows", "parse_grid", "run_scale_bench"]
 
 ROUTES = ("allreduce", "allgather", "twophase")
 
@@ -74,6 +81,9 @@ def _worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # the node structure, as torchrun (and EmulatedNetwork.env) sets it; the hook reads the same variables
+    L, local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    node = int(os.environ.get("GROUP_RANK", str(rank // L)))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=900))
@@ -105,7 +115,8 @@ def _worker(spec_path: str) -> None:
             dist.barrier()
             tx1 = _tx_bytes(ifname)
             err = float(((out.double() - exact.double()) ** 2).sum() / (exact.double() ** 2).sum())
-            row: dict[str, Any] = {"N": world, "numel": numel, "hook": hook, "route": opts.get("route", "bf16"),
+            row: dict[str, Any] = {"N": world, "K": world // L, "L": L, "numel": numel, "hook": hook,
+                                   "route": opts.get("route", "bf16"), "node": node, "local_rank": local,
                                    "bits": opts.get("bits"), "ms": 1e3 * statistics.median(times),
                                    "nic_bits": 8 * (tx1 - tx0) / (spec["steps"] * numel) if tx0 >= 0 else None,
                                    "vnmse": err}
@@ -123,9 +134,13 @@ def _worker(spec_path: str) -> None:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, row)
             if rank == 0:
-                nic = [r["nic_bits"] for r in gathered if r["nic_bits"] is not None]
-                row["nic_bits"] = statistics.mean(nic) if nic else None
+                # every rank of a node read the node's counter between the same barriers: its local rank 0's reading
+                node_nic = [r["nic_bits"] for r in gathered if r["local_rank"] == 0 and r["nic_bits"] is not None]
+                row["node_nic_bits"] = statistics.mean(node_nic) if node_nic else None
+                row["nic_bits"] = row["node_nic_bits"] if L == 1 else None  # a worker's own interface: L = 1 only
                 row["ms"] = max(r["ms"] for r in gathered)  # the step ends when the slowest rank has the mean
+                for key in ("node", "local_rank"):
+                    del row[key]
                 rows.append(row)
     if rank == 0:
         Path(spec["out"]).write_text(json.dumps(rows))
@@ -149,19 +164,38 @@ def modeled_rows(name: str, bits: int, net: Network, workers: list[int], numels:
         planner = Planner(family, n, net, cost, passthrough=True)
         for numel in numels:
             for route in (PASSTHROUGH, *ROUTES):
-                traffic = sum(ring_traffic_bytes(c, b, n) for c, b in planner.phases(route, numel))
-                rows.append({"N": n, "numel": numel, "route": "bf16" if route == PASSTHROUGH else route,
-                             "ms": 1e3 * planner.seconds(route, numel), "ring_bits": 8 * traffic / numel,
-                             "codec_ms": 1e3 * planner.codec_seconds(route, numel), "modeled": True,
-                             "planner_pick": planner.plan(numel) == route})
+                try:
+                    traffic = sum(ring_traffic_bytes(c, b, n) for c, b in planner.phases(route, numel))
+                    row = {"N": n, "numel": numel, "route": "bf16" if route == PASSTHROUGH else route,
+                           "ms": 1e3 * planner.seconds(route, numel), "ring_bits": 8 * traffic / numel,
+                           "codec_ms": 1e3 * planner.codec_seconds(route, numel), "modeled": True,
+                           "planner_pick": planner.plan(numel) == route}
+                except (KeyError, ValueError):  # a route this (flat) model does not price: measured only
+                    continue
+                rows.append(row)
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the parent
-def run_scale_bench(net: Network, workers: list[int], numels: list[int], *, name: str = "tnq", bits: int = 3,
+def parse_grid(text: str) -> tuple[int, int]:
+    """``"KxL"`` (K nodes of L workers each, e.g. ``2x4``) as ``(K, L)``; ``ValueError`` naming the accepted form."""
+    k, sep, l_ = text.strip().lower().partition("x")
+    if not (sep and k.isdigit() and l_.isdigit() and int(k) >= 1 and int(l_) >= 1
+            and MIN_WORKERS <= int(k) * int(l_) <= MAX_WORKERS):
+        raise ValueError(f"--grid must be KxL (K nodes x L workers per node, e.g. 2x4) with {MIN_WORKERS} <= K*L <= "
+                         f"{MAX_WORKERS}; got {text!r}")
+    return int(k), int(l_)
+
+
+MIN_WORKERS, MAX_WORKERS = 2, 64
+"""Workers of one measured case (``--workers``, K·L of ``--grid``)."""
+
+
+def run_scale_bench(net: Network, workers: list[int] | None, numels: list[int], *, name: str = "tnq", bits: int = 3,
                     steps: int = 3, modeled: list[int] | None = None, json_out: str | None = None,
-                    timeout_s: float = 1800.0) -> int:
+                    timeout_s: float = 1800.0, grid: list[tuple[int, int]] | None = None) -> int:
+    """Measure every case — ``workers`` (N × 1 each) then ``grid`` (K × L each) — beside the cost model."""
     from rich.console import Console
 
     from tailq.harness.launch import reap
@@ -169,8 +203,10 @@ def run_scale_bench(net: Network, workers: list[int], numels: list[int], *, name
 
     con = Console(width=None if sys.stdout.isatty() else 160)
     measured: list[dict[str, Any]] = []
-    for n in workers:
-        with tempfile.TemporaryDirectory() as tmp, EmulatedNetwork(n, net, tag=f"scale{n}") as emu:
+    cases = list(dict.fromkeys([(n, 1) for n in workers or []] + list(grid or [])))  # in order, each once
+    for k, L in cases:
+        n = k * L
+        with tempfile.TemporaryDirectory() as tmp, EmulatedNetwork(n, net, node_size=L, tag=f"scale{k}x{L}") as emu:
             spec: dict[str, Any] = {"net": net.as_arg(), "numels": numels, "name": name, "bits": bits, "steps": steps,
                     "out": os.path.join(tmp, "rows.json")}
             spec_path = os.path.join(tmp, "spec.json")
@@ -187,16 +223,18 @@ def run_scale_bench(net: Network, workers: list[int], numels: list[int], *, name
                 reap(procs, logs)
             if any(p.returncode for p in procs):
                 tail = Path(os.path.join(tmp, "rank0.log")).read_text()[-3000:]
-                raise RuntimeError(f"bench scale: N = {n} failed (exit codes {[p.returncode for p in procs]}):\n{tail}")
+                raise RuntimeError(f"bench scale: {k} x {L} (N = {n}) failed (exit codes "
+                                   f"{[p.returncode for p in procs]}):\n{tail}")
             rows = json.loads(Path(spec["out"]).read_text())
         bf16 = {r["numel"]: r["ms"] for r in rows if r["hook"] == "bf16"}
         for r in rows:
             r["x_bf16"] = r["ms"] / bf16[r["numel"]]
         measured += rows
-        con.print(f"N = {n}: done in {time.perf_counter() - t0:.0f} s")
-    model = modeled_rows(name, bits, net, sorted(set(workers) | set(modeled or [])), numels)
-    report = {"network": net.summary(), "compressor": name, "bits": bits, "steps": steps, "measured": measured,
-              "modeled": model, "cpu_count": os.cpu_count()}
+        con.print(f"{k} x {L} (N = {n}): done in {time.perf_counter() - t0:.0f} s")
+    model = modeled_rows(name, bits, net, sorted({k * L for k, L in cases} | set(modeled or [])), numels)
+    report = {"network": net.summary(), "compressor": name, "bits": bits, "steps": steps,
+              "cases": [[k, L] for k, L in cases], "measured": measured, "modeled": model,
+              "cpu_count": os.cpu_count()}
     _print(con, report)
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=1))
@@ -207,27 +245,37 @@ def run_scale_bench(net: Network, workers: list[int], numels: list[int], *, name
 def _print(con: Any, report: dict[str, Any]) -> None:
     model = {(r["N"], r["numel"], r["route"]): r for r in report["modeled"]}
     con.print(f"{report['compressor']} {report['bits']}-bit on {report['network']['describe']}; measured on "
-              f"{report['cpu_count']} cores shared by all N workers; MODELED rows: cost model + this machine's "
-              "uncontended codec cost")
-    con.print("| N | values | route | NIC bits/coord | hook bits/coord | ms/step | × bf16 | vNMSE (phase 1 / 2) | "
-              "modeled bits | modeled ms | modeled × bf16 |")
-    con.print("|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|")
-    keys = sorted({(r["N"], r["numel"]) for r in report["modeled"]})
-    measured = {(r["N"], r["numel"], r["route"]): r for r in report["measured"]}
-    for n, numel in keys:
-        for route in ("bf16", *ROUTES):
-            m, mod = measured.get((n, numel, route)), model[(n, numel, route)]
-            mb = model[(n, numel, "bf16")]["ms"]
-            pick = " (plan)" if mod["planner_pick"] else ""
+              f"{report['cpu_count']} cores shared by all N workers; K x L = K nodes of L workers sharing each node's "
+              "link; MODELED rows: cost model (one worker per node) + this machine's uncontended codec cost")
+    con.print("| K x L | N | values | route | NIC bits/coord (worker) | NIC bits/coord (node) | hook bits/coord | "
+              "ms/step | × bf16 | vNMSE (phase 1 / 2) | modeled bits | modeled ms | modeled × bf16 |")
+    con.print("|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    measured = {(r.get("K", r["N"]), r.get("L", 1), r["numel"], r["route"]): r for r in report["measured"]}
+    shapes = sorted({(k * L, k, L, numel) for k, L, numel, _ in measured})
+    done = {(n, numel) for n, _, _, numel in shapes}
+    shapes += sorted((n, None, None, numel) for n, numel in {(r["N"], r["numel"]) for r in report["modeled"]}
+                     if (n, numel) not in done)  # modeled only
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    for n, k, L, numel in shapes:
+        routes = ["bf16", *ROUTES]
+        routes += sorted({r for kk, ll, nu, r in measured if (kk, ll, nu) == (k, L, numel)} - set(routes))
+        for route in routes:
+            m, mod = measured.get((k, L, numel, route)), model.get((n, numel, route))
+            mb = model.get((n, numel, "bf16"))
+            if m is None and mod is None:
+                continue
+            pick = " (plan)" if mod and mod["planner_pick"] else ""
             if m is None:
-                cells = ["—"] * 5
+                cells = ["—"] * 6
             else:
                 ph = (f" ({m['vnmse_phase1']:.3f} / {m['vnmse_phase2']:.3f})" if "vnmse_phase1" in m else "")
-                cells = [f"{m['nic_bits']:.2f}" if m["nic_bits"] is not None else "—",
+                cells = [fmt(m["nic_bits"], ".2f"), fmt(m.get("node_nic_bits", m["nic_bits"]), ".2f"),
                          f"{m['hook_bits']:.2f}", f"{m['ms']:.0f}", f"{m['x_bf16']:.2f}",
                          "—" if route == "bf16" else f"{m['vnmse']:.4f}{ph}"]
-            con.print(f"| {n} | {numel:,} | {route}{pick} | " + " | ".join(cells)
-                      + f" | {mod['ring_bits']:.2f} | {mod['ms']:.0f} | {mod['ms'] / mb:.2f} |")
+            mcells = (["—"] * 3 if mod is None or mb is None else
+                      [f"{mod['ring_bits']:.2f}", f"{mod['ms']:.0f}", f"{mod['ms'] / mb['ms']:.2f}"])
+            shape = "—" if k is None else f"{k} x {L}"
+            con.print(f"| {shape} | {n} | {numel:,} | {route}{pick} | " + " | ".join(cells + mcells) + " |")
 
 
 if __name__ == "__main__":
