@@ -10,6 +10,7 @@ import torch.distributed as dist
 from workers import FakeBucket, heavy
 
 import tailq
+from tailq.comm.network import Network
 from tailq.comm.routes import ROUTES
 from tailq.comm.routes.hierarchical import NodeComms
 from tailq.comm.topology import Shape
@@ -59,6 +60,8 @@ def w_hook_steps(rank: int, world: int, name: str, opts: dict[str, Any], d: int,
                  env: dict[str, str] | None = None, same: bool = False) -> dict[str, Any]:
     """``steps`` buckets through the hook (gradients of step 0 every time when ``same``); outputs and metrics."""
     set_env(env, rank)
+    if isinstance(opts.get("network"), str):
+        opts = {**opts, "network": Network.parse(opts["network"])}
     state, hook = tailq.ddp_hook(name, **opts)
     outs, infos = [], []
     for s in range(steps):
@@ -69,8 +72,9 @@ def w_hook_steps(rank: int, world: int, name: str, opts: dict[str, Any], d: int,
                      | {"levels": torch.as_tensor(state.metrics.last.get(0, {}).get("levels", [])).double()})
     res = {"outs": torch.stack(outs), "infos": infos, "topology": state.metrics.topology,
            "wire": state.metrics.wire.summary(), "fallbacks": list(state.metrics.fallbacks),
-           "vnmse": list(state.metrics.vnmse)}
-    if state.shape is not None:
+           "vnmse": list(state.metrics.vnmse), "plan_network": state.metrics.plan.get("network"),
+           "plan_route": (state.metrics.plan.get("buckets") or {}).get(d, {}).get("route")}
+    if state.shape is not None and "route" in opts:
         res["model_nic_bits"] = state.planner.nic_bits(opts.get("route", "auto"), d)
     state.close()
     return res

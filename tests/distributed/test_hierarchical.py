@@ -128,3 +128,17 @@ def test_ddp_training_with_the_hierarchical_route() -> None:
         for rec in r["vnmse"]:
             p1, p2, v = rec["vnmse_phase1"], rec["vnmse_phase2"], rec["vnmse"]
             assert (math.sqrt(p1) - math.sqrt(p2)) ** 2 * (1 - 1e-9) <= v <= (math.sqrt(p1) + math.sqrt(p2)) ** 2 * (1 + 1e-9)
+
+
+def test_auto_fits_the_node_link_and_plans_among_flat_and_hierarchical_routes() -> None:
+    """A given network describes the NIC; the link inside a node is timed in the warm-up (loopback here) and
+    planned with: at 50 Mbit/s between nodes the plan is hierarchical (two nodes: gathering the other node's
+    3-bit codes, 3 bits a coordinate, is the fewest)."""
+    d = 200_000
+    opts = {"bits": 3, "node_size": 2, "warmup_steps": 1, "min_bucket": 0, "network": "model:50mbit"}
+    res = launch(w_hook_steps, 4, "tnq", opts, d, 3)
+    for r in res:
+        net = r["plan_network"]
+        assert net["rate_bps"] == 50e6 and net["node_rate_bps"] is not None and net["node_rate_bps"] > 50e6
+        assert r["plan_route"] == "hier-allgather"
+        assert torch.equal(r["outs"], res[0]["outs"])

@@ -323,7 +323,10 @@ class TailqState:
         self._shard = None
         if step < opts.warmup_steps or n < opts.min_bucket or n == 0:
             timed = step < opts.warmup_steps and not self._planned and self.network_source == "fitted"
-            mean = self._passthrough(g, Tag(step, idx, n, "passthrough"), timed=timed)
+            # the node link is timed whenever route="auto" will plan and nothing gave its rate (an emulated or a
+            # given network describes the NIC; the workers of a node talk over a link of their own)
+            timed_node = step < opts.warmup_steps and not self._planned and self.network.node_rate_bps is None
+            mean = self._passthrough(g, Tag(step, idx, n, "passthrough"), timed=timed, timed_node=timed_node)
         else:
             mean = self.compress(g, step, idx, key, dest=self._decode_target(buf))
         if exact is not None:  # measurement: not part of the method (its time goes to "measure")
@@ -457,20 +460,21 @@ class TailqState:
         extra = 0.0 if self._node is None else self._node.node.seconds + self._node.cross.seconds
         return (self._comm.seconds if self._comm is not None else 0.0) + extra
 
-    def _passthrough(self, g: torch.Tensor, tag: Tag, timed: bool = False, comm: Comm | None = None) -> torch.Tensor:
+    def _passthrough(self, g: torch.Tensor, tag: Tag, timed: bool = False, comm: Comm | None = None,
+                     timed_node: bool = False) -> torch.Tensor:
         """bf16, as PyTorch's bf16_compress_hook: divide first, all-reduce SUM, cast back (over ``comm``: default the
         hook's whole group).
 
         ``timed``: a warm-up step whose all-reduce calibrates the planner's network — a one-element all-reduce
-        lines the ranks up, a second one times the latency, then the bucket's all-reduce is timed; with several
-        nodes of several workers the same again inside the node (the node link's fit).
+        lines the ranks up, a second one times the latency, then the bucket's all-reduce is timed. ``timed_node``:
+        with several nodes of several workers, the same inside the node (the node link's fit).
         """
         if comm is not None:
             t = g.to(torch.bfloat16).div_(comm.n)
             comm.all_reduce(t, tag, "passthrough")
             return t.to(torch.float32)
         t = g.to(torch.bfloat16).div_(self.comm.n)
-        if timed and self.shape is not None and self.shape.hierarchical and self.network.node_rate_bps is None:
+        if timed_node and self.shape is not None and self.shape.hierarchical and self.comm.n > 1:
             self._time_node_link(t, dataclasses.replace(tag, route="plan"))
         if timed and self.comm.n > 1:
             probe = torch.zeros(1, dtype=torch.bfloat16, device=g.device)
