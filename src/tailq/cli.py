@@ -343,8 +343,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not ok:
             raise UsageError("bench scale measures NIC bytes on an emulated network (--net RATE[,DELAY]); "
                              + (unavailable_message(net, why) if net.kind == "emulated" else f"got {args.net!r}"))
+        try:
+            modeled_grid = [parse_grid(g, modeled=True) for g in args.modeled_grid]
+        except ValueError as err:
+            raise UsageError(str(err)) from err
         return run_scale_bench(net, workers, args.sizes, name=args.compressor, bits=args.code_bits, grid=grid,
-                               steps=args.steps, modeled=args.modeled, json_out=None if args.json == "-" else args.json)
+                               steps=args.steps, modeled=args.modeled, modeled_grid=modeled_grid,
+                               json_out=None if args.json == "-" else args.json)
     if args.what == "hook":
         return bench.run_hook_bench(world=args.world, numel=args.numel or 1 << 22, steps=args.steps,
                                     threads=args.threads, paths=args.paths, json_out=args.json)
@@ -360,11 +365,11 @@ def _check_scale_compressor(name: str, bits: int, net: Any) -> None:
     from tailq.codec import compressor
     from tailq.comm.families import family_for
     from tailq.hooks import ddp_hook
-    from tailq.tools.scale import ROUTES
+    from tailq.tools.scale import HIER_ROUTES, ROUTES
 
     try:
         family_for(compressor(name, bits=bits), fine_bits=2, keep_own=False)
-        for route in ROUTES:
+        for route in ROUTES + HIER_ROUTES:
             state, _ = ddp_hook(name, bits=bits, route=route, warmup_steps=0, min_bucket=0, network=net)
             close = getattr(state, "close", None)
             if close is not None:
@@ -701,7 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "node share its emulated link (NIC bits per node) and talk over loopback; with --workers, "
                         "both sets are measured")
     _arg(s, "--sizes", int, 1, MAX_NUMEL, nargs="*", default=[1 << 20, 1 << 22], help="scale: bucket lengths")
-    _arg(s, "--modeled", int, 2, 2**20, nargs="*", default=[64, 256, 1024], help="scale: worker counts modeled")
+    _arg(s, "--modeled", int, 2, 2**20, nargs="*", default=[64, 256, 1024],
+         help="scale: worker counts modeled, one worker per node")
+    s.add_argument("--modeled-grid", nargs="*", metavar="KxL", default=["2x4", "4x8", "16x8", "128x8"],
+                   help="scale: K nodes x L workers modeled (two-link cost model; default 2x4 4x8 16x8 128x8)")
     s.add_argument("--compressor", default="tnq", help="scale: a shared-codebook compressor (default tnq)")
     _arg(s, "--code-bits", int, 1, 8, default=3, help="scale: its bits (default 3)")
     _arg(s, "--json", output="file", nargs="?", const="-", metavar="PATH", help="JSON to PATH (or stdout)")

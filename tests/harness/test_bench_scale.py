@@ -36,7 +36,7 @@ def test_scale_bench_counts_nic_bytes_near_the_cost_model(tmp_path: Path) -> Non
 @pytest.mark.skipif(not AVAILABLE, reason=f"network emulation unavailable: {REASON}")
 def test_scale_bench_on_two_nodes_of_two_workers_counts_each_nodes_nic(tmp_path: Path) -> None:
     """A K x L case: 2 nodes of 2 workers sharing each node's link; NIC bytes are counted per node."""
-    from tailq.tools.scale import ROUTES, run_scale_bench
+    from tailq.tools.scale import HIER_ROUTES, ROUTES, run_scale_bench
 
     out = tmp_path / "scale.json"
     assert run_scale_bench(Network.parse("200mbit"), [], [1 << 16], steps=2, modeled=[], json_out=str(out),
@@ -44,15 +44,20 @@ def test_scale_bench_on_two_nodes_of_two_workers_counts_each_nodes_nic(tmp_path:
     rep = json.loads(out.read_text())
     assert rep["cases"] == [[2, 2]]
     measured = {r["route"]: r for r in rep["measured"]}
-    model = {r["route"]: r for r in rep["modeled"] if r["N"] == 4}  # the flat model: one worker per node
-    assert set(measured) == {"bf16", *ROUTES}
+    model = {r["route"]: r for r in rep["modeled"] if (r["K"], r["L"]) == (2, 2)}  # the two-link model
+    assert set(measured) == {"bf16", *ROUTES, *HIER_ROUTES} == set(model)
     for route, r in measured.items():
         assert (r["N"], r["K"], r["L"]) == (4, 2, 2)
         assert r["nic_bits"] is None  # two workers share each interface: no per-worker count
-        # a ring numbered node by node has one edge leaving each node (the flat per-worker traffic); a pairwise
-        # exchange sends L·(N-L)/N of each worker's share off the node: between the two, plus headers and barriers
-        assert model[route]["ring_bits"] <= r["node_nic_bits"] <= 2 * (1.3 * model[route]["ring_bits"] + 0.5), route
+        # the model counts the payload; the hook's wire log adds its statistics; the interface adds TCP/IP headers,
+        # the ACKs of what the node receives and the per-step barriers (measured: up to 1.18x the wire log on the
+        # two-phase route, whose messages are the smallest and most numerous, at 2^16 values)
+        assert model[route]["ring_bits"] <= r["hook_node_nic_bits"] + 1e-9, route
+        assert r["hook_node_nic_bits"] <= r["node_nic_bits"] <= 1.25 * r["hook_node_nic_bits"] + 0.5, route
         assert r["ms"] > 0 and r["x_bf16"] > 0
+    # the hierarchical routes put less on each node's NIC than their flat counterparts
+    for flat in ROUTES:
+        assert measured[f"hier-{flat}"]["node_nic_bits"] < measured[flat]["node_nic_bits"], flat
     bf16 = measured["bf16"]  # PyTorch's bf16 hook: Gloo's ring all-reduce, 2·3/4·16 = 24 bits per node
     assert 24 <= bf16["node_nic_bits"] <= 1.3 * 24 + 0.5
 

@@ -18,10 +18,15 @@ and record, per case:
 * **vNMSE** of one step against the exact fp32 mean (computed after the timed window, outside the NIC counts), and
   for the two-phase route the error of each phase.
 
-Next to the measured rows, **modeled** rows for every N (measured ones included, so the model's error shows):
-ring traffic from the cost model and time = the cost model's communication + the codec's cost measured in this
-process (uncontended: one worker per machine) × the route's passes. The model prices one worker per node (N × 1);
-a route the flat planner cannot price has no modeled row.
+Hierarchical routes (:data:`HIER_ROUTES`: exact inside the node, compressed across nodes) are measured where a case
+has several nodes of several workers (K > 1, L > 1); with K = 1 or L = 1 they would run as their flat route.
+
+Next to the measured rows, **modeled** rows for every K × L (measured ones included, so the model's error shows,
+and ``--modeled`` N × 1 and ``--modeled-grid`` K × L ones up to 128 × 8): bits leaving each node's NIC per coordinate
+from the two-link cost model (:meth:`~tailq.comm.routes.Planner.nic_bits`; one worker per node: the ring traffic)
+and time = the cost model's communication on both links + the codec's cost measured in this process (uncontended:
+one worker per machine) × the route's passes. The node link is priced at the network's ``node=`` rate, else the
+planner's default (100 Gbit/s).
 
 Gradients: per rank, a shared Student-t(3) component plus an independent one (heavy tails, correlated ranks).
 On a 2-core machine N processes share two cores, so measured codec time at N = 16 is ~8× what one worker per
@@ -44,13 +49,21 @@ import numpy as np
 
 from tailq.comm.network import Network, ring_traffic_bytes
 
-__all__ = ["ROUTES", "modeled_rows", "parse_grid", "run_scale_bench"]
+__all__ = ["HIER_ROUTES", "ROUTES", "modeled_rows", "parse_grid", "routes_for", "run_scale_bench"]
 
 ROUTES = ("allreduce", "allgather", "twophase")
+"""Flat routes: measured in every case."""
+HIER_ROUTES = ("hier-allreduce", "hier-allgather", "hier-twophase")
+"""Hierarchical routes: measured and modeled where a case has K > 1 nodes of L > 1 workers."""
 
 
-def _cases(name: str, bits: int) -> list[tuple[str, dict[str, Any]]]:
-    return [("bf16", {}), *[(name, {"bits": bits, "route": r}) for r in ROUTES]]
+def routes_for(nodes: int, node_size: int) -> tuple[str, ...]:
+    """The routes a K × L case measures and models (besides bf16)."""
+    return ROUTES + (HIER_ROUTES if nodes > 1 and node_size > 1 else ())
+
+
+def _cases(name: str, bits: int, nodes: int = 1, node_size: int = 1) -> list[tuple[str, dict[str, Any]]]:
+    return [("bf16", {}), *[(name, {"bits": bits, "route": r}) for r in routes_for(nodes, node_size)]]
 
 
 def _gradient(numel: int, rank: int) -> Any:
@@ -95,7 +108,7 @@ def _worker(spec_path: str) -> None:
         exact = g.clone()
         dist.all_reduce(exact)
         exact /= world
-        for hook, opts in _cases(spec["name"], spec["bits"]):
+        for hook, opts in _cases(spec["name"], spec["bits"], world // L, L):
             extra = {} if hook == "bf16" else {"warmup_steps": 0, "min_bucket": 0, "network": net}
             state, fn = tailq.ddp_hook(hook, **opts, **extra)
 
@@ -121,6 +134,9 @@ def _worker(spec_path: str) -> None:
                                    "nic_bits": 8 * (tx1 - tx0) / (spec["steps"] * numel) if tx0 >= 0 else None,
                                    "vnmse": err}
             row["hook_bits"] = state.metrics.wire.bits_per_coord()
+            # what the hook's own collectives put on the node's NIC (its wire log: payload and statistics)
+            row["hook_node_nic_bits"] = (state.metrics.wire.node_nic_bits_per_coord() if hook != "bf16"
+                                         else 8 * 2 * 2 * (world - 1) / world)
             if hook != "bf16":
                 lap = state.metrics.seconds
                 row["codec_ms"] = 1e3 * (lap["total"] - lap["communicate"]) / (spec["steps"] + 1)
@@ -149,52 +165,58 @@ def _worker(spec_path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # the model
-def modeled_rows(name: str, bits: int, net: Network, workers: list[int], numels: list[int]) -> list[dict[str, Any]]:
-    """The cost model's rows: ring-traffic bits per coordinate and ms per step (communication + measured codec)."""
+def modeled_rows(name: str, bits: int, net: Network, shapes: list[tuple[int, int]],
+                 numels: list[int]) -> list[dict[str, Any]]:
+    """The cost model's rows for each K × L shape: bits leaving each node's NIC per coordinate and ms per step
+    (communication on both links + measured codec), per route, with the planner's pick marked."""
     from tailq.codec import compressor
     from tailq.comm.families import family_for
     from tailq.comm.routes import PASSTHROUGH, Planner
+    from tailq.comm.topology import Shape
     from tailq.hooks.tailq_hook import measure_codec_cost
 
     comp = compressor(name, bits=bits)
     family = family_for(comp, fine_bits=2, keep_own=False)
     cost = measure_codec_cost(comp, family, "cpu", 2)
     rows = []
-    for n in workers:
-        planner = Planner(family, n, net, cost, passthrough=True)
+    for k, L in shapes:
+        planner = Planner(family, k * L, net, cost, passthrough=True, shape=Shape(k, L))
         for numel in numels:
-            for route in (PASSTHROUGH, *ROUTES):
-                try:
-                    traffic = sum(ring_traffic_bytes(c, b, n) for c, b in planner.phases(route, numel))
-                    row = {"N": n, "numel": numel, "route": "bf16" if route == PASSTHROUGH else route,
-                           "ms": 1e3 * planner.seconds(route, numel), "ring_bits": 8 * traffic / numel,
-                           "codec_ms": 1e3 * planner.codec_seconds(route, numel), "modeled": True,
-                           "planner_pick": planner.plan(numel) == route}
-                except (KeyError, ValueError):  # a route this (flat) model does not price: measured only
+            for route in (PASSTHROUGH, *routes_for(k, L)):
+                if route not in planner.routes and route != PASSTHROUGH:
                     continue
-                rows.append(row)
+                rows.append({"N": k * L, "K": k, "L": L, "numel": numel,
+                             "route": "bf16" if route == PASSTHROUGH else route,
+                             "ms": 1e3 * planner.seconds(route, numel), "ring_bits": planner.nic_bits(route, numel),
+                             "codec_ms": 1e3 * planner.codec_seconds(route, numel), "modeled": True,
+                             "planner_pick": planner.plan(numel) == route})
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the parent
-def parse_grid(text: str) -> tuple[int, int]:
-    """``"KxL"`` (K nodes of L workers each, e.g. ``2x4``) as ``(K, L)``; ``ValueError`` naming the accepted form."""
+def parse_grid(text: str, *, modeled: bool = False) -> tuple[int, int]:
+    """``"KxL"`` (K nodes of L workers each, e.g. ``2x4``) as ``(K, L)``; ``ValueError`` naming the accepted form.
+    ``modeled``: a ``--modeled-grid`` shape (up to 2^20 workers; nothing is launched)."""
+    opt, high = ("--modeled-grid", MAX_MODELED) if modeled else ("--grid", MAX_WORKERS)
     k, sep, l_ = text.strip().lower().partition("x")
     if not (sep and k.isdigit() and l_.isdigit() and int(k) >= 1 and int(l_) >= 1
-            and MIN_WORKERS <= int(k) * int(l_) <= MAX_WORKERS):
-        raise ValueError(f"--grid must be KxL (K nodes x L workers per node, e.g. 2x4) with {MIN_WORKERS} <= K*L <= "
-                         f"{MAX_WORKERS}; got {text!r}")
+            and MIN_WORKERS <= int(k) * int(l_) <= high):
+        raise ValueError(f"{opt} must be KxL (K nodes x L workers per node, e.g. 2x4) with {MIN_WORKERS} <= K*L <= "
+                         f"{high}; got {text!r}")
     return int(k), int(l_)
 
 
+MAX_MODELED = 2**20
+"""Workers of one modeled shape."""
 MIN_WORKERS, MAX_WORKERS = 2, 64
 """Workers of one measured case (``--workers``, K·L of ``--grid``)."""
 
 
 def run_scale_bench(net: Network, workers: list[int] | None, numels: list[int], *, name: str = "tnq", bits: int = 3,
                     steps: int = 3, modeled: list[int] | None = None, json_out: str | None = None,
-                    timeout_s: float = 1800.0, grid: list[tuple[int, int]] | None = None) -> int:
+                    timeout_s: float = 1800.0, grid: list[tuple[int, int]] | None = None,
+                    modeled_grid: list[tuple[int, int]] | None = None) -> int:
     """Measure every case — ``workers`` (N × 1 each) then ``grid`` (K × L each) — beside the cost model."""
     from rich.console import Console
 
@@ -231,7 +253,8 @@ def run_scale_bench(net: Network, workers: list[int] | None, numels: list[int], 
             r["x_bf16"] = r["ms"] / bf16[r["numel"]]
         measured += rows
         con.print(f"{k} x {L} (N = {n}): done in {time.perf_counter() - t0:.0f} s")
-    model = modeled_rows(name, bits, net, sorted({k * L for k, L in cases} | set(modeled or [])), numels)
+    shapes = list(dict.fromkeys([*cases, *[(n, 1) for n in modeled or []], *(modeled_grid or [])]))
+    model = modeled_rows(name, bits, net, sorted(shapes, key=lambda s: (s[0] * s[1], s[1])), numels)
     report = {"network": net.summary(), "compressor": name, "bits": bits, "steps": steps,
               "cases": [[k, L] for k, L in cases], "measured": measured, "modeled": model,
               "cpu_count": os.cpu_count()}
@@ -243,25 +266,22 @@ def run_scale_bench(net: Network, workers: list[int] | None, numels: list[int], 
 
 
 def _print(con: Any, report: dict[str, Any]) -> None:
-    model = {(r["N"], r["numel"], r["route"]): r for r in report["modeled"]}
+    model = {(r.get("K", r["N"]), r.get("L", 1), r["numel"], r["route"]): r for r in report["modeled"]}
     con.print(f"{report['compressor']} {report['bits']}-bit on {report['network']['describe']}; measured on "
               f"{report['cpu_count']} cores shared by all N workers; K x L = K nodes of L workers sharing each node's "
-              "link; MODELED rows: cost model (one worker per node) + this machine's uncontended codec cost")
+              "link; MODELED rows: two-link cost model + this machine's uncontended codec cost")
     con.print("| K x L | N | values | route | NIC bits/coord (worker) | NIC bits/coord (node) | hook bits/coord | "
-              "ms/step | × bf16 | vNMSE (phase 1 / 2) | modeled bits | modeled ms | modeled × bf16 |")
+              "ms/step | × bf16 | vNMSE (phase 1 / 2) | modeled node NIC bits | modeled ms | modeled × bf16 |")
     con.print("|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     measured = {(r.get("K", r["N"]), r.get("L", 1), r["numel"], r["route"]): r for r in report["measured"]}
-    shapes = sorted({(k * L, k, L, numel) for k, L, numel, _ in measured})
-    done = {(n, numel) for n, _, _, numel in shapes}
-    shapes += sorted((n, None, None, numel) for n, numel in {(r["N"], r["numel"]) for r in report["modeled"]}
-                     if (n, numel) not in done)  # modeled only
+    shapes = sorted({(k * L, k, L, numel) for k, L, numel, _ in [*measured, *model]}, key=lambda s: (s[0], s[2], s[3]))
     fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
     for n, k, L, numel in shapes:
-        routes = ["bf16", *ROUTES]
-        routes += sorted({r for kk, ll, nu, r in measured if (kk, ll, nu) == (k, L, numel)} - set(routes))
+        routes = ["bf16", *routes_for(k, L)]
+        routes += sorted({r for kk, ll, nu, r in [*measured, *model] if (kk, ll, nu) == (k, L, numel)} - set(routes))
         for route in routes:
-            m, mod = measured.get((k, L, numel, route)), model.get((n, numel, route))
-            mb = model.get((n, numel, "bf16"))
+            m, mod = measured.get((k, L, numel, route)), model.get((k, L, numel, route))
+            mb = model.get((k, L, numel, "bf16"))
             if m is None and mod is None:
                 continue
             pick = " (plan)" if mod and mod["planner_pick"] else ""
@@ -274,8 +294,7 @@ def _print(con: Any, report: dict[str, Any]) -> None:
                          "—" if route == "bf16" else f"{m['vnmse']:.4f}{ph}"]
             mcells = (["—"] * 3 if mod is None or mb is None else
                       [f"{mod['ring_bits']:.2f}", f"{mod['ms']:.0f}", f"{mod['ms'] / mb['ms']:.2f}"])
-            shape = "—" if k is None else f"{k} x {L}"
-            con.print(f"| {shape} | {n} | {numel:,} | {route}{pick} | " + " | ".join(cells + mcells) + " |")
+            con.print(f"| {k} x {L} | {n} | {numel:,} | {route}{pick} | " + " | ".join(cells + mcells) + " |")
 
 
 if __name__ == "__main__":
