@@ -571,7 +571,15 @@ def test_a_state_saved_before_module_identity_is_refused_by_name() -> None:
     comm = tailq.fsdp.reduce_scatter("tnq", bits=3, error_feedback=True)
     old = comm.state_dict()
     old["config"] = {**old["config"], "state_version": 1}
-    assert STATE_VERSION == 2
+    assert STATE_VERSION == 3
     with pytest.raises(ValueError, match=r"state_version 1 cannot be loaded .* keyed by module name since version 2"):
         comm.load_state_dict(old)
     comm.load_state_dict(comm.state_dict())  # the current version loads
+    # version 2 (before node_size and the hierarchy: no node_size in its configuration, no layout): a flat state
+    v2 = comm.state_dict()
+    v2["config"] = {k: v for k, v in v2["config"].items() if k != "node_size"} | {"state_version": 2}
+    del v2["layout"]
+    comm.load_state_dict(v2)
+    assert comm.state_dict()["layout"] == "flat"
+    with pytest.raises(ValueError, match="different configuration"):  # it had no node_size: flat, unless asked
+        tailq.fsdp.reduce_scatter("tnq", bits=3, error_feedback=True, node_size=2).load_state_dict(v2)

@@ -17,6 +17,23 @@ see "Module identity") → one ``all_to_all_single`` of the packed codes → the
 contributions and averages them in fp32 (``decode_shard_mean``). There is no phase 2: FSDP wants the shard only
 on its owner, so nothing is requantized or gathered. Wire per rank: (N − 1)/N · d · b bits plus the statistics.
 
+**Hierarchy** (SPEC §9). At the first call the ranks agree their layout as the DDP hook does
+(:func:`tailq.comm.topology.detect` from the ``node_size`` option, else torchrun's ``LOCAL_WORLD_SIZE``, else one
+worker per node; one all-gather of three integers, :func:`~tailq.comm.topology.agree`; ``metrics.topology``). On K
+> 1 nodes of L > 1 workers (ranks numbered node by node, L of them behind one NIC) a compressed call has two stages
+and no third: (1) inside the node, an exact fp32 reduce-scatter — the (N, S) input viewed as (K, L, S), each rank's
+values divided by L, permuted to (L, K, S) — gives local rank l the node's mean of the K chunks (k', l), those of
+the ranks with its local rank; (2) across nodes, phase 1 above over the K ranks of its cross group (error feedback,
+statistics, codebook and codes of that (K, S) input, state keyed ``"<key>|hier"``, randomness still keyed by the
+rank in the whole group) → the mean over nodes of its own chunk, which is the mean over all N ranks. A NaN/Inf
+seen by a cross group sends its K node means in fp32 (the in-node stage is exact, so non-finite values arrive as
+with plain FSDP). Bits leaving each node's NIC per coordinate (``metrics.wire.node_nic_bits_per_coord()``):
+(K − 1)/K · b for the compressed stage (+ the statistics, all-reduced among K), against L · (K − 1)/K · b for the
+flat all-to-all over N ranks, whose (N − L)/N share off the node each of the node's L ranks sends; the in-node
+stage never touches the NIC, and each rank encodes d/L values instead of d. The node and cross groups are created
+at the first hierarchical call (node group first). With one node (K = 1) or one worker per node (L = 1) the call is
+the flat one, bit for bit. Uncompressed paths (small inputs, ``fp32``/``bf16``) stay flat.
+
 **Padding.** The coder's shards hold m = ``shard_numel(N·S, N)`` elements (S rounded up to a multiple of 8, at
 least 8, so each shard starts on a byte of the dense packing). FSDP's S need not be one, so the input is viewed as
 (N, S) and every *row* is zero-padded to (N, m): row r stays FSDP's chunk r and goes to rank r, and the owner
@@ -75,7 +92,7 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -85,7 +102,10 @@ from tailq.codec import Aggregation, Compressor, ErrorFeedback, compressor, get_
 from tailq.comm.agree import OneStepStale, RedesignEvery, policy_for
 from tailq.comm.families import family_for
 from tailq.comm.routes import shard_numel
-from tailq.comm.wire import Comm, Tag
+from tailq.comm.routes.hierarchical import NODE_KIND, NodeComms
+from tailq.comm.topology import Shape, detect
+from tailq.comm.topology import agree as agree_shape
+from tailq.comm.wire import Comm, Tag, new_group_like
 from tailq.hooks.config import HookConfig
 from tailq.hooks.metrics import HookMetrics
 from tailq.hooks.tailq_hook import resume_config
@@ -99,15 +119,22 @@ except ImportError:  # pragma: no cover - older torch: the comm still works when
 __all__ = ["FSDP_OPTIONS", "FsdpReduceScatter", "ModuleReduceScatter", "compress", "reduce_scatter",
            "shardable_compressors"]
 
-STATE_VERSION = 2
-"""2: per-call state is keyed by module name (:meth:`FsdpReduceScatter.for_module`), not ``"<call>:<numel>"``."""
+STATE_VERSION = 3
+"""2: per-call state is keyed by module name (:meth:`FsdpReduceScatter.for_module`), not ``"<call>:<numel>"``.
+3: ``node_size`` in the configuration, the agreed ``layout`` saved, and a hierarchical call's state filed under
+``"<key>|hier"`` (see "Hierarchy"); a version-2 state loads as one of the flat layout."""
 ROUTE = "reduce_scatter"
 """The route name in wire records and ``metrics.last``."""
+HIER_ROUTE = "hier-reduce_scatter"
+"""The route name of a hierarchical call (K > 1 nodes of L > 1 workers; see "Hierarchy")."""
+HIER_SUFFIX = "|hier"
+"""Appended to a call's state key on the hierarchical path: its state is for the (K, S) node means, not (N, S)."""
 PASSTHROUGH = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Uncompressed names: one ``all_to_all_single`` of the chunks in that dtype, summed by the owner in fp32 — the
 reduce-scatter traffic of NCCL's ring, (N − 1)/N · d values per rank, where Gloo's own ``reduce_scatter_tensor``
 is an all-reduce in disguise (2 (N − 1)/N · d). The fair uncompressed baseline on Gloo."""
-FSDP_OPTIONS = ("error_feedback", "stale_stats", "redesign_every", "min_bucket", "measure_every", "timeout_s")
+FSDP_OPTIONS = ("error_feedback", "stale_stats", "redesign_every", "min_bucket", "measure_every", "node_size",
+                "timeout_s")
 """The DDP hook's options (:class:`~tailq.hooks.config.HookConfig`) that apply to a reduce-scatter."""
 log = logging.getLogger("tailq")
 
@@ -151,10 +178,10 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
     (:func:`shardable_compressors`: single-scale, tbq, tnq, tuq); ``options`` its own (``bits``, ``tail``, …) and
     the hook options of :data:`FSDP_OPTIONS` (``min_bucket`` compares with the whole input, N·S elements: smaller
     inputs go uncompressed; ``measure_every=k``: every k-th step also reduces the exact fp32 shard, kind
-    ``"measure"``, and records the vNMSE of the whole input in ``metrics.vnmse``). ``process_group``: the group to
-    reduce over; by default the one FSDP passes (bound at the first call; later calls must pass a group of the same
-    size and rank). Like the DDP hook it may be created before the process group exists. ``metrics`` is a
-    :class:`~tailq.hooks.HookMetrics`.
+    ``"measure"``, and records the vNMSE of the whole input in ``metrics.vnmse``; ``node_size``: workers per node,
+    see "Hierarchy" in the module docstring). ``process_group``: the group to reduce over; by default the one FSDP
+    passes (bound at the first call; later calls must pass a group of the same size and rank). Like the DDP hook it
+    may be created before the process group exists. ``metrics`` is a :class:`~tailq.hooks.HookMetrics`.
     """
 
     def __init__(self, name: str, *, process_group: Any = None, seed: int = 0, **options: Any) -> None:
@@ -211,12 +238,16 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         self._views: dict[str, ModuleReduceScatter] = {}  # module name -> its view (for_module)
         self._sizes: dict[str, int] = {}  # state key -> the numel of the state kept under it (views only)
         self._seen: dict[str, int] = {}  # module name -> its calls so far in the open step
+        self.shape: Shape | None = None  # K nodes x L workers, agreed by the ranks at the first call
+        self._node: NodeComms | None = None  # the node and cross-node groups (at the first hierarchical call)
+        self._saved_layout: str | None = None  # the layout a loaded state was saved on (checked at agreement)
 
     def _init_passthrough(self, name: str, process_group: Any, seed: int, options: dict[str, Any]) -> None:
         """``fp32`` / ``bf16``: no compression — one all-to-all of the chunks in that dtype, summed in fp32."""
-        wrong = sorted(set(options) - {"timeout_s"})
+        wrong = sorted(set(options) - {"timeout_s", "node_size"})
         if wrong:
-            raise TypeError(f"tailq.fsdp {name}: takes only timeout_s (and process_group); got {', '.join(wrong)}")
+            raise TypeError(f"tailq.fsdp {name}: takes only timeout_s and node_size (and process_group); got "
+                            f"{', '.join(wrong)}")
         self.wire_dtype = PASSTHROUGH[name]
         self.options = HookConfig(**options)
         self.comp = None
@@ -300,10 +331,11 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         ``ident``: the calling module's state key (None: the bare comm, keyed by position)."""
         n, s = x2.shape
         numel = n * s
-        t0, comm0, sec = time.perf_counter(), comm.seconds, self.metrics.seconds
+        t0, comm0, sec = time.perf_counter(), self._comm_seconds(), self.metrics.seconds
         meas0 = sec["measure"]
         if not self._verified:
             comm.verify_same_config(self.config(), Tag(step, idx, numel, "config"))
+            self._agree_topology(comm, Tag(step, idx, numel, "config"))
             self._verified = True
         g = x2.to(torch.float32)  # a copy for bf16; for fp32 the input itself, never written
         exact = None
@@ -333,16 +365,15 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         output.view(-1).copy_(out)
         measured = sec["measure"] - meas0
         sec["total"] += time.perf_counter() - t0 - measured
-        sec["communicate"] += comm.seconds - comm0 - measured
+        sec["communicate"] += self._comm_seconds() - comm0 - measured
 
     def _compressed(self, g: torch.Tensor, step: int, idx: int, ident: str | None) -> tuple[torch.Tensor, bool]:
-        """(the fp32 mean shard, False), or (the fp32 sum shard, True) when it fell back: compensate → agree →
-        codebook → shards → all-to-all → the owner's mean (phase 1 of :class:`~tailq.comm.routes.twophase.TwoPhase`).
+        """(the fp32 mean shard, False), or (the fp32 sum shard, True) when it fell back: phase 1 of the two-phase
+        route over all N ranks, or, on K > 1 nodes of L > 1 workers, the hierarchical call (:meth:`_hierarchical`).
         State is filed under ``ident`` (a module's), or under ``"<call>:<numel>"`` for the bare comm (stateless
         then: only the octave shift, and a shift that does not fit the bucket is corrected by extra agreements).
         """
         comm = self.comm
-        assert self.policy is not None
         n, s = g.shape
         numel = n * s
         if ident is None:
@@ -351,15 +382,50 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
             key, stream = ident, (1 << 32) | zlib.crc32(ident.encode())  # apart from the bare comm's call indices
             if self.stateful:
                 self._check_size(key, numel)
+        rkey = RandKey(self.seed, comm.rank, step, stream)  # keyed by the rank in the whole group, on either path
+        if self.shape is not None and self.shape.hierarchical:
+            return self._hierarchical(g, Tag(step, idx, numel, HIER_ROUTE), key + HIER_SUFFIX, rkey)
         tag = Tag(step, idx, numel, ROUTE)
+        ftag = dataclasses.replace(tag, route="fallback")
+        return self._phase1(comm, g, tag, key, rkey, lambda why: self._fallback(g, ftag, why))
+
+    def _hierarchical(self, g: torch.Tensor, tag: Tag, key: str, rkey: RandKey) -> tuple[torch.Tensor, bool]:
+        """K nodes × L workers: the exact fp32 reduce-scatter inside the node gives this rank (local rank l) its
+        node's mean of the K chunks owned by the ranks (k', l), one per node; phase 1 over the K ranks of its cross
+        group then gives the mean over nodes of its own chunk (see "Hierarchy" in the module docstring)."""
+        comms = self._node_comms()
+        K, L = comms.shape.nodes, comms.shape.node_size
+        n, s = g.shape
+        # (K, L, S) -> (L, K, S): block l holds the chunks of the ranks with local rank l, in node order; each rank's
+        # values divided by L before the sum, as DDP divides before its all-reduce
+        x = g.reshape(K, L, s).div(L).transpose(0, 1).contiguous()
+        part = comms.node.reduce_scatter(x.reshape(-1), tag, NODE_KIND).view(K, s)  # row k': node k''s mean
+        ftag = dataclasses.replace(tag, route="fallback")
+
+        def fallback(why: str) -> tuple[torch.Tensor, bool]:  # the exact mean of the node means, in fp32
+            total, _ = self._fallback(part, ftag, why, comms.cross)
+            return total / K, False
+
+        out = self._phase1(comms.cross, part, tag, key, rkey, fallback)
+        self.metrics.last[tag.bucket].update({"nodes": K, "node_size": L})
+        return out
+
+    def _phase1(self, comm: Comm, g: torch.Tensor, tag: Tag, key: str, rkey: RandKey,
+                fallback: Callable[[str], tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, bool]:
+        """Phase 1 of :class:`~tailq.comm.routes.twophase.TwoPhase` over ``comm``'s n ranks for the (n, S) input
+        ``g`` (row r: the chunk of ``comm``'s rank r): compensate → agree → codebook → shards → all-to-all → the
+        owner's mean; ``(mean, False)``, or what ``fallback(why)`` returns when some rank holds a NaN/Inf."""
+        assert self.policy is not None
+        n, s = g.shape
+        numel = n * s
         x = self.memory.compensate(key, g.reshape(-1)) if self.memory is not None else g.reshape(-1)
         bad = _nonfinite_count(x)
         xs = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) if bad else x
         agreed = self.policy.agree(comm, tag, key, xs, bad)  # on the unpadded input: padding biases no statistic
         if agreed.nonfinite:
-            return self._fallback(g, dataclasses.replace(tag, route="fallback"), "non-finite gradient on some rank")
+            return fallback("non-finite gradient on some rank")
         m = shard_numel(numel, n)
-        padded = torch.nn.functional.pad(xs.view(n, s), (0, m - s)).reshape(-1)  # row r stays FSDP's chunk r
+        padded = torch.nn.functional.pad(xs.view(n, s), (0, m - s)).reshape(-1)  # row r stays chunk r
         coder = self.family.coder(padded, agreed.codebook, comm, tag, key)
         own: torch.Tensor | None
         target: torch.Tensor | None
@@ -369,22 +435,21 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
             info: dict[str, Any] = {"zero": True}
         else:
             sc: Any = coder  # a shard coder: the family is shardable (checked at construction)
-            packed, m_coder = sc.encode_shards(RandKey(self.seed, comm.rank, step, stream), n)
+            packed, m_coder = sc.encode_shards(rkey, n)
             assert m_coder == m, (m_coder, m)
             rows = comm.all_to_all(packed, tag, "payload")  # row j: rank j's codes of my shard
             mean = sc.decode_shard_mean(rows, m)[:s]
             own = target = None
             info = {k: v for k, v in coder.info.items() if k != "gather_bits"}
         if not self.policy.settle(comm, key, agreed):  # stale statistics arriving now say NaN/Inf: void
-            return self._fallback(g, dataclasses.replace(tag, route="fallback"),
-                                  "non-finite gradient on some rank (seen in stale-mode stats)")
+            return fallback("non-finite gradient on some rank (seen in stale-mode stats)")
         if self.memory is not None:  # the residual of what this rank sent, on the unpadded layout
             if coder is not None:
                 own = coder.own().view(n, m)[:, :s].reshape(-1)
                 target = coder.target().view(n, m)[:, :s].reshape(-1)
             assert own is not None and target is not None
             self.memory.update(key, x, own, target=target)
-        self.metrics.last[idx] = {"route": ROUTE, "shard_numel": m, **info}
+        self.metrics.last[tag.bucket] = {"route": tag.route, "shard_numel": m, **info}
         return mean, False
 
     def _check_size(self, key: str, numel: int) -> None:
@@ -397,20 +462,21 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
                 f"leaves out parameters that got no gradient); give such parameters a fully_shard of their own, or "
                 f"turn these options off")
 
-    def _exact(self, x2: torch.Tensor, tag: Tag, kind: str) -> torch.Tensor:
-        """The fp32 sum of this rank's shard: one all-to-all of the raw (N, S) rows in their dtype, summed by the
-        owner in rank order starting from rank 0's row."""
-        rows = self.comm.all_to_all(x2.reshape(-1), tag, kind)
+    def _exact(self, x2: torch.Tensor, tag: Tag, kind: str, comm: Comm | None = None) -> torch.Tensor:
+        """The fp32 sum of this rank's shard: one all-to-all of the raw (n, S) rows in their dtype over ``comm``
+        (default: the whole group), summed by the owner in rank order starting from rank 0's row."""
+        rows = (comm or self.comm).all_to_all(x2.reshape(-1), tag, kind)
         total = rows[0].to(torch.float32).clone()
         for row in rows[1:]:
             total += row.to(torch.float32)
         return total
 
-    def _fallback(self, g: torch.Tensor, tag: Tag, why: str) -> tuple[torch.Tensor, bool]:
-        """Uncompressed fp32: non-finite values reach the owner exactly as with plain FSDP."""
+    def _fallback(self, g: torch.Tensor, tag: Tag, why: str, comm: Comm | None = None) -> tuple[torch.Tensor, bool]:
+        """Uncompressed fp32 over ``comm`` (default: the whole group): non-finite values reach the owner exactly as
+        with plain FSDP."""
         self.metrics.fallbacks.append({"step": tag.step, "bucket": tag.bucket, "why": why})
         self.metrics.last[tag.bucket] = {"route": "fallback"}
-        return self._exact(g, tag, "fallback"), True
+        return self._exact(g, tag, "fallback", comm), True
 
     def _record_vnmse(self, comm: Comm, step: int, idx: int, mean: torch.Tensor, exact: torch.Tensor) -> None:
         """vNMSE of the whole reduced input: every owner's squared error and norm, summed by one all-reduce."""
@@ -461,6 +527,63 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
                                  f"rank r of its group, so process_group must order the same ranks the same way")
         return comm
 
+    # -- topology -------------------------------------------------------------------------------------------
+    def _agree_topology(self, comm: Comm, tag: Tag) -> None:
+        """At the first call (the same point on every rank): every rank's node (``node_size``, torchrun's
+        environment, or one worker per node), exchanged in one all-gather of three integers and checked, as the DDP
+        hook does; the wire log then counts each collective on the node's shared NIC."""
+        found = detect(self.options.node_size)
+        mine = torch.tensor(found[:3], dtype=torch.int64)
+        shape, why = agree_shape(found, comm.all_gather(mine, tag, "config"), comm.n)
+        if why is not None:
+            log.warning("tailq.fsdp %s: %s", self.name, why)
+        self.shape = shape
+        comm.shape = shape
+        self.metrics.wire.node_size = shape.node_size
+        self.metrics.topology = {"nodes": shape.nodes, "node_size": shape.node_size, "source": found[3],
+                                 "flat_because": why}
+        self._check_layout(self._saved_layout, self._sizes)
+
+    def _layout(self) -> str | None:
+        """``"flat"`` or ``"<K>x<L>"`` (hierarchical): what the per-module state is for; ``None`` before the ranks
+        agreed (then the layout of a loaded state, if any)."""
+        if self.shape is None:
+            return self._saved_layout
+        if self.wire_dtype is not None or not self.shape.hierarchical:
+            return "flat"
+        return f"{self.shape.nodes}x{self.shape.node_size}"
+
+    def _check_layout(self, saved: str | None, sizes: dict[str, int]) -> None:
+        """A loaded state's per-module state (residuals, stale statistics: ``sizes`` non-empty) is for the layout
+        ``saved`` it was saved on; checked once the ranks agreed theirs."""
+        now = self._layout() if self.shape is not None else None
+        if saved is None or now is None or saved == now or not sizes:
+            return
+        assert self.shape is not None
+        raise ValueError(f"tailq.fsdp: the loaded state was saved on layout {saved} (nodes x workers; flat: no "
+                         f"hierarchy) and its per-module state is for that layout, but the ranks now agree on "
+                         f"{now} ({self.shape.describe()}); resume with the same node_size / torchrun layout, or "
+                         f"start this comm fresh")
+
+    def _node_comms(self) -> NodeComms:
+        """This rank's node and cross-node groups, created at the first hierarchical call (the same call on every
+        rank), node group first."""
+        if self._node is None:
+            assert self.shape is not None
+            comm, shape = self.comm, self.shape
+            pg = comm.group if comm.group is not None else dist.distributed_c10d._get_default_group()
+            node = new_group_like(pg, shape.node_ranks(shape.node_of(comm.rank)), "tailq_fsdp_node")
+            cross = new_group_like(pg, shape.cross_ranks(shape.local_of(comm.rank)), "tailq_fsdp_cross")
+            wire, timeout = self.metrics.wire, self.options.timeout_s
+            self._node = NodeComms(shape, comm.rank, Comm(node, wire, timeout, scope="node", shape=shape),
+                                   Comm(cross, wire, timeout, scope="cross", shape=shape))
+        return self._node
+
+    def _comm_seconds(self) -> float:
+        """Seconds spent waiting on collectives, on every group of this comm."""
+        extra = 0.0 if self._node is None else self._node.node.seconds + self._node.cross.seconds
+        return (self._comm.seconds if self._comm is not None else 0.0) + extra
+
     @property
     def comm(self) -> Comm:
         if self._comm is None:
@@ -490,27 +613,34 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
     def state_dict(self) -> dict[str, Any]:
         """Plain dicts, ints, strings and tensors: loadable with ``torch.load(weights_only=True)``. Save between
         steps (after the optimizer step), as FSDP's own state."""
-        return {"config": self.config(), "step": self.step, "sizes": dict(self._sizes),
+        return {"config": self.config(), "step": self.step, "layout": self._layout(), "sizes": dict(self._sizes),
                 "error_feedback": None if self.memory is None else self.memory.state_dict(),
                 **(self.policy.state_dict() if self.policy is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, mine = resume_config(state.get("config") or {}), resume_config(self.config())
         version = saved.get("state_version")
-        if version != STATE_VERSION:
+        if version not in (2, STATE_VERSION):
             raise ValueError(f"tailq.fsdp: state_version {version} cannot be loaded by this tailq (state_version "
                              f"{STATE_VERSION}: per-call state is keyed by module name since version 2, by call "
                              f"position before); start this comm fresh")
+        if version == 2:  # before the hierarchy: no node_size option, every call flat
+            saved = {**saved, "state_version": STATE_VERSION, "node_size": None}
         world = saved.get("world_size")
         if mine["world_size"] is None or world is None:  # unknown on one side: checked when the comm binds
             saved["world_size"] = mine["world_size"] = None
         if saved != mine:
             raise ValueError(f"tailq.fsdp: state was saved with a different configuration:\n  saved: "
                              f"{state.get('config')}\n  this:  {self.config()}")
+        layout = "flat" if version == 2 else state.get("layout")
+        layout = None if layout is None else str(layout)
+        sizes = {str(k): int(v) for k, v in state.get("sizes", {}).items()}
+        self._check_layout(layout, sizes)  # already bound and agreed: checked now, else at the agreement
         self._saved_world = None if world is None else int(world)
+        self._saved_layout = layout
         self.step = int(state["step"])
         self._task, self._call, self._seen = None, 0, {}
-        self._sizes = {str(k): int(v) for k, v in state.get("sizes", {}).items()}
+        self._sizes = sizes
         if self.memory is not None:
             self.memory.load_state_dict(state["error_feedback"])
         if self.policy is not None:
