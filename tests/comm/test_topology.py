@@ -39,10 +39,12 @@ def test_one_worker_per_node_prices_exactly_as_before() -> None:
         assert link_seconds(net, "world", c, 12345, Shape.flat(8)) == net.time(c, 12345, 8)
         assert nic_bytes(c, 12345, "world", Shape.flat(8)) == pytest.approx(
             {"all_reduce": 2 * 7 / 8, "all_gather": 7, "all_to_all": 7 / 8}[c] * 12345)
-    # one node: everything on the node link
+    # one node: everything on the node link; without a node= rate, the network is that link (a single machine's
+    # warm-up fit timed exactly its world collectives)
     node = Network.parse("model:50mbit,node=10gbit")
     assert link_seconds(node, "world", "all_reduce", 1 << 20, Shape(1, 8)) == node.node_link().time(
         "all_reduce", 1 << 20, 8)
+    assert link_seconds(net, "world", "all_reduce", 1 << 20, Shape(1, 8)) == net.time("all_reduce", 1 << 20, 8)
 
 
 def test_the_shared_nic_is_priced_with_all_of_the_nodes_traffic() -> None:

@@ -144,7 +144,8 @@ def test_a_compressor_defined_in_a_test_file_trains_through_ddp_hook() -> None:
     assert rms[1]["routes"] == ["allreduce"]
     # the sign compressor is gathered (per rank): about 1 bit per coordinate plus its scales and headers
     sign = next(r for k, r in r0.items() if k.startswith("test-sign-mean"))
-    assert sign["family"] == ("allgather",)  # per-rank side information: the only route it can take
+    # per-rank side information: the only flat route it can take (and the hierarchical routes built on it)
+    assert sign["family"] == ("allgather", "hier-bf16", "hier-allgather")
     assert sign["routes"] == ["allgather"] and 1.0 < sign["bits"] < 16.0
 
 

@@ -110,11 +110,15 @@ def link_seconds(network: Network, scope: str, collective: str, handed_bytes: in
     whole node puts on it (:func:`nic_bytes` × L) plus one inter-node latency per hop. Inside a node, the node link
     (:meth:`~tailq.comm.network.Network.node_link`) carries the node-group collectives; what a world-scope ring moves
     inside nodes runs beside the NIC edge and does not lengthen it. One worker per node: exactly
-    :meth:`Network.time`. One node: everything on the node link.
+    :meth:`Network.time`. One node: everything on the node link — which is ``network`` itself unless it gives a
+    ``node=`` rate (a single machine's world collectives are what a warm-up fit of ``network`` timed).
     """
     if shape.node_size == 1:
         return network.time(collective, handed_bytes, shape.scope_size(scope))
-    if scope == "node" or shape.nodes == 1:
+    if shape.nodes == 1:
+        link = network if network.node_rate_bps is None else network.node_link()
+        return link.time(collective, handed_bytes, shape.scope_size(scope))
+    if scope == "node":
         return network.node_link().time(collective, handed_bytes, shape.scope_size(scope))
     assert network.rate_bps is not None
     n = shape.scope_size(scope)
