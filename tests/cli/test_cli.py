@@ -59,7 +59,7 @@ def test_design_laplace_reproduces_spec_worked_values(capsys: pytest.CaptureFixt
     assert rc == 0
     d = json.loads(out)
     assert {"scheme", "tail", "bits", "alpha", "levels", "predicted_mse", "measured_mse"} <= set(d)
-    # SPEC §3.1 lists alpha* = 3.200; the closed form gives 3.19946 (SPEC's own level list says ±3.1995)
+    # the reference spec printed alpha* = 3.200; the closed form gives 3.19946 (docs/spec.md §3.1, Appendix A)
     assert d["alpha"] == pytest.approx(3.19946, abs=1e-5)
     assert d["predicted_mse"] == pytest.approx(0.237, abs=5e-4)
     assert [round(v, 4) for v in d["levels"][4:]] == [0.2951, 0.9899, 1.8957, 3.1995]

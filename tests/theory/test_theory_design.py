@@ -103,9 +103,9 @@ def test_laplace_tuq_lambert_w_is_the_numerical_optimum(bits):
     assert d.predicted_mse == pytest.approx(f_num, rel=1e-9)
 
 
-# SPEC §3.1 prints alpha* = 3.200 for b = 3; the exact value is 3·ln(1 + 7/c) = 3.199464 (3.1995 to 4
-# places, as in SPEC's own level table), i.e. 3.199 to the 3 places printed — SPEC's 3.200 is a double
-# rounding.
+# The reference spec printed alpha* = 3.200 for b = 3; the exact value is 3·ln(1 + 7/c) = 3.199464 (3.1995 to 4
+# places, as in its own level table and in docs/spec.md §3.1), i.e. 3.199 to the 3 places printed — the printed
+# 3.200 was a double rounding (docs/spec.md, Appendix A).
 SPEC_LAPLACE = {
     1: ("0.722", "1.236"),
     2: ("1.791", "0.606"),
@@ -164,7 +164,7 @@ def test_powerlaw_tnq_closed_form_is_the_numerical_optimum(gamma, s):
         assert d.alpha == pytest.approx(tail.m * ((3 + k * s) / gamma) ** (3 / (gamma - 3)), rel=1e-12)
         spec_mse = 2 * gamma**2 * tail.m**2 / (3 * (gamma - 2) * (gamma - 3) * (3 + k * s) ** 2)
         assert d.predicted_mse == pytest.approx(spec_mse, rel=1e-12)
-    else:  # SPEC says alpha* = m here; the true optimum of the same objective lies inside the body
+    else:  # the reference spec said alpha* = m here; the true optimum lies inside the body (docs/spec.md §3.2)
         assert d.alpha < tail.m * (1 - 1e-3)
         assert tnq_proxy(tail, s, d.alpha) < tnq_proxy(tail, s, tail.m)
 
