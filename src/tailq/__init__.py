@@ -1,4 +1,7 @@
-"""tailq: truncated quantization for heavy-tailed gradients, for communication-efficient training."""
+"""tailq: truncated quantization for heavy-tailed gradients, for communication-efficient training.
+
+Docstrings and comments cite the specification as ``SPEC §n``: section n of ``docs/spec.md`` in the repository.
+"""
 
 from .codec import Codebook, Compressor, Encoded, ErrorFeedback, compressor, list_compressors
 from .hooks import ddp_hook
