@@ -101,9 +101,6 @@ BAD_INPUT = [
      "got 3"),
     (["compare", *FAST, "--workers", "6", "--methods", "bf16", "--nodes", "4"],
      "--nodes must divide --workers (6) into nodes of equal size: accepted 1, 2, 3, 6; got 4"),
-    (["train", *FAST, "--workers", "4", "--nodes", "2", "--net", "model:50mbit"],
-     "--nodes 2 with a modeled network (--net model:50mbit): the modeled clock prices every worker on a link of "
-     "its own"),
     (["train", *FAST, "--steps", str(10**30)], "--steps must be in 1..9223372036854775807"),
     (["train", *FAST, "--batch-size", str(10**30)], "--batch-size must be in 1..9223372036854775807"),
     ([*DESIGN, "--scale", "1e300"], "--scale must be a finite number in [1.17549e-38, 3.40282e+38] (float32's normal "

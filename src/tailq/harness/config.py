@@ -148,9 +148,6 @@ class RunConfig:
         if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes not in divisors:
             raise UsageError(f"--nodes must divide --workers ({self.workers}) into nodes of equal size: accepted "
                              f"{', '.join(map(str, divisors))}; got {self.nodes!r}")
-        if self.nodes < self.workers and self.net.kind == "model":
-            raise UsageError(f"--nodes {self.nodes} with a modeled network (--net {self.net.as_arg()}): the modeled "
-                             "clock prices every worker on a link of its own (no nodes); use an emulated RATE or none")
 
     @property
     def n_nodes(self) -> int:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tailq
+from tailq.comm.topology import Shape, link_seconds
 
 from .config import RunConfig
 from .fsdp import full_state as fsdp_full_state
@@ -193,6 +194,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     stop = False
     extend = cfg.extend_to_target is not None
     limit = max(cfg.steps, cfg.max_steps or 0) if extend else cfg.steps
+    shape = Shape(cfg.n_nodes, world // cfg.n_nodes)  # what the modeled clock prices (SPEC §9)
     while step < limit and not stop:
         xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
         state.metrics.lap()
@@ -204,8 +206,8 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
         dt = time.perf_counter() - t0
         lap = state.metrics.lap()
         step_wall = dt - lap.measure_s  # vNMSE measurement collectives are not part of the method
-        if net.kind == "model":
-            modeled = sum(net.time(r.collective, r.handed_bytes, world) for r in lap.records
+        if net.kind == "model":  # every collective priced on its link: the node's shared NIC, or inside the node
+            modeled = sum(link_seconds(net, r.scope, r.collective, r.handed_bytes, shape) for r in lap.records
                           if r.kind not in ("measure", "config"))
             step_clock = max(step_wall - lap.comm_s, 0.0) + modeled
         else:
