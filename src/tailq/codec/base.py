@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from tailq.kernels import dispatch
+from tailq.options import FLOAT32_MAX as _FLOAT32_MAX
 from tailq.options import Option, check_int
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class Encoded:
         return self.wire_bits() / n if n else float("nan")
 
 
-FLOAT32_MAX: float = float(torch.finfo(torch.float32).max)
+FLOAT32_MAX: float = _FLOAT32_MAX
 """The largest finite float32 (≈ 3.4028e38): compressors compute in float32, so inputs must lie within ±this."""
 
 

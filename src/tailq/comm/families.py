@@ -30,7 +30,7 @@ from tailq.codec.packing import LanePlan, pack_lanes, unpack_bits, unpack_lanes
 from tailq.kernels import RandKey
 
 from .owner import OwnerRequantizer, default_gather_bits
-from .routes import Coder, shard_numel
+from .routes.base import Coder, shard_numel
 from .wire import Comm, Tag
 
 __all__ = ["AgreedScales", "Family", "PerRank", "SharedCodebook", "family_for"]

@@ -232,8 +232,8 @@ def _powerlaw_tnq(t: PowerLawTail, s: int) -> tuple[FloatArray, float, tuple[str
         pos,
         mse,
         (
-            f"3 + k·s = {3 + k * s:.4g} < γ = {g:.4g}: SPEC's alpha* = m does not hold; the optimum "
-            "lies in the flat body (alpha* < m, root of a quadratic) and the levels are uniform",
+            f"3 + k·s = {3 + k * s:.4g} < γ = {g:.4g}: the reference spec's alpha* = m does not hold "
+            "(docs/spec.md Appendix A); the optimum lies in the flat body (alpha* < m, root of a quadratic) and the levels are uniform",
         ),
     )
 

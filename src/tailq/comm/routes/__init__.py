@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import importlib
 import pkgutil
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..network import Network
 from ..topology import Shape, link_seconds, nic_bytes
@@ -30,9 +30,6 @@ from .base import (
     shard_numel,
     zero_outcome,
 )
-
-if TYPE_CHECKING:
-    from ..families import Family
 
 __all__ = ["PASSTHROUGH", "ROUTES", "Capabilities", "CodecCost", "Coder", "Outcome", "Planner", "Route",
            "ShardCheck", "ShardCoder", "is_staged", "register", "route_names", "shard_numel", "zero_outcome"]
@@ -75,7 +72,7 @@ class Planner:
     on the node link and across nodes.
     """
 
-    def __init__(self, family: Family, n_workers: int, network: Network, codec: CodecCost | None = None,
+    def __init__(self, family: Capabilities, n_workers: int, network: Network, codec: CodecCost | None = None,
                  *, passthrough: bool = False, shape: Shape | None = None) -> None:
         self.family = family
         self.n_workers = n_workers
