@@ -417,7 +417,7 @@ def _require_harness_extras() -> None:
 def _extra(args: argparse.Namespace) -> dict[str, Any]:
     return {"lr": args.lr, "batch_size": args.batch_size, "data_dir": args.data_dir, "tail_df": args.tail_df,
             "bucket_cap_mb": args.bucket_cap_mb, "measure_every": args.measure_every, "fsdp": args.fsdp,
-            "nodes": args.nodes}
+            "nodes": args.nodes, "net_schedule": args.net_schedule}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -763,6 +763,9 @@ def _harness_common(s: argparse.ArgumentParser) -> None:
     _arg(s, "--eval-every", int, 1, INT64_MAX)
     s.add_argument("--net", default=DEFAULT_NET,
                    help=f"RATE[,DELAY] emulated (default {DEFAULT_NET}), model:RATE[,DELAY] modeled, or none")
+    s.add_argument("--net-schedule", metavar="STEP:RATE,...",  # checked by RunConfig (tailq.harness.net_schedule)
+                   help="change the network's rate from these training steps on (0-based), e.g. 40:20mbit,80:1gbit: "
+                        "every node link (emulated) or the modeled clock (model:); the hook is told only --net")
     _arg(s, "--seed", int, 0, SEED_MAX, default=0)
     _arg(s, "--lr", float, 0, low_open=True)
     _arg(s, "--batch-size", int, 1, INT64_MAX)

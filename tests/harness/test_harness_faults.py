@@ -147,6 +147,22 @@ BAD_INPUT = [
     (["demo", "--n", "100", "--json", "{tmp}"], "--json {tmp}: is a directory; give a file path"),
     (["train", *FAST, "--workload", ""], "--workload must be one of digits"),
     (["train", *FAST, "--run-dir", ""], "--run-dir must be a path; got ''"),
+    # --net-schedule STEP:RATE,...: a rate to change (not loopback), steps positive, increasing, below --steps
+    (["train", *FAST, "--net-schedule", "1:20mbit"], "--net-schedule: --net none (loopback) cannot be shaped"),
+    (["compare", *FAST, "--methods", "bf16", "--net-schedule", "1:20mbit"], "--net-schedule: --net none (loopback) "
+     "cannot be shaped"),
+    (["train", *FAST, "--net", "model:1gbit", "--net-schedule", "1:fast"], "--net-schedule: cannot use '1:fast': "
+     "'fast' is not a RATE; accepted: STEP:RATE[,STEP:RATE...]"),
+    (["train", *FAST, "--net", "model:1gbit", "--net-schedule", "0:20mbit"], "--net-schedule: cannot use '0:20mbit': "
+     "the step '0' is not a positive integer; accepted: STEP:RATE"),
+    (["train", *FAST, "--net", "model:1gbit", "--net-schedule", "1:20mbit,1:1gbit"], "the steps must increase (1, "
+     "then 1); accepted: STEP:RATE"),
+    (["train", *FAST, "--net", "model:1gbit", "--net-schedule", "1:50kbit"], "--net-schedule: cannot use '1:50kbit': "
+     "the rate '50kbit' is outside 100kbit..100gbit"),
+    (["train", *FAST, "--net", "model:1gbit", "--net-schedule", "5:20mbit"], "--net-schedule: cannot use '5:20mbit': "
+     "step 5 is not below --steps (2)"),
+    (["compare", *FAST, "--net", "model:1gbit", "--methods", "bf16", "--net-schedule", "20mbit"],
+     "--net-schedule: cannot use '20mbit': '20mbit' is not STEP:RATE; accepted: STEP:RATE"),
     # argparse's own complaints are one line too, named by the subcommand
     ([*DESIGN[:-1], "abc", "--scale", "1"], "argument --bits: invalid int value: 'abc'"),
     (["fit", "{unit}", "--bits", "0"], "argument --bits: invalid choice: 0"),

@@ -190,7 +190,9 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
         "target_accuracy": target if target_metric == "accuracy" else None,
         "target_fraction_of_bf16_best": target_fraction,
         "network": {"rate": net.describe(), "spec": net.as_arg(), "emulated": net.kind == "emulated",
-                    "modeled": net.kind == "model", "rate_bps": net.rate_bps, "delay_s": net.delay_s},
+                    "modeled": net.kind == "model", "rate_bps": net.rate_bps, "delay_s": net.delay_s,
+                    # --net-schedule: the rate's changes (the run's own record; absent without one)
+                    **{k: recorded[k] for k in ("schedule", "schedule_spec", "schedule_text") if k in recorded}},
         "runs": runs,
     }
 

@@ -12,6 +12,7 @@ from tailq.comm.network import Network
 from tailq.errors import UsageError
 from tailq.options import INT64_MAX, MAX_BUCKET_CAP_MB, MAX_WORKERS, SEED_MAX, check_float, check_int
 
+from .net_schedule import NetSchedule
 from .workloads import WORKLOADS
 
 __all__ = ["RunConfig", "parse_value"]
@@ -60,6 +61,9 @@ class RunConfig:
     # compressor = tailq.fsdp.compress (see tailq.harness.fsdp)
     fsdp: bool = False
     net: Network = dataclasses.field(default_factory=lambda: Network("none", None))  # --net text is parsed here
+    # --net-schedule: the network's rate changes at these training steps (tailq.harness.net_schedule); its text is
+    # parsed here. The hook is told only ``net``, the network the run starts with
+    net_schedule: NetSchedule | None = None
     run_dir: str = "runs/run"
     label: str = ""
 
@@ -69,6 +73,8 @@ class RunConfig:
                 self.net = Network.parse(self.net)
             except ValueError as err:
                 raise UsageError(str(err)) from err
+        if isinstance(self.net_schedule, str):
+            self.net_schedule = NetSchedule.parse(self.net_schedule)
 
     def validate(self) -> RunConfig:
         from tailq.hooks import hook_names
@@ -125,6 +131,11 @@ class RunConfig:
                 raise UsageError(f"{key} must be a string; got {value!r}")
         if not isinstance(self.net, Network):
             raise UsageError(f"net must be a tailq.comm.network.Network or --net text; got {self.net!r}")
+        if self.net_schedule is not None:
+            if not isinstance(self.net_schedule, NetSchedule):
+                raise UsageError(f"net_schedule must be --net-schedule text or a NetSchedule; got "
+                                 f"{self.net_schedule!r}")
+            self.net_schedule.check(self.net, self.steps)
         if self.fsdp:
             from .fsdp import check_method
 
@@ -191,8 +202,9 @@ class RunConfig:
             close()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (the network as its ``--net`` text)."""
-        return {**dataclasses.asdict(self), "net": self.net.as_arg()}
+        """Plain JSON types (the network as its ``--net`` text, the schedule as its ``--net-schedule`` text)."""
+        return {**dataclasses.asdict(self), "net": self.net.as_arg(),
+                "net_schedule": None if self.net_schedule is None else self.net_schedule.as_arg()}
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,10 @@ A launcher stopped by SIGTERM or SIGHUP (what Slurm and Kubernetes send) stops i
 network before it exits (:class:`Stopped`); the workers also die with the launcher if it is killed outright
 (``PR_SET_PDEATHSIG``). A rank marks the end of its last collective with ``rank{r}.done``: a rank that fails
 after that (a crash in process teardown) costs nothing, the run's result stands with a note.
+
+With ``--net-schedule`` on an emulated network the launcher changes the links' rate when rank 0 asks at a scheduled
+step (:mod:`tailq.harness.net_schedule`); the result's ``network.schedule_applied`` lists the changes, with the
+rates read back from tc.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from typing import Any
 from tailq.comm.network import Network
 
 from .config import RunConfig
-from .netem import EmulatedNetwork, node_env
+from .net_schedule import ScheduleApplier
+from .netem import EmulatedNetwork, EmulationError, node_env
 
 __all__ = ["launch_run", "reap", "RunFailed", "Stopped", "stop_on_signals", "done_marker"]
 
@@ -130,6 +135,8 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
     cfg.save(config_path)
     with stop_on_signals(), _network(cfg.net, cfg.workers, cfg.node_size) as net:
         tx0 = net.tx_bytes() if net is not None else None
+        # --net-schedule on an emulated network: this process changes the links when rank 0 asks (net_schedule)
+        applier = ScheduleApplier(run_dir, cfg.net_schedule, net) if net is not None and cfg.net_schedule else None
         procs, logs = [], []
         port = 29500 if net is not None else _free_port()
         for rank in range(cfg.workers):
@@ -146,7 +153,7 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           preexec_fn=_die_with_parent if sys.platform == "linux" else None))
         try:
-            exit_notes = _wait(procs, run_dir, cfg, progress, timeout_s)
+            exit_notes = _wait(procs, run_dir, cfg, progress, timeout_s, applier)
         finally:
             reap(procs, logs)
         tx = [b - a for a, b in zip(tx0, net.tx_bytes(), strict=True)] if net is not None and tx0 is not None else None
@@ -159,6 +166,8 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
         result["network"]["tx_bytes_per_node"] = tx
         if cfg.node_size == 1:  # a node is a rank: its interface is the rank's own
             result["network"]["tx_bytes_per_rank"] = tx
+    if applier is not None:
+        result["network"]["schedule_applied"] = applier.record
     if exit_notes:
         result["exit_notes"] = exit_notes
     result_path.write_text(json.dumps(result, indent=1))
@@ -166,14 +175,20 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
 
 
 def _wait(procs: list[subprocess.Popen[bytes]], run_dir: Path, cfg: RunConfig, progress: Any,
-          timeout_s: float) -> list[str]:
+          timeout_s: float, applier: ScheduleApplier | None = None) -> list[str]:
     """Wait for every rank; returns notes on ranks that failed only after their last collective (``rank{r}.done``)
     or after rank 0 had written the finished result: a crash in process teardown (Gloo's threads at exit) costs
-    nothing, every collective had completed."""
+    nothing, every collective had completed. ``applier``: changes the emulated links when rank 0 asks
+    (``--net-schedule``; polled every 50 ms)."""
     deadline = time.monotonic() + timeout_s
     last_step = 0
     notes: list[str] = []
     while True:
+        if applier is not None:
+            try:
+                applier.poll()
+            except (EmulationError, ValueError) as err:
+                raise RunFailed(f"run {cfg.name}: --net-schedule: could not change the network's rate: {err}") from err
         codes = [p.poll() for p in procs]
         failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
         written = (run_dir / "result.json").is_file()
@@ -212,4 +227,4 @@ def _wait(procs: list[subprocess.Popen[bytes]], run_dir: Path, cfg: RunConfig, p
                     progress(info["step"], info["total"], info)
             except (FileNotFoundError, json.JSONDecodeError, KeyError):
                 pass
-        time.sleep(0.2)
+        time.sleep(0.2 if applier is None else 0.05)

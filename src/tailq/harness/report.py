@@ -13,9 +13,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["header", "render", "table_rows", "print_table"]
+__all__ = ["header", "network_text", "render", "table_rows", "print_table"]
 
 PLOTS = ("accuracy_vs_time.png", "tta_vs_bits.png", "vnmse.png", "gradient_histogram.png")
+
+
+def network_text(net: dict[str, Any]) -> str:
+    """The summary's network for people: ``emulated 1 Gbit/s``, with ``--net-schedule``'s changes after a
+    semicolon: ``emulated 1 Gbit/s; 20 Mbit/s from step 40, 1 Gbit/s from step 80``."""
+    changes = net.get("schedule_text")
+    return f"{net['rate']}; {changes}" if changes else str(net["rate"])
 
 
 def _fmt(v: Any, spec: str, none: str = "—") -> str:
@@ -88,7 +95,7 @@ def print_table(summary: dict[str, Any]) -> None:
     if "per_seed" in summary:  # over seeds: medians and intervals
         from rich.markup import escape
 
-        t = Table(title=escape(f"{summary['workload']}, {workers_text(summary)}, {summary['network']['rate']}; "
+        t = Table(title=escape(f"{summary['workload']}, {workers_text(summary)}, {network_text(summary['network'])}; "
                                f"{len(summary['seeds'])} seeds, median [interval]; {_coverage_text(summary)}"))
         for h in SEED_HEADER:
             t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
@@ -101,7 +108,7 @@ def print_table(summary: dict[str, Any]) -> None:
     net = summary["network"]
     label = " [MODELED network]" if net.get("modeled") else ""
     fsdp = ", FSDP2" if summary.get("fsdp") else ""
-    t = Table(title=f"{summary['workload']}, {workers_text(summary)}{fsdp}, {net['rate']}{label}; "
+    t = Table(title=f"{summary['workload']}, {workers_text(summary)}{fsdp}, {network_text(net)}{label}; "
                     f"{target_text(summary)}")
     for h in header(summary):
         t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
@@ -223,7 +230,7 @@ def _plots(root: Path, summary: dict[str, Any], runs: dict[str, dict[str, Any]])
     ax.axhline(target, color="k", linestyle="--", linewidth=1, label="target")
     ax.set_xlabel(f"training clock (s){modeled}")
     ax.set_ylabel("test loss" if loss else "test accuracy")
-    ax.set_title(f"{summary['workload']}, {workers_text(summary)}, {summary['network']['rate']}")
+    ax.set_title(f"{summary['workload']}, {workers_text(summary)}, {network_text(summary['network'])}")
     if loss:
         ax.set_yscale("log")
     else:
@@ -356,7 +363,7 @@ def _seed_markdown(summary: dict[str, Any]) -> str:
         "",
         f"- workload: **{summary['workload']}** — {summary.get('workload_note', '')}",
         f"- workers: {workers_text(summary)}, steps per run: {summary['steps']}, seeds {summary['seeds']}",
-        f"- network: **{net['rate']}**" + (" (MODELED)" if net.get("modeled") else ""),
+        f"- network: **{network_text(net)}**" + (" (MODELED)" if net.get("modeled") else "") + _schedule_note(net),
         f"- target per seed ({_target_rule(summary, per_seed=True)}): {targets}",
         f"- {_coverage_text(summary)}",
         f"- TTA: {summary['tta']}; not reached counts as ∞ (so a median can be finite when some seeds missed)",
@@ -426,6 +433,14 @@ def _histogram_plot(root: Path, summary: dict[str, Any], runs: dict[str, dict[st
     plt.close(fig)
 
 
+def _schedule_note(net: dict[str, Any]) -> str:
+    """After the network line, where ``--net-schedule`` changed the rate: how, and what the hook was told."""
+    if not net.get("schedule_spec"):
+        return ""
+    return (f"; the rate changes mid-run (`--net-schedule {net['schedule_spec']}`, steps counted from 0), the hook "
+            "was told only the starting rate")
+
+
 def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     net = summary["network"]
     kind = "emulated (network namespaces, tc)" if net.get("emulated") else ("MODELED: communication time from the "
@@ -436,7 +451,7 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         "",
         f"- workload: **{summary['workload']}** — {summary.get('workload_note', '')}",
         f"- workers: {workers_text(summary)}, steps per run: {summary['steps']}, seed {summary.get('seed', 0)}",
-        f"- network: **{net['rate']}** ({kind})",
+        f"- network: **{network_text(net)}** ({kind}){_schedule_note(net)}",
         *([] if not summary.get("fsdp") else [
             "- **FSDP2** (`--fsdp`): gradients leave through FSDP2's reduce-scatter (`fully_shard` per transformer "
             "layer and the root, one fp32 parameter all-gather per step, the same for every method, and not in "

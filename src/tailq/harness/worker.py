@@ -10,7 +10,10 @@ evaluation, checkpoints, measurement probes and the one-time compilation of the 
 (:func:`tailq.hooks.warm_kernels`, reported as ``kernel_warmup_s``) run with the clock paused. With
 ``--net model:RATE`` the clock counts the step's measured compute and codec time plus the cost model's
 communication time for the bytes the hook handed to its collectives (every output is then labelled *modeled*).
-A tailq hook's route planner gets the run's network (emulated or modeled) to plan against.
+A tailq hook's route planner gets the run's network (emulated or modeled) to plan against: the one it starts with.
+With ``--net-schedule`` the rate changes at given steps (:mod:`tailq.harness.net_schedule`): the modeled clock
+prices each step at its rate; on an emulated network every rank waits before the step, outside the clock, until the
+launcher has changed the links; the hook is never told.
 A checkpoint (model, optimizer, hook state, step, clock, history) is written every ``checkpoint_every`` steps; a
 restarted worker resumes from the latest complete one.
 """
@@ -39,6 +42,7 @@ from .config import RunConfig
 from .fsdp import full_state as fsdp_full_state
 from .fsdp import shard as fsdp_shard
 from .launch import done_marker
+from .net_schedule import wait_for_change
 from .stats import reached
 from .workloads import Workload, load_workload
 
@@ -195,7 +199,14 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     extend = cfg.extend_to_target is not None
     limit = max(cfg.steps, cfg.max_steps or 0) if extend else cfg.steps
     shape = Shape(cfg.n_nodes, world // cfg.n_nodes)  # what the modeled clock prices (SPEC §9)
+    sched, change, step_net = cfg.net_schedule, 0, net  # --net-schedule: the network this step has (hook not told)
+    waits: list[dict[str, Any]] = []
     while step < limit and not stop:
+        if sched is not None and sched.change_at(step) != change:  # before the step's clock starts
+            change = sched.change_at(step)
+            if net.kind == "emulated":  # every rank waits here until the launcher has changed every link
+                waits.append({"step": step, "wait_s": wait_for_change(run_dir, rank, sched, net, change, step)})
+            step_net = sched.network_at(net, step)
         xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
         state.metrics.lap()
         t0 = time.perf_counter()
@@ -207,7 +218,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
         lap = state.metrics.lap()
         step_wall = dt - lap.measure_s  # vNMSE measurement collectives are not part of the method
         if net.kind == "model":  # every collective priced on its link: the node's shared NIC, or inside the node
-            modeled = sum(link_seconds(net, r.scope, r.collective, r.handed_bytes, shape) for r in lap.records
+            modeled = sum(link_seconds(step_net, r.scope, r.collective, r.handed_bytes, shape) for r in lap.records
                           if r.kind not in ("measure", "config"))
             step_clock = max(step_wall - lap.comm_s, 0.0) + modeled
         else:
@@ -258,7 +269,8 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
         result = {
             "config": cfg.to_dict(),
             "name": cfg.name,
-            "network": net.summary(),
+            "network": {**net.summary(), **({} if sched is None else sched.summary(net)),
+                        **({"schedule_waits": waits} if waits else {})},  # rank 0's, outside the clock
             "workload_note": wl.note,
             "parameters": n_params,
             "fsdp": cfg.fsdp,

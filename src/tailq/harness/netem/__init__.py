@@ -29,6 +29,10 @@ Shaping, on each node link, both directions (node ``eth0`` egress = uplink, swit
     tc qdisc replace dev IF root handle 1: netem delay DELAYus limit PACKETS                 # DELAY > 0
     tc qdisc replace dev IF parent 1:1 handle 10: tbf rate RATEbit burst BURST limit LIMIT   #   (netem, then tbf)
 
+``--net-schedule`` changes the rate mid-run (:meth:`EmulatedNetwork.set_rate`): the same lines with ``change`` for
+``replace``, at the new rate (BURST and LIMIT by the rules below), on every node link in both directions; the delay
+stays. :meth:`EmulatedNetwork.qdisc_rates` reads the rates back from the kernel.
+
 ``DELAY`` is added on every link direction a packet crosses: node ``a`` → node ``b`` crosses ``a``'s uplink and
 ``b``'s downlink, so the one-way latency between two workers of different nodes is ``2·DELAY`` and a round trip
 ``4·DELAY`` (workers of one node: none).

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from tailq.comm.network import Network, plain_number
+from tailq.comm.network import MAX_RATE_BPS, Network, plain_number
 from tailq.options import check_int
 
 from . import cleanup
@@ -97,6 +97,8 @@ class EmulatedNetwork:
         self.node_size = node_size
         self.n_nodes = n_workers // node_size
         self.spec = spec
+        self.rate_bps: float = spec.rate_bps
+        """The links' current rate, bits/s: ``spec.rate_bps`` until :meth:`set_rate` changes it."""
         self.tag = tag
         self.master_port = master_port
         self.subnet_id = 1 + zlib.crc32(tag.encode()) % 254
@@ -135,23 +137,59 @@ class EmulatedNetwork:
 
     # --- shaping parameters --------------------------------------------------------------------------------
 
-    def tc_commands(self, dev: str) -> list[str]:
-        """The ``tc`` batch lines (without the leading ``tc``) that shape ``dev``'s egress for this spec."""
-        rate = self.spec.rate_bps or 0.0
+    def tc_commands(self, dev: str, rate_bps: float | None = None, *, verb: str = "replace") -> list[str]:
+        """The ``tc`` batch lines (without the leading ``tc``) that shape ``dev``'s egress for this spec, at
+        ``rate_bps`` (default: the current rate, :attr:`rate_bps`). ``verb``: ``replace`` (set-up) or ``change``
+        (:meth:`set_rate`: the same qdiscs, new parameters; fails if they are not there)."""
+        if verb not in ("replace", "change"):
+            raise ValueError(f"verb must be replace or change, got {verb!r}")
+        rate = self.rate_bps if rate_bps is None else rate_bps
         rate_bytes = rate / 8
         burst = int(max(16 * 1024, rate_bytes * 1e-3))  # ≥ 1 ms of tokens, ≥ 10 full-size frames
         limit = int(min(max(32 * 2**20, rate_bytes * 1.0), 2**30))  # deep queue: no drops under bulk or incast
         tbf = f"tbf rate {int(round(rate))}bit burst {burst} limit {limit}"
         if self.spec.delay_s <= 0:
-            return [f"qdisc replace dev {dev} root handle 1: {tbf}"]
+            return [f"qdisc {verb} dev {dev} root handle 1: {tbf}"]
         # netem holds every packet in flight for the delay: room for one second plus the delay of full-rate
         # traffic counted in full-size frames (GSO skbs are larger, ACKs are few)
         packets = int(max(10_000, rate_bytes * (self.spec.delay_s + 1.0) / 1500))
         delay_us = plain_number(self.spec.delay_s * 1e6)
         return [
-            f"qdisc replace dev {dev} root handle 1: netem delay {delay_us}us limit {packets}",
-            f"qdisc replace dev {dev} parent 1:1 handle 10: {tbf}",
+            f"qdisc {verb} dev {dev} root handle 1: netem delay {delay_us}us limit {packets}",
+            f"qdisc {verb} dev {dev} parent 1:1 handle 10: {tbf}",
         ]
+
+    def set_rate(self, rate_bps: float) -> None:
+        """Change the rate of every node link, both directions (node ``eth0`` and switch ``pK``), in place: the
+        qdiscs of the set-up get the new rate with the set-up's burst and queue rules (:meth:`tc_commands`, verb
+        ``change``); the delay stays. Used by ``--net-schedule`` (:mod:`tailq.harness.net_schedule`)."""
+        self._check_up()
+        if isinstance(rate_bps, bool) or not isinstance(rate_bps, int | float) or not (
+                MIN_EMULATED_RATE_BPS <= rate_bps <= MAX_RATE_BPS):
+            raise ValueError(f"rate_bps must be in [{MIN_EMULATED_RATE_BPS:g}, {MAX_RATE_BPS:g}] (100kbit..100gbit), "
+                             f"got {rate_bps!r}")
+        rate = float(rate_bps)
+        for host in self.hosts:
+            _run([_TC, "-n", host.namespace, "-b", "-"], stdin="\n".join(self.tc_commands(host.ifname, rate,
+                                                                                          verb="change")) + "\n")
+        ports = [line for k in range(self.n_nodes) for line in self.tc_commands(f"p{k}", rate, verb="change")]
+        _run([_TC, "-n", self.switch_namespace, "-b", "-"], stdin="\n".join(ports) + "\n")
+        self.rate_bps = rate
+
+    def qdisc_rates(self) -> list[dict[str, float]]:
+        """The rate the kernel's token buckets hold on each node's link, bits/s, read back from ``tc``: one
+        ``{"uplink": ..., "downlink": ...}`` per node (node ``eth0`` egress, switch ``pK`` egress)."""
+        self._check_up()
+
+        def tbf_rate(namespace: str, dev: str) -> float:
+            proc = _run([_TC, "-j", "-n", namespace, "qdisc", "show", "dev", dev])
+            rates = [q["options"]["rate"] for q in json.loads(proc.stdout) if q.get("kind") == "tbf"]
+            if len(rates) != 1:
+                raise EmulationError(f"expected one tbf qdisc on {dev} in {namespace}, found {len(rates)}")
+            return 8.0 * float(rates[0])  # tc reports bytes per second
+
+        return [{"uplink": tbf_rate(h.namespace, h.ifname), "downlink": tbf_rate(self.switch_namespace, f"p{k}")}
+                for k, h in enumerate(self.hosts)]
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
