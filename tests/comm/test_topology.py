@@ -66,7 +66,8 @@ def test_the_planner_picks_hierarchical_on_slow_links_and_passthrough_on_fast_on
     assert slow.plan(1 << 20) == "hier-twophase"
     # at 50 Mbit/s the NIC's bits decide: 3/4 (3 + 5) = 6 against L (K-1)/K 3 + (N-1)/N 5 = 8.875
     ratio = slow.seconds("twophase", 1 << 20) / slow.seconds("hier-twophase", 1 << 20)
-    assert ratio == pytest.approx(slow.nic_bits("twophase", 1 << 20) / slow.nic_bits("hier-twophase", 1 << 20), rel=0.05)
+    model = slow.nic_bits("twophase", 1 << 20) / slow.nic_bits("hier-twophase", 1 << 20)
+    assert ratio == pytest.approx(model, rel=0.05)
     fast = _planner(2, 4, "model:100gbit,node=1000gbit", codec=cost)
     assert fast.plan(1 << 20) == PASSTHROUGH
     # one worker per node: the hierarchical routes are no candidates, and a forced one runs as its flat route

@@ -115,6 +115,7 @@ def w_ddp(rank: int, world: int, route: str, steps: int) -> dict[str, Any]:
     _train_steps(rank, world, ddp, opt, 0, steps)
     params = torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
     res = {"before": before, "after": _full_loss(ddp), "params": params, "routes": sorted(
-        {v.get("route") for v in state.metrics.last.values()}), "vnmse": [r for r in state.metrics.vnmse if not r.get("warmup")]}
+        {v.get("route") for v in state.metrics.last.values()}),
+        "vnmse": [r for r in state.metrics.vnmse if not r.get("warmup")]}
     state.close()
     return res

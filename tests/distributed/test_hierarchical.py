@@ -46,7 +46,7 @@ def test_hier_allreduce_is_unbiased_up_to_truncation() -> None:
 
     g = grads(4, d, 0)
     node_means = [(g[0].double() + g[1].double()) / 2, (g[2].double() + g[3].double()) / 2]
-    m = -(-(-(-d // 2)) // 8) * 8  # node shard: ceil(d / 2) rounded up to 8
+    m = math.ceil(math.ceil(d / 2) / 8) * 8  # node shard: ceil(d / 2) rounded up to 8
     for rank, r in enumerate(res):
         assert torch.equal(r["outs"], res[0]["outs"])
         local = rank % 2
@@ -127,7 +127,8 @@ def test_ddp_training_with_the_hierarchical_route() -> None:
         assert len(r["vnmse"]) > 10
         for rec in r["vnmse"]:
             p1, p2, v = rec["vnmse_phase1"], rec["vnmse_phase2"], rec["vnmse"]
-            assert (math.sqrt(p1) - math.sqrt(p2)) ** 2 * (1 - 1e-9) <= v <= (math.sqrt(p1) + math.sqrt(p2)) ** 2 * (1 + 1e-9)
+            lo, hi = (math.sqrt(p1) - math.sqrt(p2)) ** 2, (math.sqrt(p1) + math.sqrt(p2)) ** 2
+            assert lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)
 
 
 def test_auto_fits_the_node_link_and_plans_among_flat_and_hierarchical_routes() -> None:

@@ -599,3 +599,36 @@ def w_decode_into_bucket(rank: int, world: int, d: int) -> list[tuple[str, str, 
             res.append((buf, calls[0]))
         out.append((name, route, torch.equal(res[0][0], res[1][0]), res[0][1] and not res[1][1]))
     return out
+
+
+def w_closed_loop(rank: int, world: int, route: str, slow_rank: int, steps: int) -> dict[str, Any]:
+    """route="auto" (or a forced ``route``) planned against a 50 Mbit/s network it does not have (loopback), three
+    buckets, ``steps`` steps; rank ``slow_rank`` spends 30 ms more on every compressed bucket (a busy rank). Returns
+    the route of every bucket at every step, the loop's report and the probes' budget."""
+    import time
+
+    from tailq.comm.network import Network
+
+    state = TailqState("tnq", bits=3, warmup_steps=1, min_bucket=0, network=Network.parse("model:50mbit"),
+                       route=route, redesign_every=10)
+    if rank == slow_rank:
+        inner = state._on_route
+
+        def slow(g: torch.Tensor, step: int, idx: int, key: str, r: str, dest: Any) -> torch.Tensor:
+            if r != "passthrough":
+                time.sleep(0.03)
+            return inner(g, step, idx, key, r, dest)
+
+        state._on_route = slow  # type: ignore[method-assign]
+    sizes = (20_000, 60_000, 150_000)
+    routes: list[list[str]] = []
+    for step in range(steps):
+        row = []
+        for i, d in enumerate(sizes):
+            state.process(FakeBucket(heavy(d, seed=rank + 10 * i + 100 * step), index=i, last=i == len(sizes) - 1))
+            row.append(state.metrics.last.get(i, {}).get("route", "warm-up"))
+        routes.append(row)
+    out = {"routes": routes, "loop": None if state.loop is None else state.loop.report(),
+           "plan_loop": state.metrics.plan.get("loop")}
+    state.close()
+    return out

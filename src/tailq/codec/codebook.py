@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from tailq.kernels import RandKey, RoundSpec, counter_uniform, dispatch
-
 from tailq.options import FLOAT32_MAX
+
 from .packing import LanePlan, pack_bits, pack_lanes, unpack_bits, unpack_lanes
 
 __all__ = ["Codebook", "Generator", "SnappedCodebook", "fit_float32", "mean_headroom", "stochastic_round_uniform",

@@ -21,6 +21,14 @@ class HookConfig:
     the owner's requantized mean all-gathered; shared-codebook quantizers), or ``hier-<inner>`` (exact
     reduce-scatter inside each node, ``<inner>`` = ``bf16``/``allreduce``/``allgather``/``twophase`` across nodes,
     all-gather inside the node; without several nodes of several workers it is its flat ``<inner>`` route)."""
+    adapt_every: int = 4
+    """``route="auto"``: the closed loop (:mod:`tailq.comm.adapt`) — every k steps the ranks agree each bucket's
+    measured seconds on its route and on its alternative (bf16 passthrough, or the cheapest compressing route) and
+    switch a bucket whose alternative is measured cheaper by a margin; 0: plan once from the cost model. Needs
+    something to plan from (a ``network`` or ``warmup_steps`` >= 1): without either the plan is the deterministic
+    one on bytes alone."""
+    explore: float = 0.02
+    """``route="auto"``: the fraction of a bucket's steps (after one free probe) that may re-measure its alternative."""
     gather_bits: int | None = None
     """Two-phase: bits of the owner's requantized mean shard, 1..8; ``None``: the compressor's bits + 2 (at most 8)."""
     owner_feedback: bool = False
@@ -60,6 +68,10 @@ class HookConfig:
             raise ValueError(f"owner_feedback must be True or False; got {self.owner_feedback!r}")
         if not isinstance(self.stale_stats, bool):
             raise ValueError(f"stale_stats must be True or False; got {self.stale_stats!r}")
+        check_int("adapt_every", self.adapt_every, 0)
+        if isinstance(self.explore, bool) or not isinstance(self.explore, int | float) or not 0 <= self.explore <= 0.5:
+            raise ValueError(f"explore must be a number in [0, 0.5]; got {self.explore!r}")
+        object.__setattr__(self, "explore", float(self.explore))
         check_int("min_bucket", self.min_bucket, 0)
         check_int("warmup_steps", self.warmup_steps, 0)
         check_int("measure_every", self.measure_every, 0)

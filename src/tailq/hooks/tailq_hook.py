@@ -45,6 +45,7 @@ from tailq.codec import (
     list_compressors,
 )
 from tailq.codec.base import registered_in_order
+from tailq.comm.adapt import ClosedLoop, LoopConfig
 from tailq.comm.agree import policy_for
 from tailq.comm.families import family_for
 from tailq.comm.network import (
@@ -56,7 +57,7 @@ from tailq.comm.network import (
     ring_traffic_bytes,
 )
 from tailq.comm.routes import PASSTHROUGH, ROUTES, CodecCost, Planner, ShardCheck, is_staged, zero_outcome
-from tailq.comm.routes.hierarchical import BF16, NodeComms, node_shard_numel
+from tailq.comm.routes.hierarchical import BF16, Hierarchical, NodeComms, node_shard_numel
 from tailq.comm.topology import Shape, detect
 from tailq.comm.topology import agree as agree_shape
 from tailq.comm.wire import Comm, Tag, new_group_like, own_group
@@ -69,7 +70,7 @@ from .metrics import HookMetrics
 
 __all__ = ["MEASUREMENT_ONLY", "TailqState", "bucket_key", "measure_codec_cost", "resume_config", "tailq_hook"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the closed loop of route="auto" (adapt_every, explore; its state under "loop")
 MEASUREMENT_ONLY = frozenset({"measure_every"})
 """Options every rank must share (they add collectives) but a resumed run may change: they measure, and change
 nothing that goes on the wire for the method or into its state."""
@@ -159,6 +160,10 @@ class TailqState:
         self._node: NodeComms | None = None  # the node and cross-node groups, made at the first use
         self.policy = policy_for(self.family, stale_stats=opts.stale_stats, redesign_every=opts.redesign_every,
                                  first_step=opts.warmup_steps)
+        # route="auto": the model's plan, corrected per bucket by what each route is measured to cost (comm/adapt.py);
+        # with neither a network nor a warm-up the plan stays the deterministic one on bytes alone (reproducible)
+        self.loop = (ClosedLoop(LoopConfig(every=opts.adapt_every, explore=opts.explore), self._prior)
+                     if opts.route == "auto" and opts.adapt_every > 0 and self.network_source != "default" else None)
         self.step = 0
         self.layouts = BucketLayouts()  # residuals follow their parameters when DDP regroups its buckets
         self._step_keys: set[str] = set()  # bucket keys seen in this step
@@ -227,6 +232,7 @@ class TailqState:
         return {"config": self.config(), "step": self.step,
                 "error_feedback": None if self.memory is None else self.memory.state_dict(),
                 "route_state": self.family.state_dict(), "plan": self._plan_state(),
+                "loop": None if self.loop is None else self.loop.state_dict(),
                 "warmup_timings": self._warmup_timings(), **self.policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -250,6 +256,9 @@ class TailqState:
         if timed and not self._planned:  # saved between the warm-up and the plan: the fit still has its inputs
             self._latency = [float(v) for v in timed["latency_s"]]
             self._timings = [(float(b), float(t)) for b, t in timed["allreduces"]]
+        if self.loop is not None and state.get("loop"):
+            self.loop.load_state_dict(state["loop"])
+            self.metrics.plan["loop"] = self.loop.report()
         self._loaded_keys = self._residual_keys()
 
     def _warmup_timings(self) -> dict[str, Any] | None:
@@ -337,6 +346,9 @@ class TailqState:
         self.metrics.wire.count_bucket(n)
         self._step_keys.add(key)
         if bucket.is_last():
+            if self.loop is not None and step >= opts.warmup_steps and self.loop.due(step):
+                self.loop.decide(self.comm, Tag(step, idx, n, "plan"), step)  # agreed by every rank (MAX)
+                self.metrics.plan["loop"] = self.loop.report()
             self._end_step()
         if mean.data_ptr() != buf.data_ptr():  # decoded elsewhere (passthrough, fallback, a non-fp32 bucket)
             buf.copy_(mean.reshape(buf.shape))
@@ -360,10 +372,34 @@ class TailqState:
         n = g.numel()
         if not self._planned:
             self._calibrate(g.device, Tag(step, idx, n, "plan"))
-        route = self.options.route if self.options.route != "auto" else self.planner.plan(n)
-        route = self.planner.flat(route)  # a hierarchical route without several nodes of several workers
         if self.options.route == "auto" and n not in self.metrics.plan.setdefault("buckets", {}):
             self.metrics.plan["buckets"][n] = self.planner.explain(n)
+        if self.loop is None:
+            route = self.options.route if self.options.route != "auto" else self.planner.plan(n)
+            return self._on_route(g, step, idx, key, self.planner.flat(route), dest)
+        t0 = time.perf_counter()
+        route = self.loop.route(idx, key, n, step)
+        mean = self._on_route(g, step, idx, key, route, dest)
+        self.loop.record(idx, time.perf_counter() - t0)
+        return mean
+
+    def _prior(self, numel: int) -> tuple[str, str, float, float]:
+        """The closed loop's prior for a bucket size: the model's pick and its alternative (passthrough for a
+        compressing pick, else the cheapest compressing candidate), with the model's seconds for each."""
+        planner = self.planner
+        pick = planner.flat(planner.plan(numel))
+        if pick == PASSTHROUGH:
+            alt = min((r for r in planner.candidates if r != PASSTHROUGH), key=lambda r: planner.seconds(r, numel),
+                      default=PASSTHROUGH)
+        else:
+            alt = PASSTHROUGH
+        alt = planner.flat(alt)
+        return pick, alt, planner.seconds(pick, numel), planner.seconds(alt, numel)
+
+    def _on_route(self, g: torch.Tensor, step: int, idx: int, key: str, route: str, dest: torch.Tensor | None
+                  ) -> torch.Tensor:  # fmt: skip
+        """The bucket's mean on ``route`` (passthrough, a flat route, or a hierarchical one)."""
+        n = g.numel()
         if route == PASSTHROUGH:  # the cost model found bf16 cheaper for this size: nothing to compress
             self.metrics.last[idx] = {"route": PASSTHROUGH}
             return self._passthrough(g, Tag(step, idx, n, PASSTHROUGH))
@@ -413,13 +449,15 @@ class TailqState:
                 return self._passthrough(x, tag, comm=cross)
             return self._compressed_on(cross, tag, skey, x, inner, None)
 
-        mean = ROUTES[tag.route].run(comms, tag, g, shard_mean, dest)  # type: ignore[attr-defined]
+        staged = ROUTES[tag.route]
+        assert isinstance(staged, Hierarchical)
+        mean = staged.run(comms, tag, g, shard_mean, dest)
         if self._shard is not None:  # the two-phase owner's piece, as an offset into the whole (unpadded) bucket
             offset = self._shard.offset + local * node_shard_numel(g.numel(), shape.node_size)
             valid = max(0, min(self._shard.mean1.numel(), g.numel() - offset))
             self._shard = ShardCheck(offset, self._shard.mean1[:valid], self._shard.mean2[:valid])
         self.metrics.last[tag.bucket] = {**self.metrics.last.get(tag.bucket, {}), "route": tag.route}
-        return mean  # type: ignore[no-any-return]
+        return mean
 
     # -- topology -------------------------------------------------------------------------------------------
     def _agree_topology(self, tag: Tag) -> None:

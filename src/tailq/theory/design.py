@@ -233,7 +233,8 @@ def _powerlaw_tnq(t: PowerLawTail, s: int) -> tuple[FloatArray, float, tuple[str
         mse,
         (
             f"3 + k·s = {3 + k * s:.4g} < γ = {g:.4g}: the reference spec's alpha* = m does not hold "
-            "(docs/spec.md Appendix A); the optimum lies in the flat body (alpha* < m, root of a quadratic) and the levels are uniform",
+            "(docs/spec.md Appendix A); the optimum lies in the flat body (alpha* < m, root of a quadratic) and the "
+            "levels are uniform",
         ),
     )
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from tailq.comm.network import Network, ring_traffic_bytes
+from tailq.comm.network import Network
 
 __all__ = ["HIER_ROUTES", "ROUTES", "modeled_rows", "parse_grid", "routes_for", "run_scale_bench"]
 
