@@ -17,9 +17,10 @@ run). Every rank then applies the same rule to the same numbers, so every rank i
 1. a bucket switches to its other arm when that arm's cost is below ``(1 - margin)`` × the current arm's
    (hysteresis: noise below the margin never flips a bucket);
 2. otherwise it runs its other arm on the next step (a **probe**) when that arm was never measured and its modeled
-   cost is within 2× of the current arm's; or it was measured ``1 / explore`` steps ago or more (doubling after
-   each probe that confirmed the current arm, up to 2^``backoff``); or the current arm's cost has moved by more
-   than ``drift`` since the other was measured (a slower or faster link, a busier machine).
+   cost is within 2× of the current arm's; or it was measured ``2 / explore`` steps ago or more (doubling after
+   each probe that confirmed the current arm, up to 2^``backoff``: routine re-probes use at most half the budget);
+   or the current arm's cost has been away by more than ``drift`` from what it was when the other was measured, at
+   two decisions in a row (a slower or faster link, a busier machine; one noisy window is not a change).
 
 **Budget.** A bucket runs its other arm as a probe on at most ``1 + explore × (steps since the loop started)``
 steps: the first probe, then ``explore`` of the steps (2% by default). Switches are not probes: they follow a
@@ -63,7 +64,7 @@ class LoopConfig:
     drift: float = 0.5
     """Re-probe the other arm when the current arm's cost moved by more than this fraction since it was measured."""
     backoff: int = 4
-    """Routine re-probes that confirm the current arm space out: ``1 / explore`` steps × 2^(confirmations, at most
+    """Routine re-probes that confirm the current arm space out: ``2 / explore`` steps × 2^(confirmations, at most
     this many)."""
 
     def __post_init__(self) -> None:
@@ -104,6 +105,8 @@ class BucketLoop:
     probe_at: int = -1
     """The step on which the other arm runs (a probe); -1: none scheduled."""
     probes: int = 0
+    drifting: int = 0
+    """Decisions in a row that saw the current arm's cost away from its reference by more than ``drift``."""
     quiet: int = 0
     """Probes in a row that confirmed the current arm (the routine re-probe period doubles with each)."""
     probe_steps: list[int] = dataclasses.field(default_factory=list)
@@ -212,8 +215,9 @@ class ClosedLoop:
             if not oth.measured:  # the model's guess: worth a probe only if it is not far off the current arm
                 due = oth.cost < PLAUSIBLE * cur.cost
             else:
-                period = (1.0 / cfg.explore if cfg.explore > 0 else float("inf")) * 2 ** min(b.quiet, cfg.backoff)
-                due = step + 1 - oth.at >= period or (oth.ref > 0 and abs(cur.cost / oth.ref - 1.0) > cfg.drift)
+                period = (2.0 / cfg.explore if cfg.explore > 0 else float("inf")) * 2 ** min(b.quiet, cfg.backoff)
+                b.drifting = b.drifting + 1 if oth.ref > 0 and abs(cur.cost / oth.ref - 1.0) > cfg.drift else 0
+                due = step + 1 - oth.at >= period or b.drifting >= 2
             if due:
                 b.probe_at, b.probes = step + 1, b.probes + 1
 

@@ -493,6 +493,7 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     lines += ["", *[f"> note: {n}" for n in summary.get("notes", [])], ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in (*PLOTS, STEPS_PLOT)]
     lines += _routes_section(runs)
+    lines += _loop_section(runs)
     tails = []
     for name, r in runs.items():
         if r["history"] and "tail" in r["history"][-1]:
@@ -531,3 +532,27 @@ def _routes_section(runs: dict[str, dict[str, Any]]) -> list[str]:
             "Modeled milliseconds per bucket and step for every candidate (communication from the cost model + "
             "the codec's measured cost), cheapest first; passthrough is bf16 as PyTorch's hook.", "",
             "| run | bucket (values) | route | candidates, ms |", "|---|---:|---|---|", *rows]
+
+
+def _loop_section(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The closed loop of route=auto per bucket: the model's plan, each arm's cost (measured on the critical path,
+    max over ranks, or modeled where never run), the route at the end, probes, and every switch with its reason."""
+    rows, switches = [], []
+    for name, r in runs.items():
+        loop = (r.get("plan") or {}).get("loop") or {}
+        for idx, b in sorted(loop.items(), key=lambda kv: int(kv[0])):
+            costs = ", ".join(f"{route} {ms:.3g}" + ("" if b["measured"].get(route) else " (modeled)")
+                              for route, ms in b["costs_ms"].items())
+            rows.append(f"| {name} | {idx} | {int(b['numel']):,} | {b['planned']} | **{b['route']}** | {costs} | "
+                        f"{b['probes']} | {len(b['switches'])} |")
+            switches += [f"- {name}, bucket {idx}, step {w['step']}: {w['from']} → **{w['to']}** ({w['why']})"
+                         for w in b["switches"]]
+    if not rows:
+        return []
+    return ["", "## Routes (route=auto): what the closed loop measured and switched", "",
+            "Per bucket: the cost model's plan, then each arm's milliseconds on the critical path (the hook's time "
+            "for the bucket, codec + collectives + waiting for the slowest rank; the max over ranks of each decision "
+            "window's median), the route at the end of the run, probes of the other arm and switches "
+            "(tailq.comm.adapt).", "",
+            "| run | bucket | values | planned | route at the end | ms per step (last measured) | probes | switches |",
+            "|---|---:|---:|---|---|---|---:|---:|", *rows, "", *(switches or ["- no switch"])]
