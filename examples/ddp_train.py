@@ -1,6 +1,7 @@
 """A plain PyTorch DDP training script, made compressed by the two lines marked "tailq".
 
-    torchrun --nproc-per-node 2 examples/ddp_train.py                 # TNQ, 3 bits
+    torchrun --nproc-per-node 2 examples/ddp_train.py                 # TNQ, 3 bits, route="auto"
+    torchrun --nproc-per-node 2 examples/ddp_train.py --route twophase  # always compressed
     torchrun --nproc-per-node 2 examples/ddp_train.py --hook bf16     # the baseline
 """
 
@@ -19,6 +20,8 @@ def main() -> None:
     ap.add_argument("--hook", default="tnq", help="any name of tailq.hooks.hook_names()")
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--route", default="auto", help="tailq hooks: auto (measured per bucket: compress or bf16), "
+                    "allreduce, allgather, twophase")
     args = ap.parse_args()
 
     # Gloo on CPU, NCCL on GPU; a dead peer or a hung collective errors out instead of waiting forever.
@@ -32,7 +35,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = DDP(torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)))
-    options = {"bits": args.bits} if args.hook not in tailq.hooks.BUILTINS else {}
+    options = {"bits": args.bits, "route": args.route} if args.hook not in tailq.hooks.BUILTINS else {}
     state, hook = tailq.ddp_hook(args.hook, **options)  # tailq
     model.register_comm_hook(state, hook)  # tailq
 
