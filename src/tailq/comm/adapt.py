@@ -1,4 +1,4 @@
-"""The closed loop of ``route="auto"`` (docs/spec.md §8): measure what each bucket's route really costs, and switch.
+"""The closed loop of ``route="auto"`` (SPEC §6.7): measure what each bucket's route really costs, and switch.
 
 The cost model (:class:`~tailq.comm.routes.Planner`) is the prior. It prices a route from a network and a codec
 measured apart from the run (one rank's codec alone, a quiet warm-up), so it can be wrong where the run's conditions
