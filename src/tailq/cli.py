@@ -454,6 +454,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     con.print(f"{cfg.name}: {res['steps_done']} steps, training clock {res['steps'][-1]['clock']:.1f} s "
               f"({res['network']['describe']}), final accuracy {h['accuracy']:.4f}, "
               f"{res['wire']['bits_per_coord_handed']:.2f} bits/coord; results in {cfg.run_dir}/result.json")
+    from tailq.harness.report import buckets_text, overlap_text
+
+    for line in (f"DDP buckets: {buckets_text(res.get('buckets'))}" if buckets_text(res.get("buckets")) else None,
+                 overlap_text(res.get("overlap"))):
+        if line:
+            con.print(line, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -30,7 +30,7 @@ from .netem import EmulationError
 from .stats import METRICS, crossing, median_interval, paired_ratios, target_from
 
 __all__ = ["ComparisonIncomplete", "Method", "DEFAULT_METHODS", "FSDP_METHODS", "Y1_BITS", "Y1_METHODS", "Y1_WORKLOAD",
-           "aggregate", "compare", "resume", "summarize", "parse_method"]
+           "aggregate", "compare", "overlap_row", "resume", "summarize", "parse_method"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +179,7 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
             "stopped_early": r.get("stopped_early", False),
             "extended": r.get("extended", False),
             "kernel_warmup_s": r.get("kernel_warmup_s"),
+            **overlap_row(r),
         })
     net = Network.parse(results[0]["network"]["spec"])  # as the run recorded it
     recorded = results[0]["network"]  # (results from before nodes: one worker per node)
@@ -195,6 +196,19 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
                     **{k: recorded[k] for k in ("schedule", "schedule_spec", "schedule_text") if k in recorded}},
         "runs": runs,
     }
+
+
+def overlap_row(result: dict[str, Any]) -> dict[str, Any]:
+    """A run's overlap with backward and its DDP buckets, for the summary row (:mod:`tailq.harness.overlap`):
+    medians over the steps after the warm-up, ``overlap_skipped`` saying why there are none; None for results
+    written before they were measured."""
+    o = result.get("overlap") or {}
+    b = result.get("buckets") or {}
+    return {"compute_s": o.get("compute_s"), "opt_s": o.get("opt_s"), "hook_s": o.get("hook_s"),
+            "overlap_step_s": o.get("step_s"), "exposed_s": o.get("exposed_s"), "overlap": o.get("overlap"),
+            "step_over_parts": o.get("step_over_parts"), "overlap_skipped": o.get("skipped"),
+            "overlap_basis": o.get("basis"),
+            "buckets": {k: b[k] for k in ("count", "sizes", "cap_mb") if k in b} or None}
 
 
 def _one_directory(what: str, name: Any) -> None:

@@ -49,6 +49,9 @@ class RunConfig:
     threads: int = 1  # torch threads per worker
     checkpoint_every: int = 0  # 0 = never
     measure_every: int = 10  # vNMSE on every k-th step (tailq hooks); 0 = never
+    # forward + backward passes timed without communication, once after the warm-up and outside the clock, for the
+    # hook's overlap with backward (tailq.harness.overlap); 0 = none. Changes nothing of the training
+    compute_calibration: int = 5
     time_budget_s: float | None = None  # stop when the training clock passes this
     # run past ``steps`` (up to ``max_steps``) while the best test accuracy is below this target (compare: a
     # method still short of bf16's target when the step budget ends gets more steps, within the time budget)
@@ -89,6 +92,7 @@ class RunConfig:
             name = f"--{key.replace('_', '-')}"
             check_int(name, getattr(self, key), lo, error=UsageError)  # "must be an integer >= lo" below the range
             check_int(name, getattr(self, key), lo, hi, error=UsageError)
+        check_int("compute_calibration", self.compute_calibration, 0, 1000, error=UsageError)  # a config key only
         self._check_nodes()
         if not isinstance(self.hook_options, dict):
             raise UsageError(f"hook_options must be a dict of KEY=VALUE options; got {self.hook_options!r}")

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["header", "network_text", "render", "table_rows", "print_table"]
+__all__ = ["OVERLAP_HEADER", "buckets_line", "buckets_text", "header", "network_text", "overlap_rows",
+           "overlap_skips", "overlap_text", "render", "table_rows", "print_table"]
 
 PLOTS = ("accuracy_vs_time.png", "tta_vs_bits.png", "vnmse.png", "gradient_histogram.png")
 
@@ -82,6 +83,85 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def buckets_text(b: dict[str, Any] | None) -> str | None:
+    """``10 (sizes 16,768 … 66,048 values, 6 distinct; --bucket-cap-mb 0.05)``: a run's DDP buckets after DDP
+    rebuilt them (None where not recorded: --fsdp, or a result from before)."""
+    if not b or not b.get("count"):
+        return None
+    sizes = b.get("sizes")
+    cap = f"--bucket-cap-mb {b['cap_mb']:g}" if b.get("cap_mb") is not None else ""
+    if not sizes:
+        return f"{b['count']}" + (f" ({cap})" if cap else "")
+    span = f"{sizes[0]:,} values" if len(set(sizes)) == 1 else (f"{min(sizes):,} … {max(sizes):,} values, "
+                                                                 f"{len(set(sizes))} distinct")
+    return f"{b['count']} (sizes {span}" + (f"; {cap})" if cap else ")")
+
+
+def buckets_line(summary: dict[str, Any]) -> str | None:
+    """``DDP buckets: …`` for the report's header: one text when every run had the same buckets, else per run."""
+    texts = {r["name"]: buckets_text(r.get("buckets")) for r in summary["runs"]}
+    got = {k: v for k, v in texts.items() if v is not None}
+    if not got:
+        return None
+    if len(set(got.values())) == 1 and len(got) == len(texts):
+        return f"DDP buckets: {next(iter(got.values()))}"
+    return "DDP buckets: " + "; ".join(f"{k} {v}" for k, v in got.items())
+
+
+OVERLAP_HEADER = ["method", "compute ms", "opt ms", "hook ms", "step ms", "exposed ms",
+                  "step / (compute + opt + hook)", "overlap %"]
+
+
+def overlap_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Per run: medians over the steps after the warm-up (tailq.harness.overlap); a run without a calibration
+    says why in its last cell."""
+    rows = []
+    for r in summary["runs"]:
+        if r.get("compute_s") is None:
+            if r.get("overlap_skipped"):  # (results from before the overlap was measured have no row)
+                rows.append([r["name"], *["—"] * (len(OVERLAP_HEADER) - 2), "not measured"])
+            continue
+        ms = [_fmt(None if r.get(k) is None else 1e3 * r[k], ".2f")
+              for k in ("compute_s", "opt_s", "hook_s", "overlap_step_s", "exposed_s")]
+        rows.append([r["name"], *ms, _fmt(r.get("step_over_parts"), ".2f"),
+                     _fmt(None if r.get("overlap") is None else 100 * r["overlap"], ".0f")])
+    return rows
+
+
+def overlap_skips(summary: dict[str, Any]) -> list[str]:
+    """Why a run has no overlap figures (``name: reason``)."""
+    return [f"{r['name']}: {r['overlap_skipped']}" for r in summary["runs"]
+            if r.get("compute_s") is None and r.get("overlap_skipped")]
+
+
+def overlap_text(o: dict[str, Any] | None) -> str | None:
+    """One line for ``tailq train``: a run's ``overlap`` record."""
+    if not o:
+        return None
+    if o.get("compute_s") is None:
+        return f"overlap with backward: {o.get('skipped') or 'not measured'}"
+    pct = "—" if o.get("overlap") is None else f"{100 * o['overlap']:.0f}%"
+    return (f"overlap with backward (median of {o['steps']} steps from step {o['from_step']}, {o['basis']}): "
+            f"compute {1e3 * o['compute_s']:.2f} ms + opt {1e3 * (o.get('opt_s') or 0):.2f} ms + hook "
+            f"{1e3 * o['hook_s']:.2f} ms, step {1e3 * o['step_s']:.2f} ms = {o['step_over_parts']:.2f} of their "
+            f"sum; {pct} of the hook's time hidden")
+
+
+OVERLAP_NOTE = ("compute = one forward + backward of the step's batch without communication (median of the "
+                "passes timed once after the warm-up, outside the clock, under `ddp.no_sync()`; rank 0); opt = the "
+                "optimizer step, timed in every step; hook = codec + comm (the hook's time outside and inside "
+                "collectives); step = wall time of the step. Medians over the steps after the warm-up. "
+                "exposed = max(0, step − compute − opt): what the step waited for beyond compute and optimizer. "
+                "step / (compute + opt + hook): 1 = one after the other, lower = the hook overlapped backward. "
+                "overlap = 1 − exposed / hook with exposed = max(0, step − compute − opt), clipped to the hook's "
+                "time (the step cannot wait for the hook longer than it ran): the share of the hook's time hidden "
+                "behind backward. Exposed also holds DDP's own work outside the hook (copies into and out of its "
+                "buckets, the buffer broadcast before each forward), so the overlap is a lower bound. For PyTorch's "
+                "built-in hooks hook time is each bucket's time from the hook call to its all-reduce's completion, "
+                "and buckets in flight together each count theirs (so hook ms can exceed step ms and the overlap "
+                "reads high: compare exposed ms across methods).")
+
+
 NODE_NIC = "bits/coord (node NIC)"
 HEADER = ["method", "TTA (s)", "at step (interp.)", "speedup vs bf16 (interp.)", "best acc", "final acc",
           "final test loss", "bits/coord (hook)",
@@ -116,7 +196,22 @@ def print_table(summary: dict[str, Any]) -> None:
         t.add_row(*row)
     import sys
 
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    con = Console(width=None if sys.stdout.isatty() else 160)
+    con.print(t)
+    line = buckets_line(summary)
+    if line:
+        con.print(line, highlight=False)
+    rows = overlap_rows(summary)
+    if rows:
+        modeled = " (wall clock: the real loopback collectives, not the modeled network)" if net.get("modeled") else ""
+        o = Table(title=f"Overlap with backward{modeled}")
+        for h in OVERLAP_HEADER:
+            o.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
+        for row in rows:
+            o.add_row(*row)
+        con.print(o)
+        for why in overlap_skips(summary):
+            con.print(f"not measured: {why}", highlight=False)
 
 
 def target_text(summary: dict[str, Any]) -> str:
@@ -459,6 +554,7 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
             "an all-reduce's), `bf16(reduce=a2a)` = the same values by one all-to-all (a real reduce-scatter's "
             "traffic), the truncated quantizers = `tailq.fsdp.compress`"]),
         f"- {target_text(summary).replace('target ', 'target: ', 1)} = {_target_rule(summary)}",
+        *([f"- {buckets_line(summary)}"] if buckets_line(summary) else []),
         f"- machine: {summary.get('machine', {})}, date {summary.get('date', '')}",
         "",
         "TTA = training clock (evaluation excluded) at the first evaluation reaching the target (at step: that "
@@ -491,6 +587,7 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         lines += ["", f"**{f['name']} FAILED**: {first} (its error and every rank's log tail: "
                   f"`{f['name']}/failed.json`; rerun it with `tailq compare --resume DIR`)"]
     lines += ["", *[f"> note: {n}" for n in summary.get("notes", [])], ""]
+    lines += _overlap_section(summary)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in (*PLOTS, STEPS_PLOT)]
     lines += _routes_section(runs)
     lines += _loop_section(runs)
@@ -506,6 +603,19 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
                   "| run | excess kurtosis | Laplace scale | power-law m | power-law γ | α* (largest bucket) |",
                   "|---|---:|---:|---:|---:|---:|", *tails]
     return "\n".join(lines) + "\n"
+
+
+def _overlap_section(summary: dict[str, Any]) -> list[str]:
+    rows = overlap_rows(summary)
+    if not rows:
+        return []
+    modeled = (" The network is MODELED: these figures are of the wall clock and the real (loopback) collectives; "
+               "the modeled clock takes the hook's measured waits out of the step and adds the cost model's "
+               "communication time in full, as if none of it overlapped." if summary["network"].get("modeled")
+               else "")
+    skips = [f"- not measured: {why}" for why in overlap_skips(summary)]
+    return ["## Overlap with backward", "", OVERLAP_NOTE + modeled, "", *_md_table(OVERLAP_HEADER, rows),
+            *([""] + skips if skips else []), ""]
 
 
 def _routes_section(runs: dict[str, dict[str, Any]]) -> list[str]:

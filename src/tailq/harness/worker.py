@@ -16,6 +16,10 @@ prices each step at its rate; on an emulated network every rank waits before the
 launcher has changed the links; the hook is never told.
 A checkpoint (model, optimizer, hook state, step, clock, history) is written every ``checkpoint_every`` steps; a
 restarted worker resumes from the latest complete one.
+After the warm-up, outside the clock, every rank times ``compute_calibration`` forward + backward passes without
+communication (the training unchanged); with the optimizer's time, measured in every step, that gives how much of
+the hook's time the backward pass hid (``overlap`` in the result, :mod:`tailq.harness.overlap`), beside DDP's
+buckets (``buckets``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .fsdp import full_state as fsdp_full_state
 from .fsdp import shard as fsdp_shard
 from .launch import done_marker
 from .net_schedule import wait_for_change
+from .overlap import FSDP_SKIPPED, buckets_seen, calibrate_compute, ddp_buckets, overlap_start, run_overlap
 from .stats import reached
 from .workloads import Workload, load_workload
 
@@ -201,6 +206,14 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     shape = Shape(cfg.n_nodes, world // cfg.n_nodes)  # what the modeled clock prices (SPEC §9)
     sched, change, step_net = cfg.net_schedule, 0, net  # --net-schedule: the network this step has (hook not told)
     waits: list[dict[str, Any]] = []
+    # the compute alone, timed once outside the clock after the warm-up (tailq.harness.overlap); the buckets the
+    # hook handled in the last step
+    calib_from = overlap_start(cfg.hook, cfg.hook_options, cfg.hook in tailq.hooks.BUILTINS)
+    calib_skip = FSDP_SKIPPED if cfg.fsdp else (None if cfg.compute_calibration else
+                                                "no compute calibration (compute_calibration=0)")
+    calib_samples: list[float] = []
+    calib_at: int | None = None
+    seen: dict[int, int] = {}
     while step < limit and not stop:
         if sched is not None and sched.change_at(step) != change:  # before the step's clock starts
             change = sched.change_at(step)
@@ -208,14 +221,20 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
                 waits.append({"step": step, "wait_s": wait_for_change(run_dir, rank, sched, net, change, step)})
             step_net = sched.network_at(net, step)
         xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
+        if calib_at is None and calib_skip is None and step >= calib_from:  # every rank at the same step
+            calib_samples = calibrate_compute(ddp, model, opt, wl.loss, xb, yb, cfg.compute_calibration)
+            calib_at = step
         state.metrics.lap()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = wl.loss(ddp(xb), yb)
         loss.backward()
+        t_opt = time.perf_counter()
         opt.step()
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt, opt_s = t1 - t0, t1 - t_opt
         lap = state.metrics.lap()
+        seen = buckets_seen(lap.records) or seen
         step_wall = dt - lap.measure_s  # vNMSE measurement collectives are not part of the method
         if net.kind == "model":  # every collective priced on its link: the node's shared NIC, or inside the node
             modeled = sum(link_seconds(step_net, r.scope, r.collective, r.handed_bytes, shape) for r in lap.records
@@ -225,7 +244,8 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             step_clock = step_wall
         clock += step_clock
         steps_log.append({"step": step, "clock": clock, "step_s": step_clock, "wall_s": step_wall,
-                          "codec_s": lap.codec_s, "comm_s": lap.comm_s, "loss": float(loss.detach())})
+                          "codec_s": lap.codec_s, "comm_s": lap.comm_s, "opt_s": opt_s,
+                          "loss": float(loss.detach())})
         step += 1
         _maybe_fail(cfg, rank, step)
         if step % cfg.eval_every == 0 or step in (cfg.steps, limit):
@@ -266,6 +286,9 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     final = fsdp_full_state(model) if cfg.fsdp else {k: v.detach() for k, v in model.state_dict().items()}
     if rank == 0:
         metrics = state.metrics
+        overlap = run_overlap(steps_log, calib_samples, calib_from, calib_at, net.kind == "model", calib_skip)
+        buckets: dict[str, Any] = {"fsdp": True} if cfg.fsdp else ddp_buckets(ddp, model, cfg.bucket_cap_mb)
+        buckets["hook_seen"] = {str(i): n for i, n in sorted(seen.items())}  # the last step's, by bucket index
         result = {
             "config": cfg.to_dict(),
             "name": cfg.name,
@@ -281,6 +304,9 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             "extended": step > cfg.steps,
             "resumed_from": resumed_from,
             "kernel_warmup_s": kernel_warmup_s,
+            "compute_s": overlap.get("compute_s"),  # rank 0's calibrated forward + backward (median)
+            "overlap": overlap,
+            "buckets": buckets,
             "wire": metrics.wire.summary(),
             "routes": sorted({v["route"] for v in metrics.last.values()}),
             "bucket_routes": {str(i): v["route"] for i, v in sorted(metrics.last.items())},
