@@ -21,6 +21,9 @@ EXPECTED = {
     "topk",
     "single-scale",
     "multi-scale",
+    "fp8",
+    "int8sigma",
+    "fp4",
 }
 
 

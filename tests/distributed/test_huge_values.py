@@ -52,7 +52,7 @@ WORLD = {"allreduce": 2, "allgather": 3, "twophase": 3}
 OPTS: dict[str, dict[str, Any]] = {  # defaults, except widths where a compressor's default is 1 bit wide intervals
     "tuq": {"bits": 3}, "tnq": {"bits": 3}, "tbq": {"bits": 3}, "single-scale": {"bits": 4},
     "multi-scale": {"bits": 4}, "qsgd": {"bits": 4, "bucket_size": 64}, "nuqsgd": {"bits": 4, "bucket_size": 64},
-    "terngrad": {}, "efsign": {}, "topk": {"ratio": 0.1},
+    "terngrad": {}, "efsign": {}, "topk": {"ratio": 0.1}, "fp8": {}, "fp4": {}, "int8sigma": {},
 }
 CASES = ("all", "one")
 F32_EPS = 2.0**-23

@@ -4,7 +4,8 @@
     model.register_comm_hook(state, hook)
 
 Names: every compressor of ``tailq list`` (tuq, tnq, tbq, qsgd, nuqsgd, terngrad, efsign, topk, single-scale,
-multi-scale) and PyTorch's own ``fp32``, ``fp16``, ``bf16``, ``powersgd`` (working on Gloo as well as NCCL).
+multi-scale, and the outer-gradient formats fp8, int8sigma, fp4) and PyTorch's own ``fp32``, ``fp16``, ``bf16``,
+``powersgd`` (working on Gloo as well as NCCL).
 """
 
 from __future__ import annotations
