@@ -469,8 +469,12 @@ def test_bad_arguments_are_refused_clearly() -> None:
         tailq.fsdp.reduce_scatter("qsgd")
     with pytest.raises(ValueError, match="unknown compressor 'nope'"):
         tailq.fsdp.reduce_scatter("nope")
-    with pytest.raises(TypeError, match=r"gather_bits, route configure the DDP hook's routes or warm-up"):
-        tailq.fsdp.reduce_scatter("tnq", route="twophase", gather_bits=4)
+    with pytest.raises(TypeError, match=r"gather_bits, warmup_steps configure the DDP hook's routes or warm-up"):
+        tailq.fsdp.reduce_scatter("tnq", route="twophase", gather_bits=4, warmup_steps=2)
+    with pytest.raises(ValueError, match=r"route must be 'twophase' .* or 'auto' .*; got 'allgather'"):
+        tailq.fsdp.reduce_scatter("tnq", route="allgather")
+    with pytest.raises(TypeError, match="network must be a tailq.comm.network.Network"):
+        tailq.fsdp.reduce_scatter("tnq", route="auto", network="model:1gbit")
     with pytest.raises(TypeError, match="unknown option"):
         tailq.fsdp.reduce_scatter("tnq", colour=1)
     with pytest.raises(ValueError, match="min_bucket"):
@@ -571,15 +575,31 @@ def test_a_state_saved_before_module_identity_is_refused_by_name() -> None:
     comm = tailq.fsdp.reduce_scatter("tnq", bits=3, error_feedback=True)
     old = comm.state_dict()
     old["config"] = {**old["config"], "state_version": 1}
-    assert STATE_VERSION == 3
+    assert STATE_VERSION == 4
     with pytest.raises(ValueError, match=r"state_version 1 cannot be loaded .* keyed by module name since version 2"):
         comm.load_state_dict(old)
     comm.load_state_dict(comm.state_dict())  # the current version loads
+    loopless = ("route", "adapt_every", "explore")  # version 4's configuration: the route option and its loop
     # version 2 (before node_size and the hierarchy: no node_size in its configuration, no layout): a flat state
     v2 = comm.state_dict()
-    v2["config"] = {k: v for k, v in v2["config"].items() if k != "node_size"} | {"state_version": 2}
-    del v2["layout"]
+    v2["config"] = {k: v for k, v in v2["config"].items() if k not in ("node_size", *loopless)} | {"state_version": 2}
+    for k in ("layout", "loop", "loop_modules", "prior"):
+        del v2[k]
     comm.load_state_dict(v2)
     assert comm.state_dict()["layout"] == "flat"
     with pytest.raises(ValueError, match="different configuration"):  # it had no node_size: flat, unless asked
         tailq.fsdp.reduce_scatter("tnq", bits=3, error_feedback=True, node_size=2).load_state_dict(v2)
+    # version 3 (before route): every call compressed, so it loads as route="twophase" (the default), not as auto
+    v3 = comm.state_dict()
+    v3["config"] = {k: v for k, v in v3["config"].items() if k not in loopless} | {"state_version": 3}
+    for k in ("loop", "loop_modules", "prior"):
+        del v3[k]
+    comm.load_state_dict(v3)
+    assert comm.state_dict()["config"]["route"] == "twophase"
+    with pytest.raises(ValueError, match="different configuration"):
+        tailq.fsdp.reduce_scatter("tnq", bits=3, error_feedback=True, route="auto").load_state_dict(v3)
+    half = tailq.fsdp.reduce_scatter("bf16")  # the uncompressed comms: route "passthrough", before and after
+    h3 = half.state_dict()
+    h3["config"] = {k: v for k, v in h3["config"].items() if k not in loopless} | {"state_version": 3}
+    half.load_state_dict(h3)
+    assert half.state_dict()["config"]["route"] == "passthrough"

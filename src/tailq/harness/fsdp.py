@@ -10,7 +10,9 @@ reduce-scatter, per method:
   tensor, BENCHMARKS.md), so its traffic is an all-reduce's, 2 (N − 1)/N · 16 bits per coordinate;
 * ``bf16:reduce=a2a`` (``fp32:reduce=a2a``) — tailq's uncompressed reduce-scatter, one all-to-all of bf16 chunks
   summed in fp32: the traffic of NCCL's ring reduce-scatter, (N − 1)/N · 16 bits — the fair bf16 on Gloo;
-* a shardable tailq compressor (``tuq``, ``tnq``, ``tbq``, ``single-scale``) — :func:`tailq.fsdp.compress`.
+* a shardable tailq compressor (``tuq``, ``tnq``, ``tbq``, ``single-scale``) — :func:`tailq.fsdp.compress`, every
+  call compressed; with ``route=auto`` (``--methods tnq:3:route=auto``) per module compressed or bf16 by the closed
+  loop, its prior priced on the run's ``--net`` (the loop's report: ``metrics.plan["loop"]``).
 
 FSDP's own collectives are wrapped (:class:`CountedReduceScatter`) only to count their bytes and time in the
 same :class:`~tailq.hooks.HookMetrics` the tailq comm keeps; what runs is FSDP's code.
@@ -131,7 +133,7 @@ def shard(model: nn.Module, hook: str, options: dict[str, Any]) -> Any:
         for unit in units:
             unit.set_custom_reduce_scatter(state)  # type: ignore[operator,arg-type]
         return state
-    keep = set(FSDP_OPTIONS) | {"seed"} | (set() if hook in NATIVE else set(_compressor_options(hook)))
+    keep = set(FSDP_OPTIONS) | {"seed", "network"} | (set() if hook in NATIVE else set(_compressor_options(hook)))
     return tailq.fsdp.compress(model, hook, **{k: v for k, v in opts.items() if k in keep})
 
 

@@ -650,13 +650,15 @@ def _loop_section(runs: dict[str, dict[str, Any]]) -> list[str]:
     rows, switches = [], []
     for name, r in runs.items():
         loop = (r.get("plan") or {}).get("loop") or {}
+        modules = (r.get("plan") or {}).get("loop_modules") or {}  # FSDP: the loop is per module, named here
         for idx, b in sorted(loop.items(), key=lambda kv: int(kv[0])):
             costs = ", ".join(f"{route} {ms:.3g}" + ("" if b["measured"].get(route) else " (modeled)")
                               for route, ms in b["costs_ms"].items())
-            rows.append(f"| {name} | {idx} | {int(b['numel']):,} | {b['planned']} | **{b['route']}** | {costs} | "
+            which = f"{idx} ({modules[idx]})" if idx in modules else idx
+            rows.append(f"| {name} | {which} | {int(b['numel']):,} | {b['planned']} | **{b['route']}** | {costs} | "
                         f"{b['probes']} | {len(b['switches'])} |")
-            switches += [f"- {name}, bucket {idx}, step {w['step']}: {w['from']} → **{w['to']}** ({w['why']})"
-                         for w in b["switches"]]
+            switches += [f"- {name}, {'module' if idx in modules else 'bucket'} {which}, step {w['step']}: "
+                         f"{w['from']} → **{w['to']}** ({w['why']})" for w in b["switches"]]
     if not rows:
         return []
     return ["", "## Routes (route=auto): what the closed loop measured and switched", "",

@@ -163,7 +163,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     if cfg.hook not in tailq.hooks.BUILTINS:
         opts.setdefault("measure_every", cfg.measure_every)
         opts.setdefault("seed", cfg.seed)
-        if net.known and not cfg.fsdp:  # route="auto" plans against the network the run really has
+        if net.known:  # route="auto" plans against the network the run really has (DDP hook and FSDP comm alike)
             opts.setdefault("network", net)
     n_params = sum(p.numel() for p in model.parameters())
     state: Any

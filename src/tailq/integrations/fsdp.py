@@ -81,6 +81,38 @@ call one module twice in a step, its second call is keyed ``"<fqn>#1"``. Reentra
 (``use_reentrant=True``) would run parts of a backward as nested graph tasks and so split its step: use the
 non-reentrant kind with FSDP2 (as FSDP2's own examples do).
 
+**Route** (``route``). ``"twophase"``, the default: every call at or above ``min_bucket`` is compressed (phase 1
+above), as before this option existed. ``"auto"``: per module, the closed loop of the DDP hook's ``route="auto"``
+(:mod:`tailq.comm.adapt`, SPEC §6.7) chooses between two arms, the compressed call and a bf16 reduce-scatter (the
+``bf16`` passthrough's: the chunks cast to bf16, one all-to-all, summed by the owner in fp32 — the traffic of FSDP2's
+own reduce-scatter with ``reduce_dtype=torch.bfloat16`` on NCCL; flat even on a hierarchy). The prior is the cost
+model's, priced for phase 1 alone from the wire bytes (:meth:`~tailq.comm.network.Network.time`, through
+:func:`~tailq.comm.topology.link_seconds`) on the ``network`` the comm is given (else
+:data:`~tailq.comm.network.PLANNING_DEFAULT`, 10 Gbit/s): compressed, the statistics all-reduce's latency (none with
+``stale_stats``) + the all-to-all of N shards of ``dense_bytes(m)`` (the first of
+``Planner.phases("twophase")``; on a hierarchy the fp32 reduce-scatter in the node, then that over the K nodes) +
+3 codec passes per element (statistics, encode, decode; of d/L elements on a hierarchy); bf16, the all-to-all of
+2·N·S bytes + the cast. The codec's costs are measured on every rank at the first call
+(:func:`~tailq.hooks.tailq_hook.measure_codec_cost`) and agreed (their mean, one all-reduce), so every rank prices
+alike. The model's cheaper arm starts (ties: compressed). Each arm's cost is the seconds of the call on the
+critical path (casts, codec, collectives and the wait for the slowest rank; not ``measure_every``'s exact reduce):
+``perf_counter`` around it on the CPU, where the call is synchronous; on a GPU, CUDA events around it on the current
+stream (FSDP's reduce-scatter stream), read when the step closes so the backward is not held up.
+Decisions come at the end of a step, in the autograd final callback that closes it (queued after FSDP's own, so
+every reduce-scatter of the backward, the root's included, has run and no FSDP collective of that backward is left:
+the same point in every rank's sequence of collectives on the group): every ``adapt_every`` steps (first after 2)
+the ranks agree the measurements (``ClosedLoop.decide``: MAX all-reduces on the comm's group) and switch a module
+whose other arm is measured cheaper by 15%; the other arm is probed on at most 1 + ``explore`` × steps. A step that
+did not finish (a backward or a direct call that raised) decides nothing. Calls below ``min_bucket`` stay outside
+the loop. ``metrics.plan["loop"]`` reports per module (``plan["loop_modules"]``: index → name) the plan, each arm's
+cost, the route now, probes and switches; the loop is in the ``state_dict``.
+
+*Why the default is not* ``auto``: ``compress(model, "tnq", bits=3)`` names a compressor, and what it does —
+bits per coordinate, the quantization error, states saved by earlier versions (they load as ``"twophase"``) — must
+not change under its users; with ``auto`` a module may run bf16 instead. ``auto`` keeps a module compressed only
+while compressed is measured no slower than bf16 / (1 − 0.15) on the slowest rank, spending at most
+1 + ``explore`` × steps probes on the other arm: the choice for a user who wants no slower than bf16.
+
 Faults, as the DDP hook: a NaN/Inf on any rank sends that call uncompressed (fp32) on every rank; ranks configured
 differently fail on the first call with every rank's configuration listed (``Comm.verify_same_config``); every
 wait has the ``timeout_s`` timeout.
@@ -99,16 +131,18 @@ import torch
 import torch.distributed as dist
 
 from tailq.codec import Aggregation, Compressor, ErrorFeedback, compressor, get_compressor_class, list_compressors
+from tailq.comm.adapt import ClosedLoop, LoopConfig
 from tailq.comm.agree import OneStepStale, RedesignEvery, policy_for
 from tailq.comm.families import family_for
-from tailq.comm.routes import shard_numel
+from tailq.comm.network import PLANNING_DEFAULT, Network
+from tailq.comm.routes import CodecCost, Planner, shard_numel
 from tailq.comm.routes.hierarchical import NODE_KIND, NodeComms
-from tailq.comm.topology import Shape, detect
+from tailq.comm.topology import Shape, detect, link_seconds
 from tailq.comm.topology import agree as agree_shape
 from tailq.comm.wire import Comm, Tag, new_group_like
 from tailq.hooks.config import HookConfig
 from tailq.hooks.metrics import HookMetrics
-from tailq.hooks.tailq_hook import resume_config
+from tailq.hooks.tailq_hook import measure_codec_cost, resume_config
 from tailq.kernels import RandKey, dispatch
 
 try:  # torch >= 2.9 (FSDP2's pluggable collectives)
@@ -119,10 +153,12 @@ except ImportError:  # pragma: no cover - older torch: the comm still works when
 __all__ = ["FSDP_OPTIONS", "FsdpReduceScatter", "ModuleReduceScatter", "compress", "reduce_scatter",
            "shardable_compressors"]
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 """2: per-call state is keyed by module name (:meth:`FsdpReduceScatter.for_module`), not ``"<call>:<numel>"``.
 3: ``node_size`` in the configuration, the agreed ``layout`` saved, and a hierarchical call's state filed under
-``"<key>|hier"`` (see "Hierarchy"); a version-2 state loads as one of the flat layout."""
+``"<key>|hier"`` (see "Hierarchy"); a version-2 state loads as one of the flat layout.
+4: ``route``, ``adapt_every`` and ``explore`` in the configuration, the closed loop's state saved (``loop``,
+``loop_modules``, ``prior``; see "Route"); a version-2 or -3 state loads as ``route="twophase"``."""
 ROUTE = "reduce_scatter"
 """The route name in wire records and ``metrics.last``."""
 HIER_ROUTE = "hier-reduce_scatter"
@@ -133,9 +169,18 @@ PASSTHROUGH = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Uncompressed names: one ``all_to_all_single`` of the chunks in that dtype, summed by the owner in fp32 — the
 reduce-scatter traffic of NCCL's ring, (N − 1)/N · d values per rank, where Gloo's own ``reduce_scatter_tensor``
 is an all-reduce in disguise (2 (N − 1)/N · d). The fair uncompressed baseline on Gloo."""
-FSDP_OPTIONS = ("error_feedback", "stale_stats", "redesign_every", "min_bucket", "measure_every", "node_size",
-                "timeout_s")
+FSDP_OPTIONS = ("route", "adapt_every", "explore", "error_feedback", "stale_stats", "redesign_every", "min_bucket",
+                "measure_every", "node_size", "timeout_s")
 """The DDP hook's options (:class:`~tailq.hooks.config.HookConfig`) that apply to a reduce-scatter."""
+FSDP_ROUTES = ("twophase", "auto")
+"""``route``: ``twophase`` (every call compressed; the default) or ``auto`` (the closed loop; see "Route")."""
+DEFAULT_ROUTE = "twophase"
+BF16_ARM = "passthrough"
+"""The loop's uncompressed arm: the chunks in bf16, one all-to-all, summed in fp32 (the DDP loop's name for bf16)."""
+STATS_PRICED_BYTES = 16
+"""The statistics all-reduce as the prior prices it: its latency (2(N − 1) hops) is what counts."""
+PRIOR_PASSES = 3.0
+"""Codec passes per element of a compressed call: the statistics, the encode, the decode of the N contributions."""
 log = logging.getLogger("tailq")
 
 
@@ -179,15 +224,20 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
     the hook options of :data:`FSDP_OPTIONS` (``min_bucket`` compares with the whole input, N·S elements: smaller
     inputs go uncompressed; ``measure_every=k``: every k-th step also reduces the exact fp32 shard, kind
     ``"measure"``, and records the vNMSE of the whole input in ``metrics.vnmse``; ``node_size``: workers per node,
-    see "Hierarchy" in the module docstring). ``process_group``: the group to reduce over; by default the one FSDP
+    see "Hierarchy" in the module docstring; ``route``: ``"twophase"`` (default) or ``"auto"``, with
+    ``adapt_every`` and ``explore``, see "Route"). ``network`` (a :class:`~tailq.comm.network.Network`): what
+    ``route="auto"``'s prior prices the wire bytes on (default :data:`~tailq.comm.network.PLANNING_DEFAULT`).
+    ``process_group``: the group to reduce over; by default the one FSDP
     passes (bound at the first call; later calls must pass a group of the same size and rank). Like the DDP hook it
     may be created before the process group exists. ``metrics`` is a :class:`~tailq.hooks.HookMetrics`.
     """
 
-    def __init__(self, name: str, *, process_group: Any = None, seed: int = 0, **options: Any) -> None:
+    def __init__(self, name: str, *, process_group: Any = None, seed: int = 0, network: Network | None = None,
+                 **options: Any) -> None:
         accepted = shardable_compressors()
         if name in PASSTHROUGH:
-            self._init_passthrough(name, process_group, seed, options)
+            self._init_passthrough(name, process_group, seed, options if network is None
+                                   else {**options, "network": network})
             return
         self.wire_dtype: torch.dtype | None = None
         if name not in list_compressors():
@@ -199,14 +249,22 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         if unknown:
             raise TypeError(f"tailq.fsdp {name}: unknown option(s) {', '.join(unknown)}; compressor options: "
                             f"{', '.join(sorted(comp_names | {'seed'}))}; reduce-scatter options: "
-                            f"{', '.join(sorted({*FSDP_OPTIONS, 'process_group'}))}")
+                            f"{', '.join(sorted({*FSDP_OPTIONS, 'network', 'process_group'}))}")
         refused = sorted(set(options) & (hook_names - set(FSDP_OPTIONS)) - comp_names)
         if refused:
             raise TypeError(f"tailq.fsdp {name}: option(s) {', '.join(refused)} configure the DDP hook's routes or "
-                            f"warm-up and do not apply to a reduce-scatter (phase 1 of the two-phase route, no "
-                            f"planner, no owner requantization); options that apply: {', '.join(FSDP_OPTIONS)}")
+                            f"warm-up and do not apply to a reduce-scatter (phase 1 of the two-phase route or bf16, "
+                            f"no owner requantization); options that apply: {', '.join(FSDP_OPTIONS)}")
+        route = options.get("route", DEFAULT_ROUTE)
+        if route not in FSDP_ROUTES:
+            raise ValueError(f"tailq.fsdp {name}: route must be 'twophase' (every call compressed: phase 1 of the "
+                             f"two-phase route; the default) or 'auto' (per module, compressed or bf16 by the closed "
+                             f"loop); got {route!r}")
+        if network is not None and not isinstance(network, Network):
+            raise TypeError(f"tailq.fsdp {name}: network must be a tailq.comm.network.Network or None; got "
+                            f"{type(network).__name__}")
         # HookConfig validates each option (the DDP-only fields keep their defaults and are not used)
-        self.options = HookConfig(**{k: v for k, v in options.items() if k in FSDP_OPTIONS})
+        self.options = HookConfig(**{**{k: v for k, v in options.items() if k in FSDP_OPTIONS}, "route": route})
         own = {k: v for k, v in options.items() if k in comp_names}
         self.comp: Compressor | None = compressor(name, seed=seed, **own)
         opts = self.options
@@ -222,9 +280,20 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         self.policy: Any = policy_for(self.family, stale_stats=opts.stale_stats, redesign_every=opts.redesign_every,
                                  first_step=0)
         self._init_common(name, seed, process_group)
+        self.route = route
+        self.network = network if network is not None and network.known else PLANNING_DEFAULT
+        # route="auto": per module, compressed or bf16, the model's prior corrected by measurement (comm/adapt.py)
+        self.loop: ClosedLoop | None = (ClosedLoop(LoopConfig(every=opts.adapt_every, explore=opts.explore),
+                                                   self._prior) if route == "auto" else None)
 
     def _init_common(self, name: str, seed: int, process_group: Any) -> None:
         self.name, self.seed = name, seed
+        self.route = "passthrough"  # a compressor's: DEFAULT_ROUTE or "auto"
+        self.network = PLANNING_DEFAULT
+        self.loop = None
+        self._loop_ids: dict[str, int] = {}  # module name (bare comm: "call <i>") -> its index in the loop
+        self._codec: CodecCost | None = None  # the prior's codec cost, agreed by the ranks at the first call
+        self._clocks: list[tuple[int, Any, Any]] = []  # (loop index, start, end) CUDA events of the open step
         self.metrics = HookMetrics()
         self.step = 0
         self.calls_per_step = 0  # calls in the last finished step
@@ -317,11 +386,13 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
             k = self._seen.get(module, 0)
             self._seen[module] = k + 1
             ident = module if k == 0 else f"{module}#{k}"
+        done = False
         try:
             self._reduce(comm, output_tensor, input_tensor.reshape(n, s), kind, step, idx, ident)
+            done = True
         finally:
-            if self._task == -1:  # called outside a backward: every call is a step
-                self._end_step(-1)
+            if self._task == -1:  # called outside a backward: every call is a step (one that raised decides nothing)
+                self._end_step(-1, decide=done)
         return _completed_work(output_tensor) if async_op else None
 
     # -- one call -------------------------------------------------------------------------------------------
@@ -334,23 +405,42 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         t0, comm0, sec = time.perf_counter(), self._comm_seconds(), self.metrics.seconds
         meas0 = sec["measure"]
         if not self._verified:
-            comm.verify_same_config(self.config(), Tag(step, idx, numel, "config"))
+            # the prior's network too: ranks pricing differently would take different routes (mismatched collectives)
+            comm.verify_same_config({**self.config(), **({"network": self.network.as_arg()} if self.loop else {})},
+                                    Tag(step, idx, numel, "config"))
             self._agree_topology(comm, Tag(step, idx, numel, "config"))
+            if self.loop is not None and self._codec is None:
+                self._codec = self._agree_codec(comm, Tag(step, idx, numel, "plan"), x2.device)
             self._verified = True
-        g = x2.to(torch.float32)  # a copy for bf16; for fp32 the input itself, never written
+        g = None
         exact = None
         if self.options.measure_every and step % self.options.measure_every == 0:
             tm = time.perf_counter()
+            g = x2.to(torch.float32)  # a copy for bf16; for fp32 the input itself, never written
             exact = self._exact(g, Tag(step, idx, numel, "measure"), "measure") / n
             sec["measure"] += time.perf_counter() - tm  # not part of the method: harnesses subtract it
+        small = self.wire_dtype is None and (numel < self.options.min_bucket or s == 0)
+        arm, lid, clock = None, -1, None
+        if self.loop is not None and not small:  # route="auto": this module's arm at this step (agreed state)
+            name = ident if ident is not None else f"call {idx}"
+            if name not in self._loop_ids:  # indexed in order of first call: the same on every rank
+                self._loop_ids[name] = len(self._loop_ids)
+                self.metrics.plan.setdefault("loop_modules", {})[str(self._loop_ids[name])] = name
+            lid = self._loop_ids[name]
+            arm = self.loop.route(lid, f"{name}:{numel}", numel, step)
+            clock = self._start_clock(x2)  # the arm's work from here: casts, codec, collectives, waiting for peers
         if self.wire_dtype is not None:  # fp32 / bf16 passthrough: what a reduce-scatter of that dtype moves
             t, summed = self._exact(x2.to(self.wire_dtype), Tag(step, idx, numel, "passthrough"), "passthrough"), True
             self.metrics.last[idx] = {"route": "passthrough"}
-        elif numel < self.options.min_bucket or s == 0:
+        elif small:
             t, summed = self._exact(x2, Tag(step, idx, numel, "passthrough"), "passthrough"), True
             self.metrics.last[idx] = {"route": "passthrough"}
+        elif arm == BF16_ARM:
+            t, summed = self._bf16(x2, Tag(step, idx, numel, BF16_ARM)), True
         else:
-            t, summed = self._compressed(g, step, idx, ident)
+            t, summed = self._compressed(g if g is not None else x2.to(torch.float32), step, idx, ident)
+        if clock is not None:
+            self._stop_clock(lid, clock)
         if ident is not None:
             self.metrics.last[idx]["module"] = ident
         if exact is not None:
@@ -366,6 +456,42 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         measured = sec["measure"] - meas0
         sec["total"] += time.perf_counter() - t0 - measured
         sec["communicate"] += self._comm_seconds() - comm0 - measured
+
+    def _start_clock(self, x: torch.Tensor) -> Any:
+        """Where the loop's measurement of a call starts: ``perf_counter`` (the comm is synchronous on the CPU), or a
+        CUDA event on the current stream (FSDP's reduce-scatter stream) for an input on a GPU, where the work after
+        the last host synchronization runs asynchronously."""
+        if x.is_cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def _stop_clock(self, lid: int, start: Any) -> None:
+        """This rank's seconds on the arm for module ``lid`` at this step: now on the CPU; on a GPU the stream's time
+        from ``start`` to an end event, read when the step closes (:meth:`_read_clocks`), not during the backward."""
+        assert self.loop is not None
+        if isinstance(start, float):
+            self.loop.record(lid, time.perf_counter() - start)
+            return
+        end = type(start)(enable_timing=True)  # a torch.cuda.Event
+        end.record()
+        self._clocks.append((lid, start, end))
+
+    def _read_clocks(self) -> None:
+        """The step's GPU measurements into the loop (before it decides): one wait for the step's last event."""
+        clocks, self._clocks = self._clocks, []
+        if self.loop is None:
+            return
+        for lid, start, end in clocks:
+            end.synchronize()
+            self.loop.record(lid, start.elapsed_time(end) / 1e3)  # ms -> s
+
+    def _bf16(self, x2: torch.Tensor, tag: Tag) -> torch.Tensor:
+        """The loop's uncompressed arm: the fp32 sum of this rank's shard from the chunks cast to bf16 (one flat
+        all-to-all, as the ``bf16`` passthrough; no error-feedback or statistics state is touched)."""
+        self.metrics.last[tag.bucket] = {"route": BF16_ARM, "dtype": "bf16"}
+        return self._exact(x2.to(torch.bfloat16), tag, "passthrough")
 
     def _compressed(self, g: torch.Tensor, step: int, idx: int, ident: str | None) -> tuple[torch.Tensor, bool]:
         """(the fp32 mean shard, False), or (the fp32 sum shard, True) when it fell back: phase 1 of the two-phase
@@ -491,7 +617,7 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         """(call index within the step, step) for this call; opens a step (see "Steps" in the module docstring)."""
         task = int(torch._C._current_graph_task_id())  # -1 outside a backward
         if self._task is not None and self._task != task:  # a backward that raised never closed its step
-            self._end_step(self._task)
+            self._end_step(self._task, decide=False)
         if self._task is None:
             self._task, self._call = task, 0
             if task != -1:
@@ -500,13 +626,26 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         self._call += 1
         return idx, self.step
 
-    def _end_step(self, task: int) -> None:
+    def _end_step(self, task: int, decide: bool = True) -> None:
+        """Close the step of graph task ``task`` (-1: a direct call). With ``route="auto"`` a step that finished
+        (``decide``) is where the loop decides, when due: every rank closes every step at the same point of its
+        sequence of collectives on the group (after the step's last reduce-scatter, FSDP's final callback included),
+        so the agreement's all-reduces match."""
         if self._task != task:  # already closed (by a later backward's first call)
             return
-        self.calls_per_step = self._call
-        self.step += 1
-        self._task, self._call = None, 0
-        self._seen = {}
+        try:
+            self._read_clocks()  # the step's GPU measurements, recorded in the step they belong to
+            if decide and self.loop is not None and self._comm is not None and self.loop.due(self.step):
+                t0, comm0 = time.perf_counter(), self._comm_seconds()
+                self.loop.decide(self._comm, Tag(self.step, self._call, 0, "plan"), self.step)  # MAX over ranks
+                self.metrics.plan["loop"] = self.loop.report()
+                self.metrics.seconds["total"] += time.perf_counter() - t0
+                self.metrics.seconds["communicate"] += self._comm_seconds() - comm0
+        finally:
+            self.calls_per_step = self._call
+            self.step += 1
+            self._task, self._call = None, 0
+            self._seen = {}
 
     # -- binding, configuration and persistence -------------------------------------------------------------
     def _bind(self, group: Any) -> Comm:
@@ -543,6 +682,52 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         self.metrics.topology = {"nodes": shape.nodes, "node_size": shape.node_size, "source": found[3],
                                  "flat_because": why}
         self._check_layout(self._saved_layout, self._sizes)
+
+    # -- route="auto": the prior -----------------------------------------------------------------------------
+    def _agree_codec(self, comm: Comm, tag: Tag, device: torch.device) -> CodecCost:
+        """The codec's seconds per element and pass and bf16's cast, measured on every rank and agreed (the mean:
+        one all-reduce of two numbers, at the first call) so that every rank prices the arms alike."""
+        assert self.comp is not None
+        local = measure_codec_cost(self.comp, self.family, device, comm.n, RandKey(self.seed, comm.rank))
+        agreed = torch.tensor([local.per_pass_s, local.cast_s], dtype=torch.float64)
+        comm.all_reduce(agreed, tag, "plan")
+        per_pass, cast = (agreed / comm.n).tolist()
+        self._plan_info(CodecCost(per_pass, cast))
+        return CodecCost(per_pass, cast)
+
+    def _plan_info(self, codec: CodecCost) -> None:
+        self.metrics.plan.update({"network": self.network.summary(), "codec_ns_per_elem_pass": codec.per_pass_s * 1e9,
+                                  "cast_ns_per_elem": codec.cast_s * 1e9})
+
+    def _arm_seconds(self, numel: int) -> tuple[float, float]:
+        """The cost model's seconds for one call of ``numel`` (= N·S) elements: (compressed, bf16), see "Route".
+
+        Compressed: the statistics all-reduce's latency (unless ``stale_stats`` takes it off the critical path),
+        phase 1's all-to-all (the first of the two-phase route's phases) and 3 codec passes per element; on K > 1
+        nodes of L > 1 workers the fp32 reduce-scatter inside the node, then that over the K ranks of the cross group
+        for the d/L node means. bf16: the all-to-all of the bf16 chunks and the cast."""
+        assert self.shape is not None and self._comm is not None
+        shape, net, codec = self.shape, self.network, self._codec or CodecCost()
+        stats = 0.0 if self.options.stale_stats else 1.0
+        if shape.hierarchical:
+            part = numel // shape.node_size  # the (K, S) node means each rank compresses among its cross group
+            collective, handed = Planner(self.family, shape.nodes, net).phases("twophase", part)[0]
+            comp = (link_seconds(net, "node", "all_to_all", 4 * numel, shape)
+                    + stats * link_seconds(net, "cross", "all_reduce", STATS_PRICED_BYTES, shape)
+                    + link_seconds(net, "cross", collective, handed, shape) + PRIOR_PASSES * codec.per_pass_s * part)
+        else:
+            collective, handed = Planner(self.family, shape.n, net).phases("twophase", numel)[0]
+            comp = (stats * link_seconds(net, "world", "all_reduce", STATS_PRICED_BYTES, shape)
+                    + link_seconds(net, "world", collective, handed, shape) + PRIOR_PASSES * codec.per_pass_s * numel)
+        bf16 = link_seconds(net, "world", "all_to_all", 2 * numel, shape) + codec.cast_s * numel
+        return comp, bf16
+
+    def _prior(self, numel: int) -> tuple[str, str, float, float]:
+        """The closed loop's prior for a module's call of ``numel`` elements: the model's cheaper arm (ties:
+        compressed), the other, and the model's seconds of each."""
+        comp, bf16 = self._arm_seconds(numel)
+        name = HIER_ROUTE if self.shape is not None and self.shape.hierarchical else ROUTE
+        return (name, BF16_ARM, comp, bf16) if comp <= bf16 else (BF16_ARM, name, bf16, comp)
 
     def _layout(self) -> str | None:
         """``"flat"`` or ``"<K>x<L>"`` (hierarchical): what the per-module state is for; ``None`` before the ranks
@@ -606,6 +791,7 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         """Everything that must be identical on every rank and in a checkpoint that is loaded (``world_size`` is
         ``None`` until the comm knows its group)."""
         opts = {k: getattr(self.options, k) for k in FSDP_OPTIONS if k != "timeout_s"}
+        opts["route"] = self.route  # "passthrough" for the fp32 / bf16 comms
         comp = self.comp.config() if self.comp is not None else {"name": self.name}
         return {"state_version": STATE_VERSION, "adapter": "fsdp.reduce_scatter", "compressor": comp,
                 **opts, "world_size": self._world()}
@@ -613,19 +799,26 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
     def state_dict(self) -> dict[str, Any]:
         """Plain dicts, ints, strings and tensors: loadable with ``torch.load(weights_only=True)``. Save between
         steps (after the optimizer step), as FSDP's own state."""
+        codec = self._codec
         return {"config": self.config(), "step": self.step, "layout": self._layout(), "sizes": dict(self._sizes),
                 "error_feedback": None if self.memory is None else self.memory.state_dict(),
+                "loop": None if self.loop is None else self.loop.state_dict(), "loop_modules": dict(self._loop_ids),
+                "prior": None if codec is None else {"per_pass_s": codec.per_pass_s, "cast_s": codec.cast_s},
                 **(self.policy.state_dict() if self.policy is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, mine = resume_config(state.get("config") or {}), resume_config(self.config())
         version = saved.get("state_version")
-        if version not in (2, STATE_VERSION):
+        if version not in (2, 3, STATE_VERSION):
             raise ValueError(f"tailq.fsdp: state_version {version} cannot be loaded by this tailq (state_version "
                              f"{STATE_VERSION}: per-call state is keyed by module name since version 2, by call "
                              f"position before); start this comm fresh")
         if version == 2:  # before the hierarchy: no node_size option, every call flat
-            saved = {**saved, "state_version": STATE_VERSION, "node_size": None}
+            saved = {**saved, "node_size": None}
+        if version in (2, 3):  # before route: every call at or above min_bucket compressed (fp32 / bf16: none)
+            fixed = "passthrough" if (saved.get("compressor") or {}).get("name") in PASSTHROUGH else DEFAULT_ROUTE
+            saved = {**saved, "state_version": STATE_VERSION, "route": fixed, "adapt_every": HookConfig.adapt_every,
+                     "explore": HookConfig.explore}
         world = saved.get("world_size")
         if mine["world_size"] is None or world is None:  # unknown on one side: checked when the comm binds
             saved["world_size"] = mine["world_size"] = None
@@ -639,12 +832,25 @@ class FsdpReduceScatter(_ReduceScatterBase):  # type: ignore[misc,valid-type]
         self._saved_world = None if world is None else int(world)
         self._saved_layout = layout
         self.step = int(state["step"])
-        self._task, self._call, self._seen = None, 0, {}
+        self._task, self._call, self._seen, self._clocks = None, 0, {}, []
         self._sizes = sizes
         if self.memory is not None:
             self.memory.load_state_dict(state["error_feedback"])
         if self.policy is not None:
             self.policy.load_state_dict(state)
+        prior = state.get("prior")
+        self._codec = None if not prior else CodecCost(float(prior["per_pass_s"]), float(prior["cast_s"]))
+        if self.loop is not None:  # the saved loop (a fresh one if none was saved): it decides as the run it continues
+            self.loop = ClosedLoop(self.loop.config, self._prior)
+            self._loop_ids = {str(k): int(v) for k, v in (state.get("loop_modules") or {}).items()}
+            self.metrics.plan = {}
+            if self._codec is not None:
+                self._plan_info(self._codec)
+            if state.get("loop"):
+                self.loop.load_state_dict(state["loop"])
+                self.metrics.plan["loop"] = self.loop.report()
+            if self._loop_ids:
+                self.metrics.plan["loop_modules"] = {str(i): k for k, i in self._loop_ids.items()}
 
     def close(self) -> None:
         """Drop residuals and cached statistics; later calls raise. Idempotent."""
