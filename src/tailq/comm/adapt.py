@@ -15,7 +15,8 @@ rank) and then one vector: per bucket, the median of each arm's seconds since th
 run). Every rank then applies the same rule to the same numbers, so every rank issues the same collectives:
 
 1. a bucket switches to its other arm when that arm's cost is below ``(1 - margin)`` × the current arm's
-   (hysteresis: noise below the margin never flips a bucket);
+   (hysteresis: noise below the margin never flips a bucket) — on the model's word only for passthrough, whose
+   price is the bf16 all-reduce the warm-up timed (or the given network's); a compressing arm is probed first;
 2. otherwise it runs its other arm on the next step (a **probe**) when that arm was never measured and its modeled
    cost is within 2× of the current arm's; or it was measured ``2 / explore`` steps ago or more (doubling after
    each probe that confirmed the current arm, up to 2^``backoff``: routine re-probes use at most half the budget);
@@ -128,12 +129,16 @@ class BucketLoop:
 class ClosedLoop:
     """Per-bucket route choice, corrected by measurement (see the module docstring).
 
-    ``model(numel) -> (pick, alternative, seconds of each)``: the cost model's prior for a bucket size.
+    ``model(numel) -> (pick, alternative, seconds of each)``: the cost model's prior for a bucket size. ``trusted``:
+    the routes whose modeled cost a bucket may switch to before it ran them (passthrough: its price is the bf16
+    all-reduce the warm-up timed, or the given network's); any other arm is probed first.
     """
 
-    def __init__(self, config: LoopConfig, model: Callable[[int], tuple[str, str, float, float]]) -> None:
+    def __init__(self, config: LoopConfig, model: Callable[[int], tuple[str, str, float, float]],
+                 trusted: frozenset[str] = frozenset({"passthrough"})) -> None:
         self.config = config
         self.model = model
+        self.trusted = trusted
         self.buckets: dict[int, BucketLoop] = {}
         self.first_step: int | None = None
         self.decisions = 0
@@ -200,7 +205,7 @@ class ClosedLoop:
             cur, oth = b.arms[b.current], b.arms[b.other]
             if b.probe_at <= step:
                 b.probe_at = -1
-            if oth.cost < cur.cost * (1.0 - cfg.margin):
+            if oth.cost < cur.cost * (1.0 - cfg.margin) and (oth.measured or oth.route in self.trusted):
                 b.switches.append({"step": step + 1, "from": cur.route, "to": oth.route, "from_s": cur.cost,
                                    "to_s": oth.cost, "from_measured": cur.measured, "to_measured": oth.measured,
                                    "why": f"{oth.route} {'measured' if oth.measured else 'modeled'} at "
