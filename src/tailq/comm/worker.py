@@ -86,6 +86,10 @@ class OrderedWorker:
                 self._error = err
                 fut.set_exception(err)
 
+    def on_worker(self) -> bool:
+        """Whether the caller runs on this worker's thread (inside a job)."""
+        return threading.current_thread() is self._thread
+
     @property
     def failed(self) -> BaseException | None:
         return self._error

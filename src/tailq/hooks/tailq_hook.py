@@ -347,8 +347,12 @@ class TailqState:
         self._step_keys.add(key)
         if bucket.is_last():
             if self.loop is not None and step >= opts.warmup_steps and self.loop.due(step):
-                self.loop.decide(self.comm, Tag(step, idx, n, "plan"), step)  # agreed by every rank (MAX)
-                self.metrics.plan["loop"] = self.loop.report()
+                # agreed by every rank (MAX): queued behind this bucket on the worker, so it runs while the optimizer
+                # step and the next forward do (off the critical path) and before the next step's first bucket
+                if self.worker.on_worker():
+                    self.worker.submit(self._decide, Tag(step, idx, n, "plan"))
+                else:  # called directly (outside DDP): in line, the same order on every rank
+                    self._decide(Tag(step, idx, n, "plan"))
             self._end_step()
         if mean.data_ptr() != buf.data_ptr():  # decoded elsewhere (passthrough, fallback, a non-fp32 bucket)
             buf.copy_(mean.reshape(buf.shape))
@@ -383,6 +387,13 @@ class TailqState:
         self.loop.record(idx, time.perf_counter() - t0)
         return mean
 
+    def _decide(self, tag: Tag) -> torch.Tensor:
+        """The closed loop's decision at the end of step ``tag.step`` (see :mod:`tailq.comm.adapt`)."""
+        assert self.loop is not None
+        self.loop.decide(self.comm, tag, tag.step)
+        self.metrics.plan["loop"] = self.loop.report()
+        return torch.zeros(0)
+
     def _prior(self, numel: int) -> tuple[str, str, float, float]:
         """The closed loop's prior for a bucket size: the model's pick and its alternative (passthrough for a
         compressing pick, else the cheapest compressing candidate), with the model's seconds for each."""
@@ -402,7 +413,7 @@ class TailqState:
         n = g.numel()
         if route == PASSTHROUGH:  # the cost model found bf16 cheaper for this size: nothing to compress
             self.metrics.last[idx] = {"route": PASSTHROUGH}
-            return self._passthrough(g, Tag(step, idx, n, PASSTHROUGH))
+            return self._passthrough(g, Tag(step, idx, n, PASSTHROUGH), dest=dest)
         tag = Tag(step, idx, n, route)
         if is_staged(route):
             return self._hierarchical(g, tag, key, dest)
@@ -499,7 +510,7 @@ class TailqState:
         return (self._comm.seconds if self._comm is not None else 0.0) + extra
 
     def _passthrough(self, g: torch.Tensor, tag: Tag, timed: bool = False, comm: Comm | None = None,
-                     timed_node: bool = False) -> torch.Tensor:
+                     timed_node: bool = False, dest: torch.Tensor | None = None) -> torch.Tensor:
         """bf16, as PyTorch's bf16_compress_hook: divide first, all-reduce SUM, cast back (over ``comm``: default the
         hook's whole group).
 
@@ -526,6 +537,8 @@ class TailqState:
             self._timings.append((ring_traffic_bytes("all_reduce", t.numel() * 2, self.comm.n), t2 - t1))
         else:
             self.comm.all_reduce(t, tag, "passthrough")
+        if dest is not None:  # straight from bf16 into the bucket (one pass, as PyTorch's hook decompresses)
+            return dest.copy_(t)
         return t.to(torch.float32)
 
     def _time_node_link(self, t: torch.Tensor, tag: Tag) -> None:
