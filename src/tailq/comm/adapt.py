@@ -10,9 +10,10 @@ cost is the seconds the hook spends on the bucket with it, on the critical path:
 the slowest rank, on every rank; until an arm has been run, its cost is the model's.
 
 **Agreed decisions.** Every ``every`` steps (and once ``first`` steps after the loop starts) the ranks all-reduce,
-with MAX, four numbers that must agree (how many buckets each tracks, the first's index: a mismatch raises on every
-rank) and then one vector: per bucket, the median of each arm's seconds since the last decision (``-1`` where it did not
-run). Every rank then applies the same rule to the same numbers, so every rank issues the same collectives:
+with MAX, one fixed-length vector (per 64 buckets): four numbers that must agree (how many buckets each tracks, the
+first's index: a mismatch raises on every rank), then per bucket the median of each arm's seconds since the last
+decision (``-1`` where it did not run). Every rank then applies the same rule to the same numbers, so every rank
+issues the same collectives:
 
 1. a bucket switches to its other arm when that arm's cost is below ``(1 - margin)`` × the current arm's
    (hysteresis: noise below the margin never flips a bucket) — on the model's word only for passthrough, whose
@@ -46,6 +47,8 @@ __all__ = ["BucketLoop", "ClosedLoop", "LoopConfig"]
 
 NOT_RUN = -1.0
 """An arm that did not run since the last decision (in the agreed vector)."""
+CHUNK = 64
+"""Buckets per decision all-reduce (the vector has a fixed length, so every rank hands the same size)."""
 PLAUSIBLE = 2.0
 """A probe is spent only on an arm whose known cost is within this factor of the current arm's."""
 
@@ -176,17 +179,21 @@ class ClosedLoop:
     def decide(self, comm: Comm, tag: Tag, step: int) -> None:
         """Agree every bucket's measured costs (MAX over ranks) and apply the rule to each bucket."""
         order = sorted(self.buckets)
-        head = torch.tensor([len(order), -len(order), *order[:1], *[-i for i in order[:1]]], dtype=torch.float64)
-        head = torch.cat([head, torch.zeros(4 - head.numel(), dtype=torch.float64)])
-        comm.all_reduce(head, tag, "plan", op="max")  # the same layout on every rank, before the sized vector
-        if int(head[0]) != -int(head[1]) or int(head[2]) != -int(head[3]):
-            raise RuntimeError(f"route=auto: the ranks track different buckets ({int(-head[1])} to {int(head[0])}; "
-                               f"this rank {len(order)}): their DDP bucket layouts differ")
-        vec = []
-        for i in order:
-            vec += [_median(self.buckets[i].samples[0]), _median(self.buckets[i].samples[1])]
-        agreed = torch.tensor(vec, dtype=torch.float64)
-        comm.all_reduce(agreed, tag, "plan", op="max")
+        # one all-reduce per CHUNK buckets (one in all but the largest models): a header every rank must match
+        # (how many buckets it tracks, its first bucket's index), then two medians per bucket
+        agreed = torch.empty(0, dtype=torch.float64)
+        for c in range(0, max(1, len(order)), CHUNK):
+            part = order[c : c + CHUNK]
+            vec = torch.full((4 + 2 * CHUNK,), NOT_RUN, dtype=torch.float64)
+            vec[:4] = torch.tensor([len(order), -len(order), order[0] if order else 0, -(order[0] if order else 0)])
+            for j, i in enumerate(part):
+                vec[4 + 2 * j] = _median(self.buckets[i].samples[0])
+                vec[5 + 2 * j] = _median(self.buckets[i].samples[1])
+            comm.all_reduce(vec, tag, "plan", op="max")
+            if int(vec[0]) != -int(vec[1]) or int(vec[2]) != -int(vec[3]):
+                raise RuntimeError(f"route=auto: the ranks track different buckets ({int(-vec[1])} to {int(vec[0])}; "
+                                   f"this rank {len(order)}): their DDP bucket layouts differ")
+            agreed = torch.cat([agreed, vec[4 : 4 + 2 * len(part)]])
         agreed = torch.cat([torch.zeros(2, dtype=torch.float64), agreed])
         self.decisions += 1
         cfg = self.config
