@@ -205,9 +205,9 @@ class ClosedLoop:
             if probed:
                 ref = m[b.current] if m[b.current] != NOT_RUN else cur.cost
                 b.arms[b.other] = dataclasses.replace(oth, cost=m[b.other], measured=True, at=step, ref=ref)
-            if m[b.current] != NOT_RUN:
+            if m[b.current] != NOT_RUN:  # its reference: what the other arm costs now (measured or known)
                 b.arms[b.current] = dataclasses.replace(cur, cost=m[b.current], measured=True, at=step,
-                                                        ref=b.arms[b.current].ref)
+                                                        ref=b.arms[b.other].cost)
             b.samples = [[], []]
             cur, oth = b.arms[b.current], b.arms[b.other]
             if b.probe_at <= step:
