@@ -25,6 +25,8 @@ def test_example_under_torchrun(hook: str, nproc: int, route: str | None) -> Non
     assert m, r.stdout
     loss, acc, bits = map(float, m.groups())
     assert acc > 0.8  # chance is 0.1; fp32 reaches ~0.95 on this task in 150 steps
-    expected_bits = {"tnq": (3.0, 8.0) if route != "auto" else (3.0, 16.0), "powersgd": (0.5, 32.0),
+    # auto: at most bf16's 16 bits plus the closed loop's own agreement (a 132-float64 vector every 4 steps over
+    # the example's 38,922 coordinates: 0.054 bits) and the one-time planning exchanges
+    expected_bits = {"tnq": (3.0, 8.0) if route != "auto" else (3.0, 16.1), "powersgd": (0.5, 32.0),
                      "bf16": (16.0, 16.0)}[hook]
     assert expected_bits[0] <= bits <= expected_bits[1]
