@@ -106,9 +106,9 @@ def test_y1_preset_is_the_bits_sweep_on_charlm_with_a_loss_target(monkeypatch: p
         "charlm", 8, 100, 10, "loss")
     labels = [m.label for m in seen["methods"]]
     assert labels[0] == "bf16" and len(labels) == 1 + 5 * 3
-    for b in (2, 3, 4):  # every family at every width; QSGD/NUQSGD pinned to their compressed route
-        assert {f"qsgd-{b}b(route=allgather)", f"nuqsgd-{b}b(route=allgather)", f"tuq-{b}b(redesign=10)",
-                f"tnq-{b}b(redesign=10)", f"tbq-{b}b(redesign=10)"} <= set(labels)
+    for b in (2, 3, 4):  # every family at every width, each pinned to a compressed route (auto may pass through)
+        assert {f"qsgd-{b}b(route=allgather)", f"nuqsgd-{b}b(route=allgather)", f"tuq-{b}b(redesign=10,route=twophase)",
+                f"tnq-{b}b(redesign=10,route=twophase)", f"tbq-{b}b(redesign=10,route=twophase)"} <= set(labels), labels
     # what the user gives wins: a workload keeps its own defaults and the accuracy target
     assert main(["compare", "--preset", "y1", "--net", "none", "--workload", "digits", "--workers", "3"]) == 0
     assert (seen["workload"], seen["workers"], seen["steps"], seen["target_metric"]) == ("digits", 3, 300, "accuracy")

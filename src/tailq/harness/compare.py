@@ -81,15 +81,16 @@ FSDP_METHODS = [Method("fp32"), Method("bf16"), parse_method("bf16:reduce=a2a"),
                 parse_method("tuq:3:redesign=10"), parse_method("tnq:3:redesign=10"),
                 parse_method("tbq:3:redesign=10")]
 # [Y1]'s comparison: QSGD and NUQSGD against the truncated quantizers at equal bits (2, 3 and 4), 8 workers. The
-# truncated ones redesign every 10th step as in the default comparison and take the planner's route (two-phase at
-# 8 workers); QSGD and NUQSGD are pinned to their one compressed route, the all-gather, because at 8 workers the
-# planner rightly sends their buckets as bf16 (an all-gather of per-rank codes costs more), which would compare
-# nothing.
+# truncated ones redesign every 10th step as in the default comparison; every method is pinned to a compressed
+# route (two-phase for the truncated ones, what the model picks at 8 workers; the all-gather, their one compressed
+# route, for QSGD and NUQSGD), because route="auto" may rightly send a bucket as bf16 — the closed loop measures,
+# and on a loaded machine or a small model it passes buckets through — which would compare nothing of [Y1].
 Y1_BITS = (2, 3, 4)
 Y1_METHODS = [Method("bf16")] + [parse_method(f"{name}:{b}:{opt}") for b in Y1_BITS
                                  for name, opt in (("qsgd", "route=allgather"), ("nuqsgd", "route=allgather"),
-                                                   ("tuq", "redesign=10"), ("tnq", "redesign=10"),
-                                                   ("tbq", "redesign=10"))]
+                                                   ("tuq", "redesign=10:route=twophase"),
+                                                   ("tnq", "redesign=10:route=twophase"),
+                                                   ("tbq", "redesign=10:route=twophase"))]
 Y1_WORKLOAD = ("charlm", 100, 10, "loss")
 """The y1 preset's workload, steps, evaluation period and target metric: chosen by measurement as the embedded
 workload where the quantization error decides convergence (README, "A workload where error decides")."""
