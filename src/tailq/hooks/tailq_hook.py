@@ -353,6 +353,8 @@ class TailqState:
                     self.worker.submit(self._decide, Tag(step, idx, n, "plan"))
                 else:  # called directly (outside DDP): in line, the same order on every rank
                     self._decide(Tag(step, idx, n, "plan"))
+            if self.loop is not None and self.loop.buckets:  # probes run since the last decision included
+                self.metrics.plan["loop"] = self.loop.report()
             self._end_step()
         if mean.data_ptr() != buf.data_ptr():  # decoded elsewhere (passthrough, fallback, a non-fp32 bucket)
             buf.copy_(mean.reshape(buf.shape))
