@@ -4,6 +4,7 @@ Docstrings and comments cite the specification as ``SPEC §n``: section n of ``d
 """
 
 from .codec import Codebook, Compressor, Encoded, ErrorFeedback, compressor, list_compressors
+from .diloco import DiLoCo
 from .hooks import ddp_hook
 
 __version__ = "0.1.0"
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Codebook",
     "Compressor",
+    "DiLoCo",
     "Encoded",
     "ErrorFeedback",
     "__version__",

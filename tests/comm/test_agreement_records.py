@@ -7,7 +7,7 @@ import torch
 
 from tailq.comm.agree import BucketStats
 from tailq.comm.wire import WireRecord
-from tailq.hooks import HookConfig, HookMetrics
+from tailq.hooks import HookConfig, HookMetrics, TailqState
 
 
 def test_bucket_stats_pack_in_one_vector_and_read_back_by_name() -> None:
@@ -34,12 +34,17 @@ def test_bucket_stats_pack_in_one_vector_and_read_back_by_name() -> None:
     ({"warmup_steps": True}, "warmup_steps must be an integer >= 0"),
     ({"fine_bits": 9}, "fine_bits must be an integer in [0, 8]"),
     ({"timeout_s": 0}, "timeout_s must be > 0"),
-    ({"error_feedback": True, "warmup_steps": 0}, "error_feedback needs warmup_steps >= 1"),
     ({"redesign_every": 2, "stale_stats": True}, "choose one"),
 ])
 def test_hook_options_are_validated_with_the_accepted_range(opts: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         HookConfig(**opts)  # type: ignore[arg-type]
+
+
+def test_error_feedback_needs_a_warmup_step_unless_the_bucket_layout_is_fixed() -> None:
+    with pytest.raises(ValueError, match="error_feedback needs warmup_steps >= 1"):
+        TailqState("tnq", error_feedback=True, warmup_steps=0)
+    TailqState("tnq", error_feedback=True, warmup_steps=0, fixed_layout=True).close()  # DiLoCo's fragments
 
 
 def test_hook_config_normalises_and_digests() -> None:

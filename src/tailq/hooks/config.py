@@ -82,11 +82,6 @@ class HookConfig:
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0; got {self.timeout_s!r}")
         object.__setattr__(self, "timeout_s", float(self.timeout_s))
-        if self.error_feedback and self.warmup_steps < 1:
-            raise ValueError(
-                "error_feedback needs warmup_steps >= 1: DDP rebuilds its buckets after the first iteration, "
-                "so residuals kept per bucket during it would not match the buckets that follow"
-            )
         if self.redesign_every > 1 and self.stale_stats:
             raise ValueError(
                 "redesign_every > 1 and stale_stats both take the codebook design off the critical path; "

@@ -95,9 +95,11 @@ def bucket_key(bucket: dist.GradBucket) -> str:
 class TailqState:
     """State of a tailq hook: the compressor, the options every rank must share, and ``metrics``.
 
-    ``TailqState(name, *, process_group=None, network=None, seed=0, **options)``: ``options`` are the
-    compressor's own (``tailq list``) and the hook's (:class:`~tailq.hooks.config.HookConfig`). ``network``
-    (a :class:`~tailq.comm.network.Network`) is what ``route="auto"`` plans against.
+    ``TailqState(name, *, process_group=None, network=None, seed=0, fixed_layout=False, **options)``: ``options``
+    are the compressor's own (``tailq list``) and the hook's (:class:`~tailq.hooks.config.HookConfig`). ``network``
+    (a :class:`~tailq.comm.network.Network`) is what ``route="auto"`` plans against. ``fixed_layout``: the caller's
+    buckets never change (not DDP's, which regroups after its first iteration; :class:`tailq.DiLoCo`'s fragments),
+    so error feedback needs no warm-up step.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class TailqState:
         process_group: Any = None,
         network: Network | None = None,
         seed: int = 0,
+        fixed_layout: bool = False,
         **options: Any,
     ) -> None:
         if name not in list_compressors():
@@ -122,6 +125,10 @@ class TailqState:
         if network is not None and not isinstance(network, Network):
             raise TypeError(f"network must be a tailq.comm.network.Network or None; got {type(network).__name__}")
         opts = self.options
+        if opts.error_feedback and opts.warmup_steps < 1 and not fixed_layout:
+            raise ValueError(
+                "error_feedback needs warmup_steps >= 1: DDP rebuilds its buckets after the first iteration, "
+                "so residuals kept per bucket during it would not match the buckets that follow")
         if opts.redesign_every > 1 and not getattr(self.comp, "rescalable", False):
             which = ", ".join(c.name for c in registered_in_order() if getattr(c, "rescalable", False))
             raise ValueError(f"redesign_every applies to the truncated quantizers ({which}), not {name!r}; "
