@@ -436,11 +436,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--option must be KEY=VALUE; got {kv!r}")
         k, v = kv.split("=", 1)
         opts[k] = parse_value(v)
+    diloco = None
+    if args.diloco is not None:  # the same keys as a --methods entry's: H=20,F=2,tau=1,alpha=0.5,olr=0.7,omom=0.9
+        from tailq.harness.compare import parse_method
+
+        diloco = dict(parse_method(f"diloco:{args.compressor}:{args.diloco}").diloco)
     notes: list[str] = []
     net = _network(args.net, notes)
     workload = "digits" if args.workload is None else args.workload
     steps, every = DEFAULT_STEPS.get(workload, (300, 25))
-    cfg = RunConfig(workload=workload, hook=args.compressor, hook_options=opts, workers=args.workers,
+    cfg = RunConfig(workload=workload, hook=args.compressor, hook_options=opts, workers=args.workers, diloco=diloco,
                     steps=steps if args.steps is None else args.steps,
                     eval_every=every if args.eval_every is None else args.eval_every, seed=args.seed,
                     net=net, run_dir=f"runs/train-{args.compressor}" if args.run_dir is None else args.run_dir,
@@ -728,11 +733,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="more hook options")
     _arg(s, "--run-dir", output="dir", help="where to write (default runs/train-<compressor>)")
     _arg(s, "--checkpoint-every", int, 0, INT64_MAX, default=0, help="steps between checkpoints (0 = none)")
+    s.add_argument("--diloco", metavar="H=20[,F=..,tau=..,alpha=..,olr=..,omom=..]",
+                   help="DiLoCo instead of a per-step hook: --compressor is the outer mean's (tailq.DiLoCo); H inner "
+                        "steps between syncs, F fragments, tau delayed merge, alpha merge share, olr/omom the outer "
+                        "Nesterov SGD (default 0.7/0.9)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("compare", help="the main job: methods on one workload and network, TTA vs bf16, report")
     _harness_common(s)
     s.add_argument("--methods", nargs="+", help="e.g. bf16 tnq:3 qsgd:4 tnq:3:tail=laplace powersgd:rank=2 "
+                   "diloco:tnq:2:H=20 diloco:fp32:H=20,F=2,tau=1 "
                    "(default: fp32 bf16 powersgd qsgd:4 tuq:3:redesign=10 tnq:3:redesign=10 tbq:3:redesign=10)")
     s.add_argument("--preset", choices=("default", "y1"), default="default",
                    help="y1: [Y1]'s comparison, QSGD/NUQSGD vs TUQ/TNQ/TBQ at 2, 3 and 4 bits, 8 workers, on "

@@ -49,12 +49,30 @@ from tailq.comm.wire import Comm, Tag, own_group
 from tailq.hooks import LocalBucket, ddp_hook
 from tailq.options import check_float, check_int
 
-__all__ = ["DiLoCo", "OuterFactory", "nesterov"]
+__all__ = ["DiLoCo", "OuterFactory", "hook_options", "nesterov"]
 
 STATE_VERSION = 1
 OuterFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 log = logging.getLogger("tailq")
 _PLAIN = ("fp32", "fp16", "bf16")  # PyTorch's own all-reduces: no compressor, nothing kept between syncs
+
+
+def hook_options(compressor: str, options: dict[str, Any], subgroup: bool = False) -> dict[str, Any]:
+    """The hook options :class:`DiLoCo` builds its outer mean with: the caller's, over DiLoCo's defaults —
+    ``error_feedback=True`` (every tailq compressor is lossy), ``warmup_steps=0`` and ``min_bucket=0`` (every
+    outer sync is the method's), ``fixed_layout=True`` (fragments never regroup), and ``node_size=1`` on a proper
+    subgroup (one rank per node: no node link inside it). PyTorch's ``fp32``/``fp16``/``bf16`` take none."""
+    if compressor in _PLAIN:
+        if options:
+            raise TypeError(f"{compressor}: PyTorch's all-reduce takes no options; got {sorted(options)}")
+        return {}
+    if compressor == "powersgd":
+        raise ValueError("compressor='powersgd' is a per-step DDP hook (low rank per weight matrix); the outer "
+                         "mean takes a tailq compressor or fp32/fp16/bf16")
+    out = {"error_feedback": True, "warmup_steps": 0, "min_bucket": 0, **options, "fixed_layout": True}
+    if subgroup:
+        out.setdefault("node_size", 1)
+    return out
 
 
 def nesterov(lr: float = 0.7, momentum: float = 0.9) -> OuterFactory:
@@ -105,7 +123,7 @@ class _InFlight:
     launched: int  # the inner step whose parameters gave Δ
     merge_at: int
     futures: list[Any]  # one per piece (or, after state_dict / load, the means themselves)
-    launched_at: float = 0.0
+    ordinal: int = 0  # launches before this one: the hook's step of its collectives (``WireRecord.step``)
 
 
 class DiLoCo:
@@ -149,9 +167,6 @@ class DiLoCo:
         self.delay = check_int("delay", delay, 0, self.H - 1)
         self.alpha = check_float("merge_alpha", merge_alpha, 0.0, 1.0)
         check_int("bucket_numel", bucket_numel, 1)
-        if compressor == "powersgd":
-            raise ValueError("compressor='powersgd' is a per-step DDP hook (low rank per weight matrix); the outer "
-                             "mean takes a tailq compressor or fp32/fp16/bf16")
         self.model, self.inner_optimizer, self.name = model, inner_optimizer, compressor
         self._outer_factory = outer_optimizer or nesterov()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -159,17 +174,9 @@ class DiLoCo:
             raise ValueError("model has no parameter that requires a gradient")
         self.group = own_group(process_group)  # the outer mean's collectives on a group of their own
         world = dist.get_world_size(process_group)
-        if compressor in _PLAIN:
-            if options:
-                raise TypeError(f"{compressor}: PyTorch's all-reduce takes no options; got {sorted(options)}")
-            self.state, self.hook = ddp_hook(compressor, process_group=self.group)
-        else:
-            options.setdefault("error_feedback", True)  # every tailq compressor is lossy
-            options.setdefault("warmup_steps", 0)
-            options.setdefault("min_bucket", 0)
-            if process_group is not None and world < dist.get_world_size():
-                options.setdefault("node_size", 1)  # a cross-node group: one rank per node, no node link inside it
-            self.state, self.hook = ddp_hook(compressor, process_group=self.group, fixed_layout=True, **options)
+        subgroup = process_group is not None and world < dist.get_world_size()
+        self.state, self.hook = ddp_hook(compressor, process_group=self.group,
+                                         **hook_options(compressor, options, subgroup=subgroup))
         self.metrics = self.state.metrics  # wire, vNMSE (measure_every), fallbacks, plan: the hook's
         self.fragments = self._split(params, bucket_numel)
         with torch.no_grad():
@@ -181,6 +188,7 @@ class DiLoCo:
         comm = Comm(self.group, self.metrics.wire, 300.0)
         comm.verify_same_config(self.config(), Tag(0, -1, 0, "config"))
         self.step_count = 0
+        self.launches = 0  # fragment syncs launched (each is one step of the hook)
         self.syncs: list[dict[str, Any]] = []  # one record per merged fragment (the harness reports them)
         self.skipped = 0
         self.last_pseudo_gradient: torch.Tensor | None = None  # this rank's last Δ (tail statistics), flat
@@ -247,7 +255,8 @@ class DiLoCo:
         for i, (a, b) in enumerate(frag.pieces):
             bucket = _FragmentBucket(delta[a:b], frag.first_bucket + i, last=i == len(frag.pieces) - 1)
             futures.append(self.hook(self.state, bucket))
-        return _InFlight(p, s, s + self.delay, futures, time.perf_counter())
+        self.launches += 1
+        return _InFlight(p, s, s + self.delay, futures, self.launches - 1)
 
     def _wait(self, job: _InFlight) -> torch.Tensor:
         parts = [f if isinstance(f, torch.Tensor) else _value(f.wait()) for f in job.futures]
@@ -280,7 +289,7 @@ class DiLoCo:
                 else:
                     q.copy_(q.to(torch.float32).mul_(alpha).add_(g, alpha=1.0 - alpha))
         self.syncs.append({"fragment": job.fragment, "launched": job.launched, "merged": self.step_count,
-                           "numel": frag.numel, "waited_s": waited, "skipped": not finite})
+                           "numel": frag.numel, "waited_s": waited, "skipped": not finite, "ordinal": job.ordinal})
 
     def flush(self) -> None:
         """Merge every mean still in flight now (e.g. at the end of training, before saving the final model)."""
@@ -314,12 +323,12 @@ class DiLoCo:
         same step) and keeps them, so the resumed run merges them at the same steps."""
         for job in self._inflight:
             self._wait(job)
-        return {"config": self.config(), "step": self.step_count, "skipped": self.skipped,
+        return {"config": self.config(), "step": self.step_count, "skipped": self.skipped, "launches": self.launches,
                 "global": [[g.clone() for g in f.glob] for f in self.fragments],
                 "outer": [f.outer.state_dict() for f in self.fragments if f.outer is not None],
                 "hook": self.state.state_dict(),
                 "inflight": [{"fragment": j.fragment, "launched": j.launched, "merge_at": j.merge_at,
-                              "means": list(j.futures)} for j in self._inflight]}
+                              "ordinal": j.ordinal, "means": list(j.futures)} for j in self._inflight]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, mine = state.get("config"), self.config()
@@ -328,6 +337,7 @@ class DiLoCo:
             raise ValueError(f"DiLoCo state was saved with a different configuration ({', '.join(differ)} differ):\n"
                              f"  saved: {saved}\n  this:  {mine}")
         self.step_count, self.skipped = int(state["step"]), int(state.get("skipped", 0))
+        self.launches = int(state["launches"])
         with torch.no_grad():
             for f, gs, os_ in zip(self.fragments, state["global"], state["outer"], strict=True):
                 for g, v in zip(f.glob, gs, strict=True):
@@ -335,8 +345,8 @@ class DiLoCo:
                 assert f.outer is not None
                 f.outer.load_state_dict(os_)
         self.state.load_state_dict(state["hook"])
-        self._inflight = [_InFlight(int(j["fragment"]), int(j["launched"]), int(j["merge_at"]), list(j["means"]))
-                          for j in state["inflight"]]
+        self._inflight = [_InFlight(int(j["fragment"]), int(j["launched"]), int(j["merge_at"]), list(j["means"]),
+                                    int(j["ordinal"])) for j in state["inflight"]]
 
     def close(self) -> None:
         self.state.close()

@@ -24,7 +24,7 @@ from tailq.comm.network import Network
 from tailq.errors import UsageError
 from tailq.options import SEED_MAX, check_float
 
-from .config import RunConfig, parse_value
+from .config import RunConfig, is_baseline, parse_value
 from .launch import RunFailed, launch_run
 from .netem import EmulationError
 from .stats import METRICS, crossing, median_interval, paired_ratios, target_from
@@ -37,26 +37,42 @@ __all__ = ["ComparisonIncomplete", "Method", "DEFAULT_METHODS", "FSDP_METHODS", 
 class Method:
     hook: str
     options: tuple[tuple[str, Any], ...] = ()
+    diloco: tuple[tuple[str, Any], ...] = ()
+    """DiLoCo's options (``sync_every``, ``fragments``, …): then ``hook`` is the outer mean's compressor."""
 
     @property
     def label(self) -> str:
         opts = dict(self.options)
         bits = opts.get("bits")
-        extra = [f"{_SHORT.get(k, k)}={v}" for k, v in self.options if k != "bits"]
+        extra = [f"{_SHORT.get(k, k)}={v}" for k, v in self.diloco + self.options if k != "bits"]
         name = self.hook if bits is None else f"{self.hook}-{bits}b"
-        return name + (f"({','.join(extra)})" if extra else "")
+        return ("diloco-" if self.diloco else "") + name + (f"({','.join(extra)})" if extra else "")
+
+    @property
+    def baseline(self) -> bool:
+        return self.hook == "bf16" and not self.options and not self.diloco
 
 
-# short option names for --methods and labels: rank=2 (PowerSGD), redesign=10 (codebook design every 10th step)
+# short option names for --methods and labels: rank=2 (PowerSGD), redesign=10 (codebook design every 10th step),
+# and DiLoCo's: H (sync_every), F (fragments), tau (delay), alpha (merge_alpha), olr/omom (the outer Nesterov SGD)
 _ALIASES = {"rank": "matrix_approximation_rank", "redesign": "redesign_every"}
-_SHORT = {v: k for k, v in _ALIASES.items()}
+_DILOCO_ALIASES = {"H": "sync_every", "F": "fragments", "tau": "delay", "alpha": "merge_alpha", "olr": "outer_lr",
+                   "omom": "outer_momentum"}
+_SHORT = {v: k for k, v in {**_ALIASES, **_DILOCO_ALIASES}.items()}
 
 
 def parse_method(text: str) -> Method:
     """``tnq:3`` (bits), ``tnq:3:tail=laplace,route=allgather``, ``powersgd:rank=2``, ``tnq:3:redesign=10`` or a
-    plain name."""
+    plain name; ``diloco:tnq:2:H=20,F=2,tau=1`` (DiLoCo, its outer mean compressed by ``tnq:2``) or
+    ``diloco:fp32:H=20``."""
     parts = text.split(":")
+    diloco = parts[0] == "diloco"
+    if diloco:
+        parts = parts[1:]
+        if not parts or not parts[0]:
+            raise UsageError(f"--methods: {text!r}: DiLoCo needs the outer mean's compressor, e.g. diloco:tnq:2:H=20")
     opts: dict[str, Any] = {}
+    outer: dict[str, Any] = {}
     for part in parts[1:]:
         if part.isdigit():
             opts["bits"] = int(part)
@@ -65,9 +81,14 @@ def parse_method(text: str) -> Method:
             if "=" not in kv:
                 raise UsageError(f"--methods: cannot parse {text!r} (use NAME, NAME:BITS or NAME:BITS:key=value,...)")
             k, v = kv.split("=", 1)
+            if diloco and k in _DILOCO_ALIASES:
+                outer[_DILOCO_ALIASES[k]] = parse_value(v)
+                continue
             k = _ALIASES.get(k, k)
             opts[k] = parse_value(v)
-    return Method(parts[0], tuple(sorted(opts.items())))
+    if diloco and "sync_every" not in outer:
+        raise UsageError(f"--methods: {text!r}: DiLoCo needs H (inner steps between syncs), e.g. diloco:tnq:2:H=20")
+    return Method(parts[0], tuple(sorted(opts.items())), tuple(sorted(outer.items())))
 
 
 # The truncated quantizers design their codebook every 10th step and rescale it in between (redesign_every: the
@@ -110,7 +131,8 @@ def _steady_vnmse(result: dict[str, Any]) -> list[float]:
     from tailq.hooks.config import HookConfig
 
     # FSDP's compressed reduce-scatter has no warm-up: every sample there is the method's
-    warm = 0 if result["config"].get("fsdp") else int(result["config"]["hook_options"].get(
+    config = result["config"]
+    warm = 0 if config.get("fsdp") or config.get("diloco") else int(config["hook_options"].get(
         "warmup_steps", HookConfig.warmup_steps))
     return [float(v["vnmse"]) for v in result.get("vnmse", [])
             if v["vnmse"] == v["vnmse"] and not v.get("warmup") and v["step"] >= warm]
@@ -123,7 +145,7 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
     The target is set by the bf16 run (:func:`tailq.harness.stats.target_from`): ``target_fraction`` of its best
     accuracy, or with ``target_metric="loss"`` its best test loss × (2 − ``target_fraction``).
     """
-    base = next((r for r in results if r["config"]["hook"] == "bf16"), None)
+    base = next((r for r in results if is_baseline(r["config"])), None)
     if base is None:
         raise UsageError("a comparison needs the bf16 baseline among its methods (SPEC §7)")
     best_bf16 = max(h["accuracy"] for h in base["history"])
@@ -153,6 +175,8 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
             "compressor": r["config"]["hook"],
             "bits": r["config"]["hook_options"].get("bits"),
             "options": r["config"]["hook_options"],
+            "diloco": r["config"].get("diloco"),
+            **diloco_row(r),
             "tta_s": tta,
             "tta_step": int(first["step"]) if first else None,
             "speedup_vs_bf16": (tta_bf16 / tta) if (tta and tta_bf16) else None,
@@ -166,7 +190,8 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
             "final_accuracy": hist[-1]["accuracy"],
             "accuracy_gap_vs_bf16": max(h["accuracy"] for h in hist) - best_bf16,
             "vnmse": (sum(vn) / len(vn)) if vn else None,
-            "wire_bits_per_coord": r["wire"]["bits_per_coord_handed"],
+            # per coordinate and step: a DiLoCo run's outer bits spread over the inner steps between syncs
+            "wire_bits_per_coord": r.get("bits_per_param_step", r["wire"]["bits_per_coord_handed"]),
             "ring_traffic_bits_per_coord": r["wire"]["bits_per_coord_ring_traffic"],
             "nic_bits_per_coord": (8 * sum(tx) / len(tx) / (params * n)) if tx and n else None,
             # bits leaving each node's NIC (mean over nodes), measured; and the hook's own account of them
@@ -197,6 +222,20 @@ def summarize(results: list[dict[str, Any]], target_fraction: float = 0.99,
                     **{k: recorded[k] for k in ("schedule", "schedule_spec", "schedule_text") if k in recorded}},
         "runs": runs,
     }
+
+
+def diloco_row(result: dict[str, Any]) -> dict[str, Any]:
+    """A DiLoCo run's outer loop for the summary row: syncs, bits per synced coordinate, outer vNMSE (every sync
+    measured against the exact fp32 mean), and the pseudo-gradients' tails at the last evaluation; {} otherwise."""
+    d = result.get("diloco")
+    if not d:
+        return {}
+    tails = [h["outer_tail"] for h in result.get("history", []) if h.get("outer_tail")]
+    vn = [float(v["vnmse"]) for v in result.get("vnmse", []) if v.get("vnmse") == v.get("vnmse")]
+    return {"outer_syncs": d.get("syncs"), "outer_skipped": d.get("skipped"),
+            "outer_bits_per_synced_coord": result["wire"]["bits_per_coord_handed"],
+            "outer_vnmse": (sum(vn) / len(vn)) if vn else None, "outer_tail": tails[-1] if tails else None,
+            "outer_wait_s": d.get("wait_s")}
 
 
 def overlap_row(result: dict[str, Any]) -> dict[str, Any]:
@@ -282,10 +321,10 @@ def compare(
             net = Network.parse(net)
         except ValueError as err:
             raise UsageError(str(err)) from err
-    if not any(m.hook == "bf16" for m in methods):
+    if not any(m.baseline for m in methods):
         methods.insert(0, Method("bf16"))
     # the baseline (plain bf16) first: it sets the time budget and the target
-    methods.sort(key=lambda m: (m.hook != "bf16", m.options != ()))
+    methods.sort(key=lambda m: (not m.baseline, m.hook != "bf16", m.options != ()))
     labels = [m.label for m in methods]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
@@ -300,11 +339,12 @@ def compare(
     # every method validated (its hook built, unbound) before anything starts
     configs = [RunConfig(workload=workload, hook=m.hook, hook_options=dict(m.options), workers=workers, steps=steps,
                          eval_every=eval_every, seed=seed, net=net, run_dir=str(root / m.label), label=m.label,
-                         target_metric=target_metric, **(extra or {})).validate() for m in methods]
+                         target_metric=target_metric, diloco=dict(m.diloco) or None, **(extra or {})).validate()
+               for m in methods]
     plan = {"workload": workload, "workers": workers, "net": net.as_arg(), "steps": steps, "eval_every": eval_every,
             "seed": seed, "target_fraction": target_fraction, "target_metric": target_metric, "extra": extra or {},
             "notes": list(notes or []),
-            "methods": [[m.hook, [list(kv) for kv in m.options]] for m in methods]}
+            "methods": [[m.hook, [list(kv) for kv in m.options], [list(kv) for kv in m.diloco]] for m in methods]}
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
         (root / PLAN).write_text(json.dumps(plan, indent=2))
@@ -314,7 +354,7 @@ def compare(
     except KeyboardInterrupt as err:  # SIGINT, SIGTERM, SIGHUP: the finished runs stay; say where to resume
         err.tailq_root = root  # type: ignore[attr-defined]
         raise
-    if not any(r["config"]["hook"] == "bf16" for r in results):
+    if not any(is_baseline(r["config"]) for r in results):
         raise ComparisonIncomplete(root, failed, f"the bf16 baseline failed, so nothing can be judged: "
                                    f"{failed[0]['error'].splitlines()[0] if failed else ''}")
     summary = summarize(results, target_fraction, target_metric)
@@ -422,7 +462,8 @@ def aggregate(summaries: list[dict[str, Any]], level: float = 0.9) -> dict[str, 
         for r in sm["runs"]:
             if r["name"] in by:
                 by[r["name"]][int(sm["seed"])] = r
-    base = next(r["name"] for r in first["runs"] if r["compressor"] == "bf16" and not r["options"])
+    base = next(r["name"] for r in first["runs"] if r["compressor"] == "bf16" and not r["options"]
+                and not r.get("diloco"))
 
     def tta(name: str) -> dict[int, float | None]:
         return {s: r["tta_s_interp"] for s, r in by[name].items()}
@@ -515,7 +556,7 @@ def _run_all(configs: list[RunConfig], target_fraction: float, target_metric: st
                         break
                     continue
             results.append(res)
-            if cfg.hook == "bf16" and budget is None:  # the first bf16 run is the baseline
+            if cfg.baseline and budget is None:  # the bf16 run is the baseline
                 budget = 3.0 * res["steps"][-1]["clock"]
                 target = target_from(res["history"], target_fraction, target_metric)
     return results, failed, kept
@@ -583,7 +624,8 @@ def resume(root: str | Path, *, quiet: bool = False) -> Path:
                              f"{', '.join(sorted(_EXTRA_KEYS))})")
         if not isinstance(plan["notes"], list) or not all(isinstance(n, str) for n in plan["notes"]):
             raise TypeError(f"'notes' must be a list of strings, got {plan['notes']!r}")
-        methods = [Method(hook, tuple((k, v) for k, v in opts)) for hook, opts in plan["methods"]]
+        methods = [Method(m[0], tuple((k, v) for k, v in m[1]), tuple((k, v) for k, v in (m[2] if len(m) > 2 else [])))
+                   for m in plan["methods"]]
         args = {k: plan[k] for k in ("workload", "workers", "net", "steps", "eval_every", "seed", "target_fraction",
                                      "extra", "notes")}
         args["seeds"] = int(plan.get("seeds", 1))

@@ -15,7 +15,9 @@ from tailq.options import INT64_MAX, MAX_BUCKET_CAP_MB, MAX_WORKERS, SEED_MAX, c
 from .net_schedule import NetSchedule
 from .workloads import WORKLOADS
 
-__all__ = ["RunConfig", "parse_value"]
+__all__ = ["DILOCO_KEYS", "RunConfig", "is_baseline", "parse_value"]
+
+DILOCO_KEYS = ("sync_every", "fragments", "delay", "merge_alpha", "outer_lr", "outer_momentum")
 
 
 def parse_value(text: str) -> Any:
@@ -63,6 +65,9 @@ class RunConfig:
     # buckets: bf16 = FSDP2's own in bf16, bf16:reduce=a2a = an all-to-all reduce-scatter, a shardable tailq
     # compressor = tailq.fsdp.compress (see tailq.harness.fsdp)
     fsdp: bool = False
+    # DiLoCo (tailq.DiLoCo) instead of a per-step DDP hook: ``hook``/``hook_options`` are then the outer mean's
+    # compressor and options; keys sync_every (H), fragments (F), delay (tau), merge_alpha, outer_lr, outer_momentum
+    diloco: dict[str, Any] | None = None
     net: Network = dataclasses.field(default_factory=lambda: Network("none", None))  # --net text is parsed here
     # --net-schedule: the network's rate changes at these training steps (tailq.harness.net_schedule); its text is
     # parsed here. The hook is told only ``net``, the network the run starts with
@@ -153,8 +158,33 @@ class RunConfig:
                                  "parameter all-gathers are not in the wire log, so a modeled clock would omit them")
         elif "reduce" in self.hook_options:
             raise UsageError("the method option reduce= applies to --fsdp runs only")
+        self._check_diloco()
         self._check_hook_options()
         return self
+
+    def _check_diloco(self) -> None:
+        d = self.diloco
+        if d is None:
+            return
+        if not isinstance(d, dict):
+            raise UsageError(f"diloco must be a dict of DiLoCo options; got {d!r}")
+        unknown = sorted(set(d) - set(DILOCO_KEYS))
+        if unknown:
+            raise UsageError(f"DiLoCo: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(DILOCO_KEYS)} "
+                             f"(in --methods: H, F, tau, alpha, olr, omom)")
+        if "sync_every" not in d:
+            raise UsageError("DiLoCo needs H (sync_every), e.g. diloco:tnq:2:H=20")
+        H = check_int("DiLoCo H (sync_every)", d["sync_every"], 1, error=UsageError)
+        check_int("DiLoCo F (fragments)", d.get("fragments", 1), 1, H, error=UsageError)
+        check_int("DiLoCo tau (delay)", d.get("delay", 0), 0, H - 1, error=UsageError)
+        check_float("DiLoCo alpha (merge_alpha)", d.get("merge_alpha", 0.5), 0, 1, error=UsageError)
+        check_float("DiLoCo olr (outer_lr)", d.get("outer_lr", 0.7), 0, low_open=True, error=UsageError)
+        check_float("DiLoCo omom (outer_momentum)", d.get("outer_momentum", 0.9), 0, 1, high_open=True,
+                    error=UsageError)
+        if self.fsdp:
+            raise UsageError("DiLoCo runs train a plain model per worker: not with --fsdp")
+        if self.hook == "powersgd":
+            raise UsageError("DiLoCo's outer mean takes a tailq compressor or fp32/fp16/bf16, not powersgd")
 
     def _check_nodes(self) -> None:
         if self.nodes is None:
@@ -193,6 +223,10 @@ class RunConfig:
             from tailq.fsdp import reduce_scatter
 
             build: Any = lambda: reduce_scatter(self.hook, **opts)  # noqa: E731
+        elif self.diloco is not None:  # the outer mean's hook, with DiLoCo's defaults
+            from tailq.diloco import hook_options
+
+            build = lambda: ddp_hook(self.hook, **hook_options(self.hook, opts))[0]  # noqa: E731
         else:
             if self.fsdp:
                 opts.pop("reduce", None)
@@ -228,4 +262,15 @@ class RunConfig:
         if self.label:
             return self.label
         bits = self.hook_options.get("bits")
-        return self.hook if bits is None else f"{self.hook}-{bits}b"
+        name = self.hook if bits is None else f"{self.hook}-{bits}b"
+        return name if self.diloco is None else f"diloco-{name}(H={self.diloco['sync_every']})"
+
+    @property
+    def baseline(self) -> bool:
+        """The comparison's baseline: PyTorch's bf16 DDP hook, plain (not DiLoCo with a bf16 outer mean)."""
+        return is_baseline(self.to_dict())
+
+
+def is_baseline(config: dict[str, Any]) -> bool:
+    """Whether a run's recorded config is the bf16 DDP baseline (plain bf16 hook, no options, not DiLoCo)."""
+    return config.get("hook") == "bf16" and not config.get("hook_options") and not config.get("diloco")

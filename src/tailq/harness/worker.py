@@ -151,6 +151,8 @@ def init_group(rank: int, world: int, timeout: datetime.timedelta) -> None:
 
 
 def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
+    if cfg.diloco is not None:
+        return _train_diloco(cfg, rank, world)
     run_dir = Path(cfg.run_dir)
     net = cfg.net
     wl: Workload = load_workload(cfg.workload, seed=cfg.seed, data_dir=cfg.data_dir, tail_df=cfg.tail_df)
@@ -320,6 +322,191 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             np.save(run_dir / "grad_sample.npy", grad_sample.numpy())
         torch.save({k: v.clone() for k, v in final.items()}, run_dir / "final_model.pt")
     state.close()
+    return result
+
+
+def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
+    """A DiLoCo run (:class:`tailq.DiLoCo`): every rank trains its own model with the workload's optimizer; every H
+    steps (per fragment) the outer mean of the pseudo-gradients goes through the run's hook, then the outer step.
+
+    The clock counts the inner steps and the time ``diloco.step()`` blocks (the outer mean on the critical path, or
+    the wait for a delayed one). Modeled network: each launch's collectives are priced on the link when it merges,
+    less the compute of the inner steps it overlapped (τ > 0). Evaluations are of the global model (θ_global);
+    every sync's outer vNMSE is measured against the exact fp32 mean (not charged); the pseudo-gradient's tail
+    statistics are recorded beside the gradient's at every evaluation.
+    """
+    from tailq.diloco import nesterov
+
+    run_dir, net, d = Path(cfg.run_dir), cfg.net, dict(cfg.diloco or {})
+    wl: Workload = load_workload(cfg.workload, seed=cfg.seed, data_dir=cfg.data_dir, tail_df=cfg.tail_df)
+    if cfg.lr is not None:
+        wl.lr = cfg.lr
+    batch = cfg.batch_size or wl.batch_size
+    torch.manual_seed(cfg.seed)
+    model = wl.make_model()
+    opt = wl.make_optimizer(model.parameters())
+    opts = dict(cfg.hook_options)
+    if cfg.hook not in tailq.hooks.BUILTINS:
+        opts.setdefault("measure_every", 1 if cfg.measure_every else 0)  # every outer sync: they are few
+        opts.setdefault("seed", cfg.seed)
+        if net.known:
+            opts.setdefault("network", net)
+    n_params = sum(p.numel() for p in model.parameters())
+    kernel_warmup_s = tailq.hooks.warm_kernels(cfg.hook, n_params, **opts)
+    diloco = tailq.DiLoCo(model, opt, sync_every=int(d["sync_every"]), compressor=cfg.hook,
+                          fragments=int(d.get("fragments", 1)), delay=int(d.get("delay", 0)),
+                          merge_alpha=float(d.get("merge_alpha", 0.5)),
+                          outer_optimizer=nesterov(float(d.get("outer_lr", 0.7)), float(d.get("outer_momentum", 0.9))),
+                          **opts)
+    ck = Checkpoints(run_dir, rank) if cfg.checkpoint_every else None
+    step, clock, history, steps_log = 0, 0.0, [], []
+    resumed_from = None
+    if ck is not None:
+        latest = ck.latest_common_step(world)
+        if latest is not None:
+            saved = torch.load(ck.path(latest), weights_only=True)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            diloco.load_state_dict(saved["diloco"])
+            step, clock = int(saved["step"]), float(saved["clock"])
+            history = json.loads(saved["history"])
+            steps_log = json.loads(saved["steps_log"])
+            resumed_from = step
+    shape = Shape(cfg.n_nodes, world // cfg.n_nodes)
+    sched, change, step_net = cfg.net_schedule, 0, net
+    waits: list[dict[str, Any]] = []
+    priced: dict[int, float] = {}  # modeled: seconds of each launch's collectives (by the hook's step), on the link
+    pending: list[list[float]] = []  # modeled, τ > 0: [launch ordinal, seconds still exposed] in launch order
+    grad_sample = None
+    stop = False
+    extend = cfg.extend_to_target is not None
+    limit = max(cfg.steps, cfg.max_steps or 0) if extend else cfg.steps
+    merged = len(diloco.syncs)
+    while step < limit and not stop:
+        if sched is not None and sched.change_at(step) != change:
+            change = sched.change_at(step)
+            if net.kind == "emulated":
+                waits.append({"step": step, "wait_s": wait_for_change(run_dir, rank, sched, net, change, step)})
+            step_net = sched.network_at(net, step)
+        xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
+        diloco.metrics.lap()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = wl.loss(model(xb), yb)
+        loss.backward()
+        t_opt = time.perf_counter()
+        opt.step()
+        t1 = time.perf_counter()
+        launched = diloco.launches
+        diloco.step()
+        t2 = time.perf_counter()
+        lap = diloco.metrics.lap()
+        compute = t1 - t0
+        outer_wall = max(t2 - t1 - lap.measure_s, 0.0)  # the vNMSE measurement is not the method's
+        if net.kind == "model":
+            for r in lap.records:
+                if r.kind not in ("measure", "config"):
+                    priced[r.step] = priced.get(r.step, 0.0) + link_seconds(step_net, r.scope, r.collective,
+                                                                            r.handed_bytes, shape)
+            budget = compute  # the link works through the launches in flight while this step computes
+            for pe in pending:
+                used = min(budget, pe[1])
+                pe[1] -= used
+                budget -= used
+            exposed = 0.0
+            for sync in diloco.syncs[merged:]:  # merged in this step: what the overlap did not hide
+                k = int(sync["ordinal"])
+                left = next((e[1] for e in pending if int(e[0]) == k), None)
+                exposed += priced.pop(k, 0.0) if left is None else left
+                pending = [e for e in pending if int(e[0]) != k]
+            for k in range(launched, diloco.launches):  # launched in this step and still in flight
+                if all(int(sync["ordinal"]) != k for sync in diloco.syncs[merged:]):
+                    pending.append([float(k), 0.0])
+            step_clock = compute + max(outer_wall - lap.comm_s, 0.0) + exposed
+            for pe in pending:  # the collectives may be priced only once the worker issued them
+                if pe[1] == 0.0 and int(pe[0]) in priced:
+                    pe[1] = priced.pop(int(pe[0]))
+        else:
+            step_clock = compute + outer_wall
+        merged = len(diloco.syncs)
+        clock += step_clock
+        steps_log.append({"step": step, "clock": clock, "step_s": step_clock, "wall_s": compute + outer_wall,
+                          "codec_s": lap.codec_s, "comm_s": lap.comm_s, "opt_s": t1 - t_opt, "outer_s": outer_wall,
+                          "loss": float(loss.detach())})
+        step += 1
+        _maybe_fail(cfg, rank, step)
+        if step % cfg.eval_every == 0 or step in (cfg.steps, limit):
+            dist.barrier()
+            if rank == 0:
+                with diloco.global_model() as gm:
+                    acc, test_loss = wl.evaluate(gm)
+                entry: dict[str, Any] = {"step": step, "clock": clock, "accuracy": acc, "test_loss": test_loss,
+                                         "train_loss": float(loss.detach())}
+                opt.zero_grad(set_to_none=True)  # this rank's local gradient of one batch: the per-step tails
+                wl.loss(model(xb), yb).backward()
+                grad_sample = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+                opt.zero_grad(set_to_none=True)
+                entry["tail"] = _tail_stats(grad_sample)
+                if diloco.last_pseudo_gradient is not None:
+                    entry["outer_tail"] = _tail_stats(diloco.last_pseudo_gradient)
+                    entry["outer_tail"]["at_step"] = diloco.syncs[-1]["launched"] if diloco.syncs else None
+                history.append(entry)
+                _progress(run_dir, step, cfg.steps, clock, acc)
+            over_time = bool(cfg.time_budget_s and clock > cfg.time_budget_s)
+            done = step >= cfg.steps and (not extend or (
+                rank == 0 and reached(history, cfg.extend_to_target, cfg.target_metric)))
+            flag = torch.tensor([1.0 if over_time or done else 0.0])
+            dist.broadcast(flag, 0)
+            stop = bool(flag[0] > 0)
+        if ck is not None and step % cfg.checkpoint_every == 0:
+            ck.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "diloco": diloco.state_dict(), "step": step, "clock": clock,
+                           "history": json.dumps(history), "steps_log": json.dumps(steps_log)})
+    diloco.flush()
+    result = None
+    if rank == 0:
+        with diloco.global_model():
+            final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        metrics = diloco.metrics
+        wire = metrics.wire.summary()
+        method_bytes = sum(v["handed_bytes"] for k, v in wire["by_kind"].items()
+                           if k not in ("measure", "config", "plan"))
+        result = {
+            "config": cfg.to_dict(),
+            "name": cfg.name,
+            "network": {**net.summary(), **({} if sched is None else sched.summary(net)),
+                        **({"schedule_waits": waits} if waits else {})},
+            "workload_note": wl.note,
+            "parameters": n_params,
+            "fsdp": False,
+            "history": history,
+            "steps": steps_log,
+            "steps_done": step,
+            "stopped_early": stop and step < cfg.steps,
+            "extended": step > cfg.steps,
+            "resumed_from": resumed_from,
+            "kernel_warmup_s": kernel_warmup_s,
+            "compute_s": None,
+            "overlap": {"skipped": "DiLoCo: no per-step gradient exchange to overlap with backward"},
+            "buckets": {"diloco_fragments": [f.numel for f in diloco.fragments]},
+            "wire": wire,
+            # the outer traffic per parameter and inner step (what a per-step hook's bits per coordinate compares to)
+            "bits_per_param_step": 8 * method_bytes / (n_params * max(step, 1)),
+            "diloco": {**d, "syncs": len(diloco.syncs), "skipped": diloco.skipped,
+                       "wait_s": sum(x["waited_s"] for x in diloco.syncs),
+                       "fragments_numel": [f.numel for f in diloco.fragments]},
+            "routes": sorted({v["route"] for v in metrics.last.values()}),
+            "bucket_routes": {str(i): v["route"] for i, v in sorted(metrics.last.items())},
+            "plan": _jsonable(getattr(metrics, "plan", {})),
+            "vnmse": metrics.vnmse,
+            "fallbacks": metrics.fallbacks,
+            "final_params_checksum": float(sum(float(final[k].double().sum()) for k, _ in model.named_parameters())),
+        }
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        if grad_sample is not None:
+            np.save(run_dir / "grad_sample.npy", grad_sample.numpy())
+        torch.save(final, run_dir / "final_model.pt")
+    diloco.close()
     return result
 
 
