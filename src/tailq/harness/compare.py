@@ -44,7 +44,8 @@ class Method:
     def label(self) -> str:
         opts = dict(self.options)
         bits = opts.get("bits")
-        extra = [f"{_SHORT.get(k, k)}={v}" for k, v in self.diloco + self.options if k != "bits"]
+        loop = sorted(self.diloco, key=lambda kv: list(_DILOCO_ALIASES.values()).index(kv[0]))  # H, F, tau, ...
+        extra = [f"{_SHORT.get(k, k)}={v}" for k, v in (*loop, *self.options) if k != "bits"]
         name = self.hook if bits is None else f"{self.hook}-{bits}b"
         return ("diloco-" if self.diloco else "") + name + (f"({','.join(extra)})" if extra else "")
 

@@ -591,6 +591,7 @@ def _markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in (*PLOTS, STEPS_PLOT)]
     lines += _routes_section(runs)
     lines += _loop_section(runs)
+    lines += _diloco_section(summary, runs)
     tails = []
     for name, r in runs.items():
         if r["history"] and "tail" in r["history"][-1]:
@@ -668,3 +669,40 @@ def _loop_section(runs: dict[str, dict[str, Any]]) -> list[str]:
             "(tailq.comm.adapt).", "",
             "| run | bucket | values | planned | route at the end | ms per step (last measured) | probes | switches |",
             "|---|---:|---:|---|---|---|---:|---:|", *rows, "", *(switches or ["- no switch"])]
+
+
+def _tail_cells(t: dict[str, Any] | None) -> str:
+    t = t or {}
+    return (f"{_fmt(t.get('excess_kurtosis'), '.1f')} | {_fmt(t.get('powerlaw_gamma'), '.2f')} | "
+            f"{_fmt(t.get('powerlaw_tail_fraction'), '.3f')}")
+
+
+def _diloco_section(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[str]:
+    """DiLoCo runs: the outer loop (H, F, τ, syncs), its traffic (bits per synced coordinate, per parameter and
+    step), the outer mean's vNMSE against the exact fp32 mean (every sync), and the pseudo-gradient's tails beside
+    the per-step gradient's at the last evaluation (rank 0's; SPEC's tail fit)."""
+    rows = []
+    for row in summary["runs"]:
+        d = row.get("diloco")
+        if not d:
+            continue
+        r = runs.get(row["name"]) or {}
+        hist = r.get("history") or [{}]
+        last = hist[-1]
+        rows.append(f"| {row['name']} | {d.get('sync_every')} | {d.get('fragments', 1)} | {d.get('delay', 0)} | "
+                    f"{_fmt(row.get('outer_syncs'), 'd')} | {_fmt(row.get('outer_bits_per_synced_coord'), '.2f')} | "
+                    f"{_fmt(row.get('wire_bits_per_coord'), '.3f')} | {_fmt(row.get('outer_vnmse'), '.3g')} | "
+                    f"{_tail_cells(last.get('outer_tail'))} | {_fmt(last.get('outer_alpha_max'), '.3g')} | "
+                    f"{_tail_cells(last.get('tail'))} |")
+    if not rows:
+        return []
+    return ["", "## DiLoCo: the outer loop, its traffic and error, pseudo-gradient tails", "",
+            "H inner steps between a fragment's syncs, F fragments, τ steps a mean overlaps before it merges. Bits: "
+            "the outer collectives' bits per synced coordinate, and per parameter and inner step (what a per-step "
+            "hook's bits compare to). Outer vNMSE: every sync's mean against the exact fp32 mean (measured, not "
+            "charged). Tails of rank 0's last pseudo-gradient and of its local gradient of one batch at the last "
+            "evaluation: excess kurtosis, the fitted power-law γ and the fraction of values in the fitted tail; "
+            "α*: the truncated quantizer's clipping threshold at the last sync (absolute).", "",
+            "| run | H | F | τ | syncs | bits/synced coord | bits/param/step | outer vNMSE | Δ kurtosis | Δ γ | "
+            "Δ tail frac | α* | grad kurtosis | grad γ | grad tail frac |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]

@@ -450,6 +450,9 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
                 if diloco.last_pseudo_gradient is not None:
                     entry["outer_tail"] = _tail_stats(diloco.last_pseudo_gradient)
                     entry["outer_tail"]["at_step"] = diloco.syncs[-1]["launched"] if diloco.syncs else None
+                alphas = [v["alpha"] for v in diloco.metrics.last.values() if "alpha" in v]
+                if alphas:  # the truncated quantizers' clipping threshold of the last outer mean
+                    entry["outer_alpha_max"] = float(max(alphas))
                 history.append(entry)
                 _progress(run_dir, step, cfg.steps, clock, acc)
             over_time = bool(cfg.time_budget_s and clock > cfg.time_budget_s)
