@@ -256,9 +256,15 @@ def _workers_of(run_dir: Path) -> list[int]:
     return pids
 
 
+# The launcher starts with SIGTERM's and SIGHUP's default dispositions whatever the test runner's: started under
+# nohup (SIGHUP ignored, inherited), it keeps SIGHUP ignored by design, and the SIGHUP case would wait out its 60 s.
+LAUNCHER = ("import signal, sys; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)]; "
+            "from tailq.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def _start(argv: list[str], run_dir: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "w") as fh:
-        p = subprocess.Popen([sys.executable, "-m", "tailq.cli", *argv], stdout=fh, stderr=subprocess.STDOUT)
+        p = subprocess.Popen([sys.executable, "-c", LAUNCHER, *argv], stdout=fh, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while len(_workers_of(run_dir)) < 2 or not (run_dir / "progress.json").is_file():  # training has begun
         assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
@@ -285,6 +291,67 @@ def test_sigterm_or_sighup_to_train_stops_its_workers(sig: int, tmp_path: Path) 
             "--compressor", "bf16", "--run-dir", str(run_dir)]
     out = _stopped(_start(argv, run_dir, tmp_path / "log"), sig, run_dir, tmp_path / "log")
     assert f"stopped by {signal.Signals(sig).name}; its workers were stopped" in out
+
+
+# launch_run with its workers' Popen._waitpid_lock replaced by one that sends SIGHUP to this process right after a
+# non-blocking acquire succeeds (once training has begun): the handler runs exactly where a real signal lands when it
+# arrives while Popen.poll() is between acquiring that lock and entering the try that releases it. Raised there, the
+# launcher's Stopped left the lock held and reap()'s wait() blocked on it forever (the CI failure of the SIGHUP case
+# above, on a loaded machine); held until the poll returns (launch._held), it stops the run at once.
+SIGNAL_INSIDE_POLL = r"""
+import os, signal, subprocess, sys, time
+from pathlib import Path
+import tailq.harness.launch as launch
+from tailq.comm.network import Network
+from tailq.harness.config import RunConfig
+
+run_dir = Path(sys.argv[1])
+fired = []
+
+class Lock:
+    def __init__(self, real):
+        self.real = real
+    def acquire(self, blocking=True, timeout=-1):
+        got = self.real.acquire(blocking, timeout)
+        if got and not blocking and not fired and (run_dir / "progress.json").is_file():
+            fired.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGHUP)
+        return got
+    def release(self):
+        self.real.release()
+    def locked(self):
+        return self.real.locked()
+    __enter__ = acquire
+    def __exit__(self, *exc):
+        self.real.release()
+
+class Popen(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not hasattr(self, "_waitpid_lock"):
+            print("SKIP: this Python's Popen has no _waitpid_lock", flush=True)
+            os._exit(0)
+        self._waitpid_lock = Lock(self._waitpid_lock)
+
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+launch.subprocess.Popen = Popen
+cfg = RunConfig(workload="synthetic", hook="bf16", workers=2, steps=1_000_000, eval_every=1000,
+                net=Network("none", None), run_dir=str(run_dir))
+try:
+    launch.launch_run(cfg)
+except launch.Stopped as err:
+    print(f"{err} inside a poll: launch_run returned {time.monotonic() - fired[0]:.3f} s later", flush=True)
+"""
+
+
+def test_sighup_inside_a_workers_poll_still_stops_the_launcher(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-c", SIGNAL_INSIDE_POLL, str(run_dir)], capture_output=True, text=True,
+                       timeout=300)
+    if p.stdout.startswith("SKIP: "):
+        pytest.skip(p.stdout[6:].strip())
+    assert p.returncode == 0 and "stopped by SIGHUP inside a poll" in p.stdout, p.stdout + p.stderr[-3000:]
+    assert not _workers_of(run_dir), "workers outlived the launcher"
 
 
 def _ours(pid: int) -> set[str]:

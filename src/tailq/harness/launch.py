@@ -60,27 +60,61 @@ class Stopped(KeyboardInterrupt):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
+class _held:  # noqa: N801 - used as ``with _held():``
+    """Inside, in the main thread, a stop signal (SIGTERM, SIGHUP; SIGINT while :func:`stop_on_signals` holds it)
+    is held and raised when the outermost ``with _held()`` ends. Every call into :mod:`subprocess` on the workers
+    (start, poll, kill, wait) is inside: raised at an arbitrary point of ``Popen.poll()`` — between its
+    ``_waitpid_lock.acquire(False)`` and the ``try`` that releases it — the exception left that lock held, and
+    :func:`reap`'s ``wait()`` then blocked on it forever (a launcher that never exited after SIGHUP)."""
+
+    depth = 0
+    pending: int | None = None
+
+    def __enter__(self) -> None:
+        self.counted = threading.current_thread() is threading.main_thread()  # signal handlers run only there
+        if self.counted:
+            _held.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.counted:
+            return
+        _held.depth -= 1
+        if _held.depth == 0 and _held.pending is not None:
+            signum, _held.pending = _held.pending, None
+            raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+
+
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
-    raise Stopped(signum)
+    if _held.depth:
+        _held.pending = signum  # raised when the subprocess call under way has returned
+        return
+    raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP raise :class:`Stopped` in the main thread while inside (so every ``finally`` runs:
-    workers reaped, networks removed); the previous handlers come back after. A no-op off the main thread."""
+    workers reaped, networks removed), SIGINT ``KeyboardInterrupt`` as it does anyway; a signal that arrives while
+    the launcher is inside a call into :mod:`subprocess` on its workers is raised when that call returns
+    (:class:`_held`). The previous handlers come back after. A no-op off the main thread. An ignored signal stays
+    ignored (``nohup``: a launcher started with SIGHUP ignored is not stopped by it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    prev = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    prev = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGINT)}
     for sig, old in prev.items():
+        if sig == signal.SIGINT and old is not signal.default_int_handler:
+            continue  # SIGINT is held only where it would raise KeyboardInterrupt anyway
         if old is not signal.SIG_IGN and old is not _raise_stopped:
             signal.signal(sig, _raise_stopped)
+    _held.pending = None
     try:
         yield
     finally:
         for sig, old in prev.items():
             if old is not None:
                 signal.signal(sig, old)
+        _held.pending = None
 
 
 def done_marker(run_dir: Path, rank: int) -> Path:
@@ -113,13 +147,15 @@ def _network(net: Network, workers: int, node_size: int = 1) -> Iterator[Emulate
 
 
 def reap(procs: list[subprocess.Popen[bytes]], logs: list[Any]) -> None:
-    """Kill the workers still running and close their logs (after a run, or when it failed)."""
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    for log in logs:
-        log.close()
+    """Kill the workers still running and close their logs (after a run, or when it failed). A stop signal that
+    arrives meanwhile is raised once they are reaped (:class:`_held`)."""
+    with _held():
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
 
 
 def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.0) -> dict[str, Any]:
@@ -137,22 +173,24 @@ def launch_run(cfg: RunConfig, *, progress: Any = None, timeout_s: float = 3600.
         tx0 = net.tx_bytes() if net is not None else None
         # --net-schedule on an emulated network: this process changes the links when rank 0 asks (net_schedule)
         applier = ScheduleApplier(run_dir, cfg.net_schedule, net) if net is not None and cfg.net_schedule else None
-        procs, logs = [], []
+        procs: list[subprocess.Popen[bytes]] = []
+        logs: list[Any] = []
         port = 29500 if net is not None else _free_port()
-        for rank in range(cfg.workers):
-            env = {**os.environ, **node_env(rank, cfg.workers, cfg.node_size),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(cfg.threads),
-                   "PYTHONUNBUFFERED": "1"}
-            prefix: list[str] = []
-            if net is not None:
-                env.update(net.env(rank))
-                prefix = net.command_prefix(rank)
-            log = open(run_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            cmd = [*prefix, sys.executable, "-m", "tailq.harness.worker", "--config", str(config_path)]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None))
-        try:
+        try:  # the workers started so far are reaped however the start or the run ends
+            for rank in range(cfg.workers):
+                env = {**os.environ, **node_env(rank, cfg.workers, cfg.node_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(cfg.threads),
+                       "PYTHONUNBUFFERED": "1"}
+                prefix: list[str] = []
+                if net is not None:
+                    env.update(net.env(rank))
+                    prefix = net.command_prefix(rank)
+                log = open(run_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed by reap
+                logs.append(log)
+                cmd = [*prefix, sys.executable, "-m", "tailq.harness.worker", "--config", str(config_path)]
+                with _held():  # a worker started is in procs before a stop signal is raised, so it is reaped
+                    procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None))
             exit_notes = _wait(procs, run_dir, cfg, progress, timeout_s, applier)
         finally:
             reap(procs, logs)
@@ -189,7 +227,8 @@ def _wait(procs: list[subprocess.Popen[bytes]], run_dir: Path, cfg: RunConfig, p
                 applier.poll()
             except (EmulationError, ValueError) as err:
                 raise RunFailed(f"run {cfg.name}: --net-schedule: could not change the network's rate: {err}") from err
-        codes = [p.poll() for p in procs]
+        with _held():  # a stop signal is raised after the polls, never inside one (see _held)
+            codes = [p.poll() for p in procs]
         failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
         written = (run_dir / "result.json").is_file()
         late = [(r, c) for r, c in failed if written or done_marker(run_dir, r).is_file()]
