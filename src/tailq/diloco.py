@@ -345,6 +345,10 @@ class DiLoCo:
                 assert f.outer is not None
                 f.outer.load_state_dict(os_)
         self.state.load_state_dict(state["hook"])
+        # the hook checks that a loaded state's residuals are all used by its first step (DDP may regroup its
+        # buckets); here a hook step is one fragment's sync, the layout is fixed and checked with the config above
+        if hasattr(self.state, "_loaded_keys"):
+            self.state._loaded_keys = None
         self._inflight = [_InFlight(int(j["fragment"]), int(j["launched"]), int(j["merge_at"]), list(j["means"]),
                                     int(j["ordinal"])) for j in state["inflight"]]
 
