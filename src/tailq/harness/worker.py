@@ -184,22 +184,10 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
         kernel_warmup_s = tailq.hooks.warm_kernels(cfg.hook, n_params, **opts)
     opt = wl.make_optimizer(ddp.parameters())
 
-    ck = Checkpoints(run_dir, rank) if cfg.checkpoint_every else None
-    step, clock, history, steps_log = 0, 0.0, [], []
-    resumed_from = None
-    if ck is not None:
-        latest = ck.latest_common_step(world)
-        if latest is not None:
-            saved = torch.load(ck.path(latest), weights_only=True)
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            state.load_state_dict(saved["hook"])
-            step, clock = int(saved["step"]), float(saved["clock"])
-            history = json.loads(saved["history"])
-            steps_log = json.loads(saved["steps_log"])
-            resumed_from = step
-            xb, yb = _batch(wl, rank, world, 0, batch, cfg.seed)
-            tailq.hooks.prime_buckets(ddp, state, lambda: wl.loss(ddp(xb), yb).backward())
+    ck, step, clock, history, steps_log, resumed_from = _restore(cfg, run_dir, rank, world, model, opt, "hook", state)
+    if resumed_from is not None:
+        xb, yb = _batch(wl, rank, world, 0, batch, cfg.seed)
+        tailq.hooks.prime_buckets(ddp, state, lambda: wl.loss(ddp(xb), yb).backward())
 
     grad_sample = None
     stop = False
@@ -227,14 +215,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             calib_samples = calibrate_compute(ddp, model, opt, wl.loss, xb, yb, cfg.compute_calibration)
             calib_at = step
         state.metrics.lap()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = wl.loss(ddp(xb), yb)
-        loss.backward()
-        t_opt = time.perf_counter()
-        opt.step()
-        t1 = time.perf_counter()
-        dt, opt_s = t1 - t0, t1 - t_opt
+        loss, dt, opt_s = _timed_step(ddp, opt, wl, xb, yb)
         lap = state.metrics.lap()
         seen = buckets_seen(lap.records) or seen
         step_wall = dt - lap.measure_s  # vNMSE measurement collectives are not part of the method
@@ -310,19 +291,58 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
             "overlap": overlap,
             "buckets": buckets,
             "wire": metrics.wire.summary(),
-            "routes": sorted({v["route"] for v in metrics.last.values()}),
+            **_hook_fields(metrics, final, model),
+        }
+        _write_result(run_dir, result, grad_sample)
+        torch.save({k: v.clone() for k, v in final.items()}, run_dir / "final_model.pt")
+    state.close()
+    return result
+
+
+def _timed_step(model: Any, opt: Any, wl: Workload, xb: torch.Tensor, yb: torch.Tensor
+                ) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+    """One training step (forward, backward — with DDP, the gradient exchange — and the optimizer): (loss, seconds,
+    the optimizer's seconds)."""
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = wl.loss(model(xb), yb)
+    loss.backward()
+    t_opt = time.perf_counter()
+    opt.step()
+    t1 = time.perf_counter()
+    return loss, t1 - t0, t1 - t_opt
+
+
+def _hook_fields(metrics: Any, final: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
+    """The result's fields from the hook's metrics (routes, plan, vNMSE, fallbacks) and the final parameters."""
+    return {"routes": sorted({v["route"] for v in metrics.last.values()}),
             "bucket_routes": {str(i): v["route"] for i, v in sorted(metrics.last.items())},
             "plan": _jsonable(getattr(metrics, "plan", {})),
             "vnmse": metrics.vnmse,
             "fallbacks": metrics.fallbacks,
-            "final_params_checksum": float(sum(float(final[k].double().sum()) for k, _ in model.named_parameters())),
-        }
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-        if grad_sample is not None:
-            np.save(run_dir / "grad_sample.npy", grad_sample.numpy())
-        torch.save({k: v.clone() for k, v in final.items()}, run_dir / "final_model.pt")
-    state.close()
-    return result
+            "final_params_checksum": float(sum(float(final[k].double().sum()) for k, _ in model.named_parameters()))}
+
+
+def _write_result(run_dir: Path, result: dict[str, Any], grad_sample: torch.Tensor | None) -> None:
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    if grad_sample is not None:
+        np.save(run_dir / "grad_sample.npy", grad_sample.numpy())
+
+
+def _restore(cfg: RunConfig, run_dir: Path, rank: int, world: int, model: torch.nn.Module, opt: Any, key: str,
+             state: Any) -> tuple[Checkpoints | None, int, float, list[Any], list[Any], int | None]:
+    """The checkpoints of the run, and what the latest one every rank saved restores (model, optimizer, the hook's or
+    DiLoCo's state under ``key``): (checkpoints, step, clock, history, steps log, resumed-from step or None)."""
+    ck = Checkpoints(run_dir, rank) if cfg.checkpoint_every else None
+    latest = ck.latest_common_step(world) if ck is not None else None
+    if ck is None or latest is None:
+        return ck, 0, 0.0, [], [], None
+    saved = torch.load(ck.path(latest), weights_only=True)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    state.load_state_dict(saved[key])
+    step = int(saved["step"])
+    return ck, step, float(saved["clock"]), json.loads(saved["history"]), json.loads(saved["steps_log"]), step
 
 
 def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
@@ -358,20 +378,8 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
                           merge_alpha=float(d.get("merge_alpha", 0.5)),
                           outer_optimizer=nesterov(float(d.get("outer_lr", 0.7)), float(d.get("outer_momentum", 0.9))),
                           **opts)
-    ck = Checkpoints(run_dir, rank) if cfg.checkpoint_every else None
-    step, clock, history, steps_log = 0, 0.0, [], []
-    resumed_from = None
-    if ck is not None:
-        latest = ck.latest_common_step(world)
-        if latest is not None:
-            saved = torch.load(ck.path(latest), weights_only=True)
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            diloco.load_state_dict(saved["diloco"])
-            step, clock = int(saved["step"]), float(saved["clock"])
-            history = json.loads(saved["history"])
-            steps_log = json.loads(saved["steps_log"])
-            resumed_from = step
+    ck, step, clock, history, steps_log, resumed_from = _restore(cfg, run_dir, rank, world, model, opt, "diloco",
+                                                                 diloco)
     shape = Shape(cfg.n_nodes, world // cfg.n_nodes)
     sched, change, step_net = cfg.net_schedule, 0, net
     waits: list[dict[str, Any]] = []
@@ -390,18 +398,12 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
             step_net = sched.network_at(net, step)
         xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
         diloco.metrics.lap()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = wl.loss(model(xb), yb)
-        loss.backward()
-        t_opt = time.perf_counter()
-        opt.step()
-        t1 = time.perf_counter()
+        loss, compute, opt_s = _timed_step(model, opt, wl, xb, yb)
         launched = diloco.launches
+        t1 = time.perf_counter()
         diloco.step()
         t2 = time.perf_counter()
         lap = diloco.metrics.lap()
-        compute = t1 - t0
         outer_wall = max(t2 - t1 - lap.measure_s, 0.0)  # the vNMSE measurement is not the method's
         if net.kind == "model":
             for r in lap.records:
@@ -431,7 +433,7 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
         merged = len(diloco.syncs)
         clock += step_clock
         steps_log.append({"step": step, "clock": clock, "step_s": step_clock, "wall_s": compute + outer_wall,
-                          "codec_s": lap.codec_s, "comm_s": lap.comm_s, "opt_s": t1 - t_opt, "outer_s": outer_wall,
+                          "codec_s": lap.codec_s, "comm_s": lap.comm_s, "opt_s": opt_s, "outer_s": outer_wall,
                           "loss": float(loss.detach())})
         step += 1
         _maybe_fail(cfg, rank, step)
@@ -498,16 +500,9 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
             "diloco": {**d, "syncs": len(diloco.syncs), "skipped": diloco.skipped,
                        "wait_s": sum(x["waited_s"] for x in diloco.syncs),
                        "fragments_numel": [f.numel for f in diloco.fragments]},
-            "routes": sorted({v["route"] for v in metrics.last.values()}),
-            "bucket_routes": {str(i): v["route"] for i, v in sorted(metrics.last.items())},
-            "plan": _jsonable(getattr(metrics, "plan", {})),
-            "vnmse": metrics.vnmse,
-            "fallbacks": metrics.fallbacks,
-            "final_params_checksum": float(sum(float(final[k].double().sum()) for k, _ in model.named_parameters())),
+            **_hook_fields(metrics, final, model),
         }
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-        if grad_sample is not None:
-            np.save(run_dir / "grad_sample.npy", grad_sample.numpy())
+        _write_result(run_dir, result, grad_sample)
         torch.save(final, run_dir / "final_model.pt")
     diloco.close()
     return result
