@@ -351,8 +351,9 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
 
     The clock counts the inner steps and the time ``diloco.step()`` blocks (the outer mean on the critical path, or
     the wait for a delayed one). Modeled network: each launch's collectives are priced on the link when it merges,
-    less the compute of the inner steps it overlapped (τ > 0). Evaluations are of the global model (θ_global);
-    every sync's outer vNMSE is measured against the exact fp32 mean (not charged); the pseudo-gradient's tail
+    less the compute of the inner steps it overlapped (τ > 0; launches in flight together are each credited with
+    the same compute, optimistic only when two fragments' means overlap each other). Evaluations are of the global
+    model (θ_global); every sync's outer vNMSE is measured against the exact fp32 mean (not charged); the pseudo-gradient's tail
     statistics are recorded beside the gradient's at every evaluation.
     """
     from tailq.diloco import nesterov
@@ -384,7 +385,7 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
     sched, change, step_net = cfg.net_schedule, 0, net
     waits: list[dict[str, Any]] = []
     priced: dict[int, float] = {}  # modeled: seconds of each launch's collectives (by the hook's step), on the link
-    pending: list[list[float]] = []  # modeled, τ > 0: [launch ordinal, seconds still exposed] in launch order
+    credit: dict[int, float] = {}  # modeled, τ > 0: compute seconds each launch in flight has overlapped
     grad_sample = None
     stop = False
     extend = cfg.extend_to_target is not None
@@ -410,24 +411,16 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
                 if r.kind not in ("measure", "config"):
                     priced[r.step] = priced.get(r.step, 0.0) + link_seconds(step_net, r.scope, r.collective,
                                                                             r.handed_bytes, shape)
-            budget = compute  # the link works through the launches in flight while this step computes
-            for pe in pending:
-                used = min(budget, pe[1])
-                pe[1] -= used
-                budget -= used
+            for k in credit:  # the link works on the launches in flight while this step computes
+                credit[k] += compute
             exposed = 0.0
-            for sync in diloco.syncs[merged:]:  # merged in this step: what the overlap did not hide
+            for sync in diloco.syncs[merged:]:  # merged in this step (every collective of it issued by now)
                 k = int(sync["ordinal"])
-                left = next((e[1] for e in pending if int(e[0]) == k), None)
-                exposed += priced.pop(k, 0.0) if left is None else left
-                pending = [e for e in pending if int(e[0]) != k]
+                exposed += max(priced.pop(k, 0.0) - credit.pop(k, 0.0), 0.0)  # what the overlap did not hide
             for k in range(launched, diloco.launches):  # launched in this step and still in flight
                 if all(int(sync["ordinal"]) != k for sync in diloco.syncs[merged:]):
-                    pending.append([float(k), 0.0])
+                    credit[k] = 0.0
             step_clock = compute + max(outer_wall - lap.comm_s, 0.0) + exposed
-            for pe in pending:  # the collectives may be priced only once the worker issued them
-                if pe[1] == 0.0 and int(pe[0]) in priced:
-                    pe[1] = priced.pop(int(pe[0]))
         else:
             step_clock = compute + outer_wall
         merged = len(diloco.syncs)
