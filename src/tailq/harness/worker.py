@@ -353,8 +353,8 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
     the wait for a delayed one). Modeled network: each launch's collectives are priced on the link when it merges,
     less the compute of the inner steps it overlapped (τ > 0; launches in flight together are each credited with
     the same compute, optimistic only when two fragments' means overlap each other). Evaluations are of the global
-    model (θ_global); every sync's outer vNMSE is measured against the exact fp32 mean (not charged); the pseudo-gradient's tail
-    statistics are recorded beside the gradient's at every evaluation.
+    model (θ_global); every sync's outer vNMSE is measured against the exact fp32 mean (not charged); the
+    pseudo-gradient's tail statistics are recorded beside the gradient's at every evaluation.
     """
     from tailq.diloco import nesterov
 
