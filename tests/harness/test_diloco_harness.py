@@ -74,3 +74,17 @@ def test_a_diloco_run_records_its_outer_loop_and_resumes_exactly(tmp_path: Path)
     resumed = launch_run(cfg(part), timeout_s=300)
     assert resumed["resumed_from"] == 6
     assert resumed["final_params_checksum"] == full["final_params_checksum"]
+
+
+def test_tail_statistics_of_a_diverged_run_count_the_nonfinite_values() -> None:
+    # QSGD-2 with error feedback diverges on digits under DiLoCo (issue 23's probe, and our run): the evaluation's
+    # tail statistics must not fail the run
+    import torch
+
+    from tailq.harness.worker import _tail_stats
+
+    assert _tail_stats(torch.full((1000,), float("nan"))) == {"n": 0, "nonfinite": 1000}
+    x = torch.distributions.StudentT(3.0).sample((5000,))
+    x[:10] = float("inf")
+    out = _tail_stats(x)
+    assert out["nonfinite"] == 10 and out["n"] == 4990 and out["excess_kurtosis"] > 0

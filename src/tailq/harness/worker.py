@@ -72,8 +72,10 @@ def _tail_stats(grad: torch.Tensor) -> dict[str, Any]:
     from tailq import theory
 
     g = grad.double().numpy()
-    g = g[g != 0]
-    out: dict[str, Any] = {"n": int(g.size)}
+    finite = np.isfinite(g)
+    bad = int(g.size - finite.sum())  # a diverged run: its statistics are of the finite values, the count recorded
+    g = g[finite & (g != 0)]
+    out: dict[str, Any] = {"n": int(g.size), **({"nonfinite": bad} if bad else {})}
     if g.size < 100:
         return out
     out["mean_abs"] = float(np.mean(np.abs(g)))
