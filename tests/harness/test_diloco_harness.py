@@ -88,3 +88,12 @@ def test_tail_statistics_of_a_diverged_run_count_the_nonfinite_values() -> None:
     x[:10] = float("inf")
     out = _tail_stats(x)
     assert out["nonfinite"] == 10 and out["n"] == 4990 and out["excess_kurtosis"] > 0
+
+
+def test_a_plan_keeps_diloco_methods_for_resume() -> None:
+    # compare.json (one seed or several) must give --resume the same methods back: without the DiLoCo options
+    # diloco:bf16:H=20 came back as the bf16 baseline, a duplicate
+    for text in ("bf16", "tnq:3:redesign=10", "diloco:bf16:H=20", "diloco:tnq:2:H=20,F=2,tau=2:route=allgather"):
+        m = parse_method(text)
+        assert Method.from_plan(m.as_plan()) == m
+    assert Method.from_plan(["tnq", [["bits", 3]]]) == parse_method("tnq:3")  # a plan from before DiLoCo

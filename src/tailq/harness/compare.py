@@ -53,6 +53,15 @@ class Method:
     def baseline(self) -> bool:
         return self.hook == "bf16" and not self.options and not self.diloco
 
+    def as_plan(self) -> list[Any]:
+        """The method as compare.json keeps it: ``[hook, [[key, value], …], [[diloco key, value], …]]``."""
+        return [self.hook, [list(kv) for kv in self.options], [list(kv) for kv in self.diloco]]
+
+    @classmethod
+    def from_plan(cls, m: list[Any]) -> Method:
+        """The inverse of :meth:`as_plan` (plans written before DiLoCo have no third element)."""
+        return cls(m[0], tuple((k, v) for k, v in m[1]), tuple((k, v) for k, v in (m[2] if len(m) > 2 else [])))
+
 
 # short option names for --methods and labels: rank=2 (PowerSGD), redesign=10 (codebook design every 10th step),
 # and DiLoCo's: H (sync_every), F (fragments), tau (delay), alpha (merge_alpha), olr/omom (the outer Nesterov SGD)
@@ -345,7 +354,7 @@ def compare(
     plan = {"workload": workload, "workers": workers, "net": net.as_arg(), "steps": steps, "eval_every": eval_every,
             "seed": seed, "target_fraction": target_fraction, "target_metric": target_metric, "extra": extra or {},
             "notes": list(notes or []),
-            "methods": [[m.hook, [list(kv) for kv in m.options], [list(kv) for kv in m.diloco]] for m in methods]}
+            "methods": [m.as_plan() for m in methods]}
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
         (root / PLAN).write_text(json.dumps(plan, indent=2))
@@ -399,7 +408,7 @@ def _compare_seeds(seeds: int, *, out_dir: str, run_id: str | None, seed: int, r
         plan = {**{k: args[k] for k in ("workload", "workers", "steps", "eval_every", "target_fraction",
                                         "target_metric")},
                 "net": net_arg, "seed": seed, "seeds": seeds, "extra": args.get("extra") or {},
-                "notes": list(notes or []), "methods": [[m.hook, [list(kv) for kv in m.options]] for m in methods]}
+                "notes": list(notes or []), "methods": [m.as_plan() for m in methods]}
         (root / PLAN).write_text(json.dumps(plan, indent=2))
     summaries, failed = [], []
     for s in range(seed, seed + seeds):
@@ -625,8 +634,7 @@ def resume(root: str | Path, *, quiet: bool = False) -> Path:
                              f"{', '.join(sorted(_EXTRA_KEYS))})")
         if not isinstance(plan["notes"], list) or not all(isinstance(n, str) for n in plan["notes"]):
             raise TypeError(f"'notes' must be a list of strings, got {plan['notes']!r}")
-        methods = [Method(m[0], tuple((k, v) for k, v in m[1]), tuple((k, v) for k, v in (m[2] if len(m) > 2 else [])))
-                   for m in plan["methods"]]
+        methods = [Method.from_plan(m) for m in plan["methods"]]
         args = {k: plan[k] for k in ("workload", "workers", "net", "steps", "eval_every", "seed", "target_fraction",
                                      "extra", "notes")}
         args["seeds"] = int(plan.get("seeds", 1))
