@@ -291,6 +291,12 @@ class DiLoCo:
         self.syncs.append({"fragment": job.fragment, "launched": job.launched, "merged": self.step_count,
                            "numel": frag.numel, "waited_s": waited, "skipped": not finite, "ordinal": job.ordinal})
 
+    def wait(self) -> None:
+        """Wait until every mean in flight has arrived, without merging it (it still merges at its step): what a
+        caller that pauses its clock (an evaluation, a checkpoint) calls first, so no mean travels while paused."""
+        for job in self._inflight:
+            self._wait(job)
+
     def flush(self) -> None:
         """Merge every mean still in flight now (e.g. at the end of training, before saving the final model)."""
         for job in self._inflight:

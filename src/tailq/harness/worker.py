@@ -352,11 +352,12 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
     steps (per fragment) the outer mean of the pseudo-gradients goes through the run's hook, then the outer step.
 
     The clock counts the inner steps and the time ``diloco.step()`` blocks (the outer mean on the critical path, or
-    the wait for a delayed one). Modeled network: each launch's collectives are priced on the link when it merges,
-    less the compute of the inner steps it overlapped (τ > 0; launches in flight together are each credited with
-    the same compute, optimistic only when two fragments' means overlap each other). Evaluations are of the global
-    model (θ_global); every sync's outer vNMSE is measured against the exact fp32 mean (not charged); the
-    pseudo-gradient's tail statistics are recorded beside the gradient's at every evaluation.
+    the wait for a delayed one); before the clock pauses (an evaluation, a checkpoint) the means in flight are
+    waited for on the clock, so none travels for free. Modeled network: each launch's collectives are priced on the
+    link when it merges, less the compute of the inner steps it overlapped (τ > 0; launches in flight together are
+    each credited with the same compute, optimistic only when two fragments' means overlap each other).
+    Evaluations are of the global model (θ_global); every sync's outer vNMSE is measured against the exact fp32
+    mean (not charged); the pseudo-gradient's tail statistics are recorded beside the gradient's at every evaluation.
     """
     from tailq.diloco import nesterov
 
@@ -400,7 +401,7 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
                 waits.append({"step": step, "wait_s": wait_for_change(run_dir, rank, sched, net, change, step)})
             step_net = sched.network_at(net, step)
         xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
-        diloco.metrics.lap()
+        # (no lap here: a mean in flight issues collectives between two steps too, and they are this run's)
         loss, compute, opt_s = _timed_step(model, opt, wl, xb, yb)
         launched = diloco.launches
         t1 = time.perf_counter()
@@ -432,6 +433,14 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
                           "loss": float(loss.detach())})
         step += 1
         _maybe_fail(cfg, rank, step)
+        pause = step % cfg.eval_every == 0 or step in (cfg.steps, limit) or bool(
+            ck is not None and step % cfg.checkpoint_every == 0)
+        if pause and net.kind != "model":  # the clock pauses next: the means in flight arrive first, on the clock
+            tw = time.perf_counter()
+            diloco.wait()
+            drained = time.perf_counter() - tw
+            clock += drained
+            steps_log[-1].update(clock=clock, step_s=steps_log[-1]["step_s"] + drained, drain_s=drained)
         if step % cfg.eval_every == 0 or step in (cfg.steps, limit):
             dist.barrier()
             if rank == 0:
