@@ -368,3 +368,64 @@ def test_ddp_hook_allgather_mean_is_within_the_formats_error() -> None:
         assert float(err.max()) > 0  # compressed, not passed through
         # the wire: the encoding's bytes plus the gather's framing (8 bytes per tensor) and the 8-byte agreement
         assert r0["enc_bits"] <= r0["bits"] <= r0["enc_bits"] + 8 * 8 * 4 / d, what
+
+
+def w_twophase_mean(rank: int, world: int, d: int) -> list[dict[str, Any]]:
+    """Each case: one bucket through route twophase (torchft's collective: every rank encodes its N shards, owners
+    average the decodes and re-encode the mean with the same format, then an all-gather); returns the hooked mean,
+    every rank's input (for the reference) and the wire."""
+    import torch.distributed as dist
+
+    from tailq.hooks import TailqState
+
+    g = student_t(d, seed=200 + rank) * (1.0 + 9.0 * rank)
+    gs = [torch.empty_like(g) for _ in range(world)]
+    dist.all_gather(gs, g)
+    out = []
+    for name, opts in HOOK_CASES:
+        state = TailqState(name, route="twophase", warmup_steps=0, min_bucket=0, seed=3, **opts)
+        res = state.process(workers.FakeBucket(g.clone())).clone()
+        out.append({"name": name, "opts": opts, "res": res, "gs": gs,
+                    "route": state.metrics.last.get(0, {}).get("route"),
+                    "bytes": state.metrics.wire.bits_per_coord() * d / 8})
+        state.close()
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_hook_twophase_requantizes_the_owners_mean_within_two_roundings() -> None:
+    """|res − exact| splits into phase 1 (the mean of N decodes of each rank's shard: within the mean of the
+    format's bounds on the inputs) and phase 2 (the owner's re-encode of that mean: within the format's bound on
+    the mean). Both checked per element, the shards' own blocks, on 3 ranks with a padded last shard."""
+    from tailq.comm.routes.base import shard_numel
+
+    d, world = 20001, 3
+    results = workers.launch(w_twophase_mean, world, d, timeout=300)
+    m = shard_numel(d, world)
+    assert m * world > d  # the last shard is padded
+    for r0, *rest in zip(*results, strict=True):
+        what = (r0["name"], r0["opts"])
+        assert r0["route"] == "twophase", what
+        for r in rest:
+            assert torch.equal(r0["res"], r["res"]), what  # every rank holds the same mean, bit for bit
+        comp = tailq.compressor(r0["name"], **r0["opts"])
+        padded = [torch.nn.functional.pad(x, (0, world * m - d)) for x in r0["gs"]]
+        exact = torch.stack([x.double() for x in padded]).mean(0)
+        mean1 = torch.zeros(world * m, dtype=torch.float64)
+        b1 = torch.zeros(world * m, dtype=torch.float64)
+        b2 = torch.zeros(world * m, dtype=torch.float64)
+        for j in range(world):
+            sl = slice(j * m, (j + 1) * m)
+            mean1[sl] = torch.stack([comp.roundtrip(x[sl]).double() for x in padded]).mean(0)
+            b1[sl] = torch.stack([format_bound(comp, x[sl]) for x in padded]).mean(0)
+            b2[sl] = format_bound(comp, mean1[sl].float())
+        res = r0["res"].double()
+        scale = float(exact.abs().max())
+        assert float((mean1 - exact).abs().max()) > 0 and bool(((mean1 - exact).abs() <= b1 + 4 * EPS * scale).all())
+        err2 = (res - mean1[:d]).abs()
+        assert bool((err2 <= b2[:d] + 4 * EPS * scale).all()), (what, float((err2 - b2[:d]).max()))
+        # the wire, per rank: the all-to-all hands N shard encodings, the all-gather one (N + 1 encodings of m
+        # elements, each with its 8-byte-per-tensor frame), plus the 8-byte agreement; at N=3 that is 4/3 of the
+        # all-gather's encoding where it would be one bucket's encoding received twice per other rank
+        one = comp.encode(torch.ones(m)).bits_per_coord() * m / 8 + 8 * 2
+        assert abs(r0["bytes"] - ((world + 1) * one + 8)) <= 8 * world, (what, r0["bytes"], (world + 1) * one + 8)

@@ -107,6 +107,10 @@ def test_families_get_their_routes_from_the_aggregation_attribute() -> None:
     assert _planner("multi-scale", 4, 4, PLANNING_DEFAULT).routes == ("allreduce", "allgather", *hier[:3])
     assert Planner(family_for(compressor("qsgd"), fine_bits=2, keep_own=False), 4, PLANNING_DEFAULT).routes == (
         "allgather", "hier-bf16", "hier-allgather")
+    # a requantizable per-rank compressor (torchft's FP8, INTELLECT-1's int8, FP4) can also take two-phase
+    for name in ("fp8", "int8sigma", "fp4"):
+        assert Planner(family_for(compressor(name), fine_bits=2, keep_own=False), 4, PLANNING_DEFAULT).routes == (
+            "allgather", "twophase", "hier-bf16", "hier-allgather", "hier-twophase"), name
     # ties go to the summable route (N = 1: every collective is free)
     assert _planner("tuq", 3, 1, PLANNING_DEFAULT).plan(50_000) == "allreduce"
     assert set(ROUTES) == {"allreduce", "allgather", "twophase", *hier}
@@ -145,3 +149,19 @@ def test_a_fast_fitted_network_means_passthrough_and_a_slow_one_compression() ->
         fit = fit_network(lat, timings, 4)
         assert fit is not None
         assert Planner(fam, 4, fit, cost, passthrough=True).plan(300_000) == expected
+
+
+def test_fp8_two_phase_is_torchfts_all_to_all_and_all_gather_and_wins_at_four_workers_on_a_slow_link() -> None:
+    """torchft's FP8 outer collective at N = 4, 2^20 values: phase 1 hands 4 shard encodings of m = 2^18 values
+    (m code bytes + m/1024 float32 row scales, each tensor framed by 8 bytes), phase 2 one. Ring traffic
+    (N − 1)/N·8.03 twice ≈ 12 bits per coordinate, against the all-gather's (N − 1)·8.03 ≈ 24 and bf16's
+    2·(N − 1)/N·16 = 24: on a slow link two-phase is the plan."""
+    n, N = 1 << 20, 4
+    m = shard_numel(n, N)
+    fam = family_for(compressor("fp8"), fine_bits=2, keep_own=False)
+    one = 2 * 8 + m + 4 * (m // 1024)
+    p = Planner(fam, N, Network.parse("model:10mbit"), CodecCost(per_pass_s=1e-9, cast_s=0.5e-9), passthrough=True)
+    assert p.phases("twophase", n) == (("all_to_all", N * one), ("all_gather", one))
+    traffic = ring_traffic_bytes("all_to_all", N * one, N) + ring_traffic_bytes("all_gather", one, N)
+    assert 8 * traffic / n == pytest.approx(2 * 0.75 * 8.03125, rel=1e-3)
+    assert p.plan(n) == "twophase"

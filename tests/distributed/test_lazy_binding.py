@@ -38,6 +38,10 @@ def test_options_are_still_validated_at_creation_without_a_process_group() -> No
         tailq.ddp_hook("tnq", bits=12)
     with pytest.raises(ValueError, match="route 'twophase' is not available"):
         tailq.ddp_hook("qsgd", route="twophase")
+    tailq.ddp_hook("fp8", route="twophase")  # requantizable: torchft's collective
+    for name in ("fp8", "qsgd"):  # no owner requantizer to configure
+        with pytest.raises(ValueError, match="gather_bits and owner_feedback configure the owner's requantizer"):
+            tailq.ddp_hook(name, gather_bits=4)
     with pytest.raises(TypeError, match="powersgd: unknown option"):
         tailq.ddp_hook("powersgd", rank=2)
 

@@ -155,6 +155,10 @@ class Compressor(abc.ABC):
     ``fast_paths``: ``encode``/``decode`` run through :mod:`tailq.kernels` fast paths (compiled CPU, Triton) when
     one applies, with the reference's bytes (benchmarks time every path of such a compressor).
     ``fixed_bits``: code bits per coordinate of a compressor without a ``bits`` option (ternary: 2, sign: 1).
+    ``requantizable``: a per-rank compressor whose encoding of a slice depends on that slice alone and which an
+    owner may apply again to a mean (the two-phase route: shards all-to-all, owners average and re-encode, then an
+    all-gather — torchft's collective for its FP8 outer gradients). Shared-codebook families decide this from
+    their ``bits`` option instead.
     ``format_options``: the options that change the encoded format or its decoding (``None``: all of them);
     with the name they make :attr:`format_id`, which every encoding carries and ``decode`` checks. The seed
     never belongs to it: ranks encode with different seeds and decode each other's encodings.
@@ -170,6 +174,7 @@ class Compressor(abc.ABC):
     counter_randomness: ClassVar[bool] = False
     fast_paths: ClassVar[bool] = False
     fixed_bits: ClassVar[int | None] = None
+    requantizable: ClassVar[bool] = False
     options: ClassVar[dict[str, Option]] = {}
     format_options: ClassVar[tuple[str, ...] | None] = None
 

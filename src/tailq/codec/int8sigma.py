@@ -55,6 +55,7 @@ class Int8Sigma(Compressor):
     paper = "Jaghouar et al. 2024, INTELLECT-1 Technical Report (arXiv 2412.01152); prime's uniform_8bit_quantize"
     unbiased = False
     fixed_bits = 8
+    requantizable = True
     options: ClassVar[dict[str, Option]] = {
         "clip_sigma": Option(
             float, 3.0, "the 256 bins span +-clip_sigma * sigma (sigma = ||x|| / sqrt(n - 1)); beyond: the end bins",

@@ -78,9 +78,10 @@ class FP8(Compressor):
       ``row_length`` (default 1024) sets them. (torchft turns a 1-D tensor — its bucketized path's flat buffer
       included — into an (n, 1) matrix: one scale per element, 8 bytes per element with its 4-byte row alignment.)
 
-    Not followed: torchft's collective (all-to-all of the quantized rows, float32 sum, requantize, all-gather),
-    which rounds the mean a second time. Here each rank's encoding is gathered (``route="allgather"``) and every
-    rank averages the N decodes.
+    Collective: ``route="twophase"`` is torchft's (each rank's N shards encoded on their own and sent by an
+    all-to-all, the owner's float32 mean re-encoded in FP8, an all-gather; the mean is rounded twice, and the
+    traffic is 2·(N − 1)/N·8.03 bits per coordinate); ``route="allgather"`` gathers every rank's encoding instead
+    ((N − 1)·8.03 bits, one rounding). ``route="auto"`` prices both against bf16 (``requantizable``).
 
     Error: |x − decode| ≤ s·u(x/s) (+ float32 rounding) with u(y) half an e4m3 ULP at |y|: 2^(⌊log2|y|⌋ − 4)
     for |y| ≥ 2^−6, 2^−10 below (values under s·2^−10 flush to 0); int8: ≤ s/2.
@@ -92,6 +93,7 @@ class FP8(Compressor):
     paper = "torchft (pytorch/torchft, torchft/quantization.py): DiLoCo outer all-reduce in FP8"
     unbiased = False
     fixed_bits = 8
+    requantizable = True
     options: ClassVar[dict[str, Option]] = {
         "format": Option(str, "e4m3", "code: e4m3 (float8_e4m3fn, largest 448) or int8 (largest 127)",
                          choices=("e4m3", "int8")),
@@ -170,6 +172,7 @@ class FP4(Compressor):
     paper = "Douillard et al. 2025, Streaming DiLoCo (arXiv 2501.18512): 4-bit float outer gradients"
     unbiased = False
     fixed_bits = 4
+    requantizable = True
     options: ClassVar[dict[str, Option]] = {
         "format": Option(str, "e3m0", "4-bit float: e3m0 (levels 2^-6..1, and 0) or e2m1 (OCP MX: 0.5..6, and 0)",
                          choices=tuple(_FP4_LEVELS)),

@@ -13,11 +13,13 @@ A family turns the agreed codebook into this rank's :class:`~tailq.comm.routes.C
   rounding — then b-bit codes on the agreed scales, summed or gathered.
 * :class:`PerRank` (``Aggregation.PER_RANK``: qsgd, nuqsgd, terngrad, efsign, topk, …): per-rank scales, so
   nothing is summable; every rank's encoded tensors are gathered (with a tiny header giving each tensor's length)
-  and decoded.
+  and decoded. A ``requantizable`` compressor (fp8, fp4, int8sigma) is also shardable: each rank encodes its N
+  shards on their own, and each owner re-encodes its shard's mean with the same compressor (torchft's collective).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -331,12 +333,13 @@ class PerRank:
     """All-gather of each rank's own encoding (per-rank scales are not summable)."""
 
     uses_stats = False
-    shardable = False
     stats_op = "max"  # the agreement carries the non-finite flag only
     grid: int | None = None
 
     def __init__(self, comp: Compressor) -> None:
         self.comp = comp
+        self.shardable = comp.requantizable
+        """Two-phase: each rank encodes its N shards on their own, owners average and re-encode with ``comp``."""
 
     def local_stats(self, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.float64)
@@ -361,7 +364,9 @@ class PerRank:
         return 8 * len(tmpl) + sum(nb for _, _, nb in tmpl)
 
     def gather_bytes(self, m: int) -> int:
-        raise TypeError(f"{self.comp.name}: per-rank encodings are not shardable")
+        if not self.shardable:
+            raise TypeError(f"{self.comp.name}: per-rank encodings are not shardable (not requantizable)")
+        return self.dense_bytes(m)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -381,6 +386,8 @@ class _PerRankCoder:
         self.numel = x.numel()
         self.info: dict[str, Any] = {}
         self._enc: Encoded | None = None
+        self._shard_encs: list[Encoded] = []
+        self._shard_x = x
 
     def encode_dense(self, key: RandKey) -> torch.Tensor:
         # counter-based compressors (QSGD, NUQSGD, TernGrad) take the key itself, so their fused kernels run; the
@@ -390,21 +397,63 @@ class _PerRankCoder:
         return _serialize(self._enc.tensors, self.family.template(self.numel))
 
     def decode_dense_mean(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        assert self._enc is not None
-        tmpl = self.family.template(self.numel)
+        return _into(self._mean(rows, self.numel), out)
+
+    def _decode_row(self, row: torch.Tensor, numel: int) -> torch.Tensor:
         # every rank's compressor has this configuration (checked when the hook starts): its format id
-        shell = Encoded({}, self._enc.shape, self._enc.dtype, maker=self.comp.format_id)
+        shell = Encoded(_deserialize(row, self.family.template(numel)), torch.Size([numel]), torch.float32,
+                        maker=self.comp.format_id)
+        return self.comp.decode(shell).reshape(-1)
+
+    def _mean(self, rows: torch.Tensor, numel: int) -> torch.Tensor:
         # N decodes near float32's largest value (their mean is finite) would overflow a float32 sum: each is added
         # at 2^-k with 2^k ≥ 2N (exact), and the sum divided by N·2^-k (exact) — the same bits as summing and then
         # dividing by N (rounding scales with a power of two; values below 2^(k-126) lose low subnormal bits), in
         # the same passes, and finite (a rounded sum of values ≤ float32's max never exceeds N times it)
         n_rows = rows.shape[0]
         scale = 2.0 ** -(max(1, n_rows - 1).bit_length() + 1)
-        mean = torch.zeros(self.numel, dtype=torch.float32, device=self.x.device)
+        mean = torch.zeros(numel, dtype=torch.float32, device=self.x.device)
         for row in rows:
-            shell.tensors = _deserialize(row, tmpl)
-            mean.add_(self.comp.decode(shell).reshape(-1), alpha=scale)
-        return _into(mean.div_(n_rows * scale), out)
+            mean.add_(self._decode_row(row, numel), alpha=scale)
+        return mean.div_(n_rows * scale)
+
+    # -- the shard interface (two-phase; requantizable compressors) ----------------------------------------
+    def _encode_row(self, x: torch.Tensor, key: RandKey, numel: int) -> tuple[torch.Tensor, Encoded]:
+        gen: Any = key if self.comp.counter_randomness else key.torch_generator(self.x.device)
+        enc = self.comp.encode(x, generator=gen)
+        return _serialize(enc.tensors, self.family.template(numel)), enc
+
+    def encode_shards(self, key: RandKey, n_workers: int) -> tuple[torch.Tensor, int]:
+        """Each of the N zero-padded shards encoded on its own (its own scales), one payload row per owner."""
+        m = shard_numel(self.numel, n_workers)
+        x = torch.nn.functional.pad(self.x, (0, n_workers * m - self.numel))
+        rows, encs = [], []
+        for j in range(n_workers):
+            row, enc = self._encode_row(x[j * m : (j + 1) * m], _shard_key(key, j), m)
+            rows.append(row)
+            encs.append(enc)
+        self._enc = None
+        self._shard_x = x
+        self._shard_encs = encs
+        return torch.stack(rows), m
+
+    def decode_shard_mean(self, rows: torch.Tensor, m: int) -> torch.Tensor:
+        return self._mean(rows, m)
+
+    def requantize(self, mean: torch.Tensor, shard: int, key: RandKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """The owner encodes its shard's mean with the same compressor (a second rounding, as torchft's)."""
+        payload, enc = self._encode_row(mean, key, mean.numel())
+        return payload, self.comp.decode(enc).reshape(-1)
+
+    def dequantize(self, rows: torch.Tensor, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        n = self.numel
+        if out is None:
+            out = torch.empty(n, dtype=torch.float32, device=self.x.device)
+        for r, row in enumerate(rows):
+            lo, hi = r * m, min((r + 1) * m, n)
+            if hi > lo:
+                out[lo:hi] = self._decode_row(row, m)[: hi - lo]
+        return out[:n]
 
     def encode_lanes(self, key: RandKey, plan: LanePlan) -> torch.Tensor:
         raise TypeError(f"{self.comp.name}: per-rank encodings are not summable")
@@ -414,11 +463,24 @@ class _PerRankCoder:
         raise TypeError(f"{self.comp.name}: per-rank encodings are not summable")
 
     def own(self) -> torch.Tensor:
-        assert self._enc is not None
+        if self._enc is None:  # the shard path: this rank's N shard encodings
+            assert self._shard_encs, "own() before an encode"
+            return torch.cat([self.comp.decode(e).reshape(-1) for e in self._shard_encs])[: self.numel]
         return self.comp.decode(self._enc).reshape(-1)
 
     def target(self) -> torch.Tensor:
+        if self._enc is None and self._shard_encs:  # a truncating compressor truncates each shard on its own
+            m = self._shard_x.numel() // len(self._shard_encs)
+            return torch.cat([self.comp.target(s).reshape(-1) for s in self._shard_x.split(m)])[: self.numel]
         return self.comp.target(self.x).reshape(-1)
+
+
+SHARD_STREAM = 1 << 44
+"""Added (times the shard) to the rank of a random key: each shard of the two-phase encode draws its own stream."""
+
+
+def _shard_key(key: RandKey, shard: int) -> RandKey:
+    return dataclasses.replace(key, rank=key.rank + shard * SHARD_STREAM)
 
 
 def _serialize(tensors: dict[str, torch.Tensor], tmpl: Any) -> torch.Tensor:

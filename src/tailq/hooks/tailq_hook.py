@@ -150,9 +150,10 @@ class TailqState:
         self.routes = Planner(self.family, 1, self.network).routes  # what the family can take (not N-dependent)
         if opts.route != "auto" and opts.route not in self.routes:
             raise ValueError(f"{name}: route {opts.route!r} is not available; routes: {', '.join(self.routes)}")
-        if (opts.gather_bits is not None or opts.owner_feedback) and "twophase" not in self.routes:
-            raise ValueError(f"{name}: gather_bits and owner_feedback configure the two-phase route, which "
-                             f"{name!r} cannot take (routes: {', '.join(self.routes)})")
+        if (opts.gather_bits is not None or opts.owner_feedback) and getattr(self.family, "owner", None) is None:
+            raise ValueError(f"{name}: gather_bits and owner_feedback configure the owner's requantizer of the "
+                             f"shared-codebook two-phase route, which {name!r} does not have (routes: "
+                             f"{', '.join(self.routes)}; a requantizable per-rank compressor re-encodes with itself)")
         # auto with a given or fitted network plans once, at the first compressed bucket (see _calibrate); with
         # neither (warmup_steps=0, no network) it plans on bytes alone against PLANNING_DEFAULT, deterministically
         self._planned = opts.route != "auto" or self.network_source == "default"

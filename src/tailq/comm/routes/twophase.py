@@ -7,6 +7,10 @@ requantizes its mean shard at ``gather_bits`` with a design from that shard's ow
 an ``all_gather`` of every owner's codebook header and codes gives every rank the same mean, bit for bit (the
 owner too uses the decoded requantized shard, not its exact mean).
 
+A requantizable per-rank compressor (fp8, fp4, int8sigma: ``Compressor.requantizable``) takes the same route with
+its own scales: every shard is encoded on its own, and the owner re-encodes its mean with the same compressor
+(``gather_bits`` does not apply) — torchft's FP8 collective for DiLoCo's outer gradients.
+
 Traffic per worker: (N − 1)/N · (b + gather_bits) bits per coordinate plus N − 1 headers — about b + gather_bits
 at any N, where the all-gather grows as (N − 1) · b and summable lanes as ⌈log2(N·G + 1)⌉.
 """
