@@ -144,8 +144,8 @@ def w_huge(rank: int, world: int, route: str, names: list[str]) -> list[dict[str
                 row["off_levels"] = _within_levels(own, target, levels)
             shard = state._shard
             if shard is not None:  # two-phase: this rank owned one shard
-                owner = state.family.owner
-                cb2 = owner._codebook(owner._header("check", shard.mean1))  # the owner's design for its mean
+                owner = getattr(state.family, "owner", None)  # per-rank formats re-encode with the compressor itself
+                cb2 = None if owner is None else owner._codebook(owner._header("check", shard.mean1))
                 row["shard"] = {
                     "offset": shard.offset, "mean1": shard.mean1.clone(), "mean2": shard.mean2.clone(),
                     "off_levels2": None if cb2 is None else _within_levels(shard.mean2, shard.mean1, cb2.levels),
