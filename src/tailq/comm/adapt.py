@@ -161,11 +161,25 @@ class ClosedLoop:
             b.probe_steps.append(step)
         return b.arms[b.running].route
 
-    def record(self, idx: int, seconds: float) -> None:
-        """This rank's seconds for bucket ``idx`` on the arm :meth:`route` gave it this step."""
+    def peek(self, idx: int, key: str, step: int) -> str | None:
+        """The route :meth:`route` will give bucket ``idx`` at ``step``, without taking it (``None``: a bucket the
+        loop does not track yet, or one DDP regrouped)."""
+        b = self.buckets.get(idx)
+        if b is None or b.key != key:
+            return None
+        return b.arms[b.other if b.probe_at == step else b.current].route
+
+    def record(self, idx: int, seconds: float, arm: int | None = None) -> None:
+        """This rank's seconds for bucket ``idx`` on the arm :meth:`route` gave it this step (``arm``: on that
+        arm, for a measurement that completes later, after the bucket may have taken its next route)."""
         b = self.buckets[idx]
-        b.samples[b.running].append((seconds, b.running != b.last_arm))
-        b.last_arm = b.running
+        a = b.running if arm is None else arm
+        b.samples[a].append((seconds, a != b.last_arm))
+        b.last_arm = a
+
+    def running(self, idx: int) -> int:
+        """The arm bucket ``idx`` runs on this step (after :meth:`route`)."""
+        return self.buckets[idx].running
 
     # -- deciding ----------------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:

@@ -55,14 +55,32 @@ class OrderedWorker:
     def __init__(self, name: str = "tailq-comm") -> None:
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._pending = 0  # jobs submitted and not yet finished (their collectives not all issued and complete)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         _LIVE.add(self)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future[torch.Tensor]:
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        with self._lock:
+            self._pending += 1
         self._q.put((fn, args, fut))
         return fut
+
+    def idle(self) -> bool:
+        """No job queued or running, and none failed: every collective submitted so far was issued and completed,
+        so a caller on the submitting thread may issue one itself without changing this rank's collective order
+        (nothing else submits while it does; a job that submits another is not idle)."""
+        with self._lock:
+            return self._pending == 0 and self._error is None
+
+    def fail(self, err: BaseException) -> None:
+        """Record a failure that happened outside the worker (a collective the submitting thread issued): every
+        later job fails with it."""
+        with self._lock:
+            if self._error is None:
+                self._error = err
 
     def _run(self) -> None:
         while True:
@@ -71,6 +89,7 @@ class OrderedWorker:
                 return
             fn, args, fut = item
             if self._error is not None:
+                self._done()
                 fut.set_exception(
                     RuntimeError(f"tailq: an earlier bucket failed on this rank: {self._error}")
                 )
@@ -81,10 +100,17 @@ class OrderedWorker:
                     out = out.wait()
                     if isinstance(out, list):  # futures of c10d Work resolve to a list of tensors
                         out = out[0]
-                fut.set_result(out)
             except BaseException as err:  # noqa: BLE001 - handed to DDP through the future
-                self._error = err
+                self.fail(err)
+                self._done()
                 fut.set_exception(err)
+                continue
+            self._done()
+            fut.set_result(out)
+
+    def _done(self) -> None:
+        with self._lock:
+            self._pending -= 1
 
     def on_worker(self) -> bool:
         """Whether the caller runs on this worker's thread (inside a job)."""
@@ -116,13 +142,17 @@ class Handoff:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: dict[int, list[Any]] = {}  # autograd graph task -> its buckets' futures, in hook order
+        # autograd graph task -> its buckets' (future, limit), in hook order
+        self._pending: dict[int, list[tuple[Any, Any]]] = {}
 
-    def __call__(self, src: Any, bucket: Any, on_done: Callable[[], None] | None = None
+    def __call__(self, src: Any, bucket: Any, on_done: Callable[[], None] | None = None,
+                 limit: tuple[float, Callable[[], BaseException]] | None = None
                  ) -> torch.futures.Future[torch.Tensor]:
         """The future for DDP of the bucket whose result ``src`` (a future) will hold; ``on_done`` runs when
-        ``src`` completes (on the thread that completes it)."""
-        in_backward = self._watch(src)
+        ``src`` completes (on the thread that completes it). ``limit``: (seconds, error) — inside a backward, the
+        final callback waits at most that long for ``src`` and then raises the error (for a collective issued
+        outside the worker, whose waits have the hook's timeout)."""
+        in_backward = self._watch(src, limit)
         out: torch.futures.Future[torch.Tensor] = torch.futures.Future()
 
         def finish(f: Any) -> None:
@@ -141,13 +171,13 @@ class Handoff:
         src.add_done_callback(finish)
         return out
 
-    def _watch(self, src: Any) -> bool:
+    def _watch(self, src: Any, limit: tuple[float, Callable[[], BaseException]] | None = None) -> bool:
         task = int(torch._C._current_graph_task_id())
         if task < 0:
             return False
         with self._lock:
             first = task not in self._pending
-            self._pending.setdefault(task, []).append(src)
+            self._pending.setdefault(task, []).append((src, limit))
         if first:
             Variable._execution_engine.queue_callback(lambda: self._raise_first(task))
         return True
@@ -156,5 +186,10 @@ class Handoff:
         """The autograd final callback: wait for the backward's buckets in order; raise the first failure."""
         with self._lock:
             futs = self._pending.pop(task, [])
-        for f in futs:
+        for f, limit in futs:
+            if limit is not None and not f.done():
+                ready = threading.Event()
+                f.add_done_callback(lambda _f, ready=ready: ready.set())
+                if not ready.wait(limit[0]):
+                    raise limit[1]()
             f.wait()  # a Python future set with an exception raises that exception itself

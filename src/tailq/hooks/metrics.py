@@ -8,6 +8,7 @@ reported (route, α, levels, …), the seconds spent, and :meth:`HookMetrics.lap
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Protocol
 
 import torch
@@ -44,6 +45,13 @@ class HookMetrics:
         # cumulative wall seconds in the hook: total (measurement excluded), waiting on collectives, measurement
         self.seconds = {"total": 0.0, "communicate": 0.0, "measure": 0.0}
         self._lap = (0.0, 0.0, 0.0, 0)
+        self._lock = threading.Lock()  # the hook's worker and a collective's completion callback both add seconds
+
+    def add_seconds(self, total: float, communicate: float) -> None:
+        """Add to the hook's ``total`` and ``communicate`` seconds (from any thread)."""
+        with self._lock:
+            self.seconds["total"] += total
+            self.seconds["communicate"] += communicate
 
     def record_vnmse(self, step: int, bucket: int, mean: torch.Tensor, exact: torch.Tensor,
                      phases: dict[str, float] | None = None, warmup: bool = False) -> None:
@@ -67,7 +75,8 @@ class HookMetrics:
     def lap(self) -> Lap:
         """Time and collectives since the previous ``lap()`` (or since the start)."""
         total, comm, meas, added = self._lap
-        sec = self.seconds
+        with self._lock:
+            sec = dict(self.seconds)
         self._lap = (sec["total"], sec["communicate"], sec["measure"], self.wire.added)
         return Lap((sec["total"] - total) - (sec["communicate"] - comm), sec["communicate"] - comm,
                    sec["measure"] - meas, self.wire.since(added))

@@ -15,7 +15,10 @@ route only ``comm/routes/``:
 Every bucket runs on the state's :class:`~tailq.comm.worker.OrderedWorker`, so all ranks issue their collectives
 in the same order, and — from the first bucket of a backward on — on a process group of the state's own
 (:func:`~tailq.comm.wire.own_group`: the ranks, backend and timeout of ``process_group``), so DDP's own collectives
-(``find_unused_parameters=True``, ``static_graph=True``) cannot interleave with them.
+(``find_unused_parameters=True``, ``static_graph=True``) cannot interleave with them. The one exception: a bucket
+that goes as bf16 this step (the closed loop settled on passthrough, or it is below ``min_bucket``) while the worker
+is idle is issued straight from DDP's thread, as PyTorch's ``bf16_compress_hook`` does — the same collective at the
+same point of the sequence, without the thread hop (:meth:`TailqState._direct_passthrough`).
 
 Faults: a bucket with NaN/Inf on any rank goes uncompressed in fp32 on every rank (detected through the agreed
 statistics), so non-finite values arrive exactly as with plain DDP and ``GradScaler`` skips the step. Ranks with
@@ -27,6 +30,7 @@ failure inside a backward reaches the user as tailq's own exception, raised by `
 import dataclasses
 import logging
 import math
+import threading
 import time
 import zlib
 from typing import Any
@@ -178,6 +182,11 @@ class TailqState:
         self._loaded_keys: set[str] | None = None  # residual keys of a loaded state, until the first step checks them
         self.priming = False  # see tailq.hooks.prime_buckets
         self._verified = False
+        # passthrough issued from DDP's thread (see _direct_passthrough): completions not yet handed to the loop
+        self._direct_lock = threading.Lock()
+        self._direct_done = 0.0  # when the last of them completed (perf_counter)
+        self._direct_samples: list[tuple[int, int, float]] = []  # (bucket, the loop's arm, seconds)
+        self._direct_inflight: list[torch.futures.Future[torch.Tensor]] = []
         self.worker = OrderedWorker()
         self._handoff = Handoff()
         self._own_group: Any = None  # the process group of this state's own, from the first bucket in a backward
@@ -312,6 +321,7 @@ class TailqState:
         """Average one bucket in place (runs on the ordered worker): compressed, passthrough, or priming."""
         t0, comm0, sec = time.perf_counter(), self._comm_seconds(), self.metrics.seconds
         meas0 = sec["measure"]
+        self._settle_direct()
         buf = bucket.buffer()
         idx, n, step, opts = bucket.index(), buf.numel(), self.step, self.options
         if not self._verified:  # the planner's network too: ranks planning differently would mismatch collectives
@@ -367,9 +377,120 @@ class TailqState:
         if mean.data_ptr() != buf.data_ptr():  # decoded elsewhere (passthrough, fallback, a non-fp32 bucket)
             buf.copy_(mean.reshape(buf.shape))
         measured = sec["measure"] - meas0
-        sec["total"] += time.perf_counter() - t0 - measured
-        sec["communicate"] += self._comm_seconds() - comm0 - measured
+        self.metrics.add_seconds(time.perf_counter() - t0 - measured, self._comm_seconds() - comm0 - measured)
         return buf
+
+    def _direct_passthrough(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor] | None:
+        """A bucket whose route this step is bf16 passthrough, issued here, on DDP's thread, as PyTorch's
+        ``bf16_compress_hook`` issues it (divide, cast, asynchronous all-reduce, cast back in the completion
+        callback), instead of through the ordered worker — ``None`` where it must go through the worker.
+
+        Why: the worker's hop (wake a thread, run the bucket, wake DDP's) cost 1.6 ms a step against PyTorch's hook
+        with 4 ranks on 2 cores (BENCHMARKS.md, loopback), which is the whole of a fast network's step budget.
+
+        Safe for the collective order: only when the worker is idle — every collective submitted before was issued
+        and completed, and nothing else submits meanwhile — so this rank issues the same sequence as with the
+        worker. Only in steady state: after the warm-up (whose all-reduces are timed), on a step without vNMSE
+        measurement, for a bucket the closed loop runs on passthrough this step (not a probe of its other arm) or the
+        open-loop plan sends as bf16, or one below ``min_bucket``. The loop still measures it: the seconds from the
+        issue (or the previous such bucket's completion, if later) to the completion. The result is the same, bit
+        for bit, as the worker's passthrough; the wait has the hook's ``timeout_s`` (checked when the backward
+        ends).
+        """
+        comm, opts, step = self._comm, self.options, self.step
+        if comm is None or comm.n == 1 or self.shape is None or not self._verified or self.priming:
+            return None
+        if step < opts.warmup_steps or (opts.measure_every and step % opts.measure_every == 0):
+            return None
+        n, idx = bucket.buffer().numel(), bucket.index()
+        if n == 0:
+            return None
+        key = bucket_key(bucket)
+        arm = -1
+        if n >= opts.min_bucket:  # else: too small to compress, bf16 always
+            if not self._planned:
+                return None
+            if self.loop is not None:
+                if self.loop.peek(idx, key, step) != PASSTHROUGH:
+                    return None
+            elif opts.route != "auto" or n not in self.metrics.plan.get("buckets", {}):
+                return None  # a forced route, or a size not planned yet (the worker explains it first)
+            elif self.planner.flat(self.planner.plan(n)) != PASSTHROUGH:
+                return None
+        if not self.worker.idle():  # nothing may be in flight on the worker: it would issue in another order
+            return None
+        self._settle_direct()
+        self.layouts.record(key, bucket)
+        if self.loop is not None and n >= opts.min_bucket:
+            self.loop.route(idx, key, n, step)
+            arm = self.loop.running(idx)
+        t0 = time.perf_counter()
+        buf = bucket.buffer()
+        t = buf.to(torch.bfloat16).div_(comm.n)
+        work = comm.all_reduce(t, Tag(step, idx, n, PASSTHROUGH), "passthrough", async_op=True)
+        issued = time.perf_counter()
+        src: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+        def complete(f: Any) -> None:
+            try:
+                f.value()
+                buf.copy_(t)
+            except BaseException as err:  # noqa: BLE001 - handed to DDP through the future
+                fail = RuntimeError(f"tailq: all_reduce(passthrough) failed on rank {comm.rank} (a peer may have "
+                                    f"died or be configured differently): {err}")
+                self.worker.fail(fail)
+                src.set_exception(fail)  # type: ignore[arg-type]
+                return
+            now = time.perf_counter()
+            with self._direct_lock:
+                took = now - max(issued, self._direct_done)  # behind an earlier one still in flight: from its end
+                self._direct_done = now
+                if arm >= 0:
+                    self._direct_samples.append((idx, arm, issued - t0 + took))  # with the casts, as the worker
+            self.metrics.add_seconds(issued - t0 + took, took)
+            src.set_result(buf)
+
+        work.get_future().add_done_callback(complete)
+        with self._direct_lock:
+            self._direct_inflight = [f for f in self._direct_inflight if not f.done()] + [src]
+        if n >= opts.min_bucket:  # as the worker reports it: a route the plan or the loop chose
+            self.metrics.last[idx] = {"route": PASSTHROUGH}
+        self.metrics.wire.count_bucket(n)
+        self._step_keys.add(key)
+        self._shard = None
+        if bucket.is_last():
+            if self.loop is not None and step >= opts.warmup_steps and self.loop.due(step):
+                self.worker.submit(self._decide, Tag(step, idx, n, "plan"))  # after this all-reduce, on every rank
+            if self.loop is not None and self.loop.buckets:
+                self.metrics.plan["loop"] = self.loop.report()
+            self._end_step()
+
+        def timed_out() -> BaseException:
+            err = RuntimeError(f"tailq: all_reduce(passthrough) failed or timed out after {comm._timeout_text()} on "
+                               f"rank {comm.rank} (a peer may have died or be configured differently)")
+            self.worker.fail(err)
+            return err
+
+        return self._handoff(src, bucket, limit=(opts.timeout_s, timed_out))
+
+    def _settle_direct(self, wait: bool = False) -> None:
+        """Hand the closed loop the seconds of direct passthrough buckets that completed (``wait``: once every one in
+        flight completed). Runs on the worker, or on DDP's thread while the worker is idle: never beside the loop's
+        own updates."""
+        if wait:
+            with self._direct_lock:
+                inflight, self._direct_inflight = self._direct_inflight, []
+            for f in inflight:
+                try:
+                    f.wait()
+                except Exception:  # noqa: BLE001, S110 - the failure reaches the user through the bucket's future
+                    pass
+        with self._direct_lock:
+            samples, self._direct_samples = self._direct_samples, []
+        if self.loop is not None:
+            for idx, arm, took in samples:
+                if idx in self.loop.buckets:
+                    self.loop.record(idx, took, arm)
 
     def _decode_target(self, buf: torch.Tensor) -> torch.Tensor | None:
         """Where a route may decode the mean: the bucket's own buffer when it is contiguous float32 and nothing reads
@@ -400,6 +521,7 @@ class TailqState:
     def _decide(self, tag: Tag) -> torch.Tensor:
         """The closed loop's decision at the end of step ``tag.step`` (see :mod:`tailq.comm.adapt`)."""
         assert self.loop is not None
+        self._settle_direct(wait=True)  # this step's buckets sent from DDP's thread count in this decision
         self.loop.decide(self.comm, tag, tag.step)
         self.metrics.plan["loop"] = self.loop.report()
         return torch.zeros(0)
@@ -694,4 +816,7 @@ def tailq_hook(state: TailqState, bucket: dist.GradBucket) -> torch.futures.Futu
     state._bind()
     if torch._C._current_graph_task_id() >= 0:  # called by DDP inside a backward
         state._use_own_group()
+        direct = state._direct_passthrough(bucket)  # a settled bf16 bucket: as PyTorch's hook, no worker hop
+        if direct is not None:
+            return direct
     return state._handoff(state.worker.submit(state.process, bucket), bucket)
