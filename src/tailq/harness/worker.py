@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tailq
+from tailq.comm.network import Network
 from tailq.comm.topology import Shape, link_seconds
 
 from .config import RunConfig
@@ -155,20 +156,8 @@ def init_group(rank: int, world: int, timeout: datetime.timedelta) -> None:
 def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     if cfg.diloco is not None:
         return _train_diloco(cfg, rank, world)
-    run_dir = Path(cfg.run_dir)
-    net = cfg.net
-    wl: Workload = load_workload(cfg.workload, seed=cfg.seed, data_dir=cfg.data_dir, tail_df=cfg.tail_df)
-    if cfg.lr is not None:
-        wl.lr = cfg.lr
-    batch = cfg.batch_size or wl.batch_size
-    torch.manual_seed(cfg.seed)
-    model = wl.make_model()
-    opts = dict(cfg.hook_options)
-    if cfg.hook not in tailq.hooks.BUILTINS:
-        opts.setdefault("measure_every", cfg.measure_every)
-        opts.setdefault("seed", cfg.seed)
-        if net.known:  # route="auto" plans against the network the run really has (DDP hook and FSDP comm alike)
-            opts.setdefault("network", net)
+    run_dir, net = Path(cfg.run_dir), cfg.net
+    wl, batch, model, opts = _setup(cfg, cfg.measure_every)
     n_params = sum(p.numel() for p in model.parameters())
     state: Any
     ddp: Any
@@ -193,10 +182,9 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
 
     grad_sample = None
     stop = False
-    extend = cfg.extend_to_target is not None
-    limit = max(cfg.steps, cfg.max_steps or 0) if extend else cfg.steps
+    limit = max(cfg.steps, cfg.max_steps or 0) if cfg.extend_to_target is not None else cfg.steps
     shape = Shape(cfg.n_nodes, world // cfg.n_nodes)  # what the modeled clock prices (SPEC §9)
-    sched, change, step_net = cfg.net_schedule, 0, net  # --net-schedule: the network this step has (hook not told)
+    change, step_net = 0, net  # --net-schedule: the network this step has (the hook is not told)
     waits: list[dict[str, Any]] = []
     # the compute alone, timed once outside the clock after the warm-up (tailq.harness.overlap); the buckets the
     # hook handled in the last step
@@ -207,11 +195,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
     calib_at: int | None = None
     seen: dict[int, int] = {}
     while step < limit and not stop:
-        if sched is not None and sched.change_at(step) != change:  # before the step's clock starts
-            change = sched.change_at(step)
-            if net.kind == "emulated":  # every rank waits here until the launcher has changed every link
-                waits.append({"step": step, "wait_s": wait_for_change(run_dir, rank, sched, net, change, step)})
-            step_net = sched.network_at(net, step)
+        change, step_net = _network_now(cfg, run_dir, rank, step, change, step_net, waits)
         xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
         if calib_at is None and calib_skip is None and step >= calib_from:  # every rank at the same step
             calib_samples = calibrate_compute(ddp, model, opt, wl.loss, xb, yb, cfg.compute_calibration)
@@ -256,13 +240,7 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
                     entry["alpha_max"] = float(max(alphas))
                 history.append(entry)
                 _progress(run_dir, step, cfg.steps, clock, acc)
-            over_time = bool(cfg.time_budget_s and clock > cfg.time_budget_s)
-            # past the step budget, continue only while the target is not reached (rank 0 evaluated)
-            done = step >= cfg.steps and (not extend or (
-                rank == 0 and reached(history, cfg.extend_to_target, cfg.target_metric)))
-            flag = torch.tensor([1.0 if over_time or done else 0.0])
-            dist.broadcast(flag, 0)  # every rank stops at the same step
-            stop = bool(flag[0] > 0)
+            stop = _stop_here(cfg, rank, step, clock, history)
         if ck is not None and step % cfg.checkpoint_every == 0:
             ck.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "hook": state.state_dict(),
                            "step": step, "clock": clock, "history": json.dumps(history),
@@ -275,20 +253,8 @@ def _train(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | None:
         buckets: dict[str, Any] = {"fsdp": True} if cfg.fsdp else ddp_buckets(ddp, model, cfg.bucket_cap_mb)
         buckets["hook_seen"] = {str(i): n for i, n in sorted(seen.items())}  # the last step's, by bucket index
         result = {
-            "config": cfg.to_dict(),
-            "name": cfg.name,
-            "network": {**net.summary(), **({} if sched is None else sched.summary(net)),
-                        **({"schedule_waits": waits} if waits else {})},  # rank 0's, outside the clock
-            "workload_note": wl.note,
-            "parameters": n_params,
+            **_result_head(cfg, wl, n_params, waits, history, steps_log, step, stop, resumed_from, kernel_warmup_s),
             "fsdp": cfg.fsdp,
-            "history": history,
-            "steps": steps_log,
-            "steps_done": step,
-            "stopped_early": stop and step < cfg.steps,
-            "extended": step > cfg.steps,
-            "resumed_from": resumed_from,
-            "kernel_warmup_s": kernel_warmup_s,
             "compute_s": overlap.get("compute_s"),  # rank 0's calibrated forward + backward (median)
             "overlap": overlap,
             "buckets": buckets,
@@ -362,19 +328,8 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
     from tailq.diloco import nesterov
 
     run_dir, net, d = Path(cfg.run_dir), cfg.net, dict(cfg.diloco or {})
-    wl: Workload = load_workload(cfg.workload, seed=cfg.seed, data_dir=cfg.data_dir, tail_df=cfg.tail_df)
-    if cfg.lr is not None:
-        wl.lr = cfg.lr
-    batch = cfg.batch_size or wl.batch_size
-    torch.manual_seed(cfg.seed)
-    model = wl.make_model()
+    wl, batch, model, opts = _setup(cfg, 1 if cfg.measure_every else 0)  # every outer sync measured: they are few
     opt = wl.make_optimizer(model.parameters())
-    opts = dict(cfg.hook_options)
-    if cfg.hook not in tailq.hooks.BUILTINS:
-        opts.setdefault("measure_every", 1 if cfg.measure_every else 0)  # every outer sync: they are few
-        opts.setdefault("seed", cfg.seed)
-        if net.known:
-            opts.setdefault("network", net)
     n_params = sum(p.numel() for p in model.parameters())
     kernel_warmup_s = tailq.hooks.warm_kernels(cfg.hook, n_params, **opts)
     diloco = tailq.DiLoCo(model, opt, sync_every=int(d["sync_every"]), compressor=cfg.hook,
@@ -385,21 +340,16 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
     ck, step, clock, history, steps_log, resumed_from = _restore(cfg, run_dir, rank, world, model, opt, "diloco",
                                                                  diloco)
     shape = Shape(cfg.n_nodes, world // cfg.n_nodes)
-    sched, change, step_net = cfg.net_schedule, 0, net
+    change, step_net = 0, net
     waits: list[dict[str, Any]] = []
     priced: dict[int, float] = {}  # modeled: seconds of each launch's collectives (by the hook's step), on the link
     credit: dict[int, float] = {}  # modeled, τ > 0: compute seconds each launch in flight has overlapped
     grad_sample = None
     stop = False
-    extend = cfg.extend_to_target is not None
-    limit = max(cfg.steps, cfg.max_steps or 0) if extend else cfg.steps
+    limit = max(cfg.steps, cfg.max_steps or 0) if cfg.extend_to_target is not None else cfg.steps
     merged = len(diloco.syncs)
     while step < limit and not stop:
-        if sched is not None and sched.change_at(step) != change:
-            change = sched.change_at(step)
-            if net.kind == "emulated":
-                waits.append({"step": step, "wait_s": wait_for_change(run_dir, rank, sched, net, change, step)})
-            step_net = sched.network_at(net, step)
+        change, step_net = _network_now(cfg, run_dir, rank, step, change, step_net, waits)
         xb, yb = _batch(wl, rank, world, step, batch, cfg.seed)
         # (no lap here: a mean in flight issues collectives between two steps too, and they are this run's)
         loss, compute, opt_s = _timed_step(model, opt, wl, xb, yb)
@@ -461,12 +411,7 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
                     entry["outer_alpha_max"] = float(max(alphas))
                 history.append(entry)
                 _progress(run_dir, step, cfg.steps, clock, acc)
-            over_time = bool(cfg.time_budget_s and clock > cfg.time_budget_s)
-            done = step >= cfg.steps and (not extend or (
-                rank == 0 and reached(history, cfg.extend_to_target, cfg.target_metric)))
-            flag = torch.tensor([1.0 if over_time or done else 0.0])
-            dist.broadcast(flag, 0)
-            stop = bool(flag[0] > 0)
+            stop = _stop_here(cfg, rank, step, clock, history)
         if ck is not None and step % cfg.checkpoint_every == 0:
             ck.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                            "diloco": diloco.state_dict(), "step": step, "clock": clock,
@@ -481,20 +426,8 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
         method_bytes = sum(v["handed_bytes"] for k, v in wire["by_kind"].items()
                            if k not in ("measure", "config", "plan"))
         result = {
-            "config": cfg.to_dict(),
-            "name": cfg.name,
-            "network": {**net.summary(), **({} if sched is None else sched.summary(net)),
-                        **({"schedule_waits": waits} if waits else {})},
-            "workload_note": wl.note,
-            "parameters": n_params,
+            **_result_head(cfg, wl, n_params, waits, history, steps_log, step, stop, resumed_from, kernel_warmup_s),
             "fsdp": False,
-            "history": history,
-            "steps": steps_log,
-            "steps_done": step,
-            "stopped_early": stop and step < cfg.steps,
-            "extended": step > cfg.steps,
-            "resumed_from": resumed_from,
-            "kernel_warmup_s": kernel_warmup_s,
             "compute_s": None,
             "overlap": {"skipped": "DiLoCo: no per-step gradient exchange to overlap with backward"},
             "buckets": {"diloco_fragments": [f.numel for f in diloco.fragments]},
@@ -510,6 +443,71 @@ def _train_diloco(cfg: RunConfig, rank: int, world: int) -> dict[str, Any] | Non
         torch.save(final, run_dir / "final_model.pt")
     diloco.close()
     return result
+
+
+def _setup(cfg: RunConfig, measure_every: int) -> tuple[Workload, int, torch.nn.Module, dict[str, Any]]:
+    """The workload (its learning rate overridden by ``--lr``), the batch size, the model (seeded) and the hook's
+    options (tailq hooks: ``measure_every``, the seed, and the network the run really has, which route="auto" plans
+    against — DDP hook, FSDP comm and DiLoCo alike)."""
+    wl: Workload = load_workload(cfg.workload, seed=cfg.seed, data_dir=cfg.data_dir, tail_df=cfg.tail_df)
+    if cfg.lr is not None:
+        wl.lr = cfg.lr
+    torch.manual_seed(cfg.seed)
+    model = wl.make_model()
+    opts = dict(cfg.hook_options)
+    if cfg.hook not in tailq.hooks.BUILTINS:
+        opts.setdefault("measure_every", measure_every)
+        opts.setdefault("seed", cfg.seed)
+        if cfg.net.known:
+            opts.setdefault("network", cfg.net)
+    return wl, cfg.batch_size or wl.batch_size, model, opts
+
+
+def _network_now(cfg: RunConfig, run_dir: Path, rank: int, step: int, change: int, step_net: Network,
+                 waits: list[dict[str, Any]]) -> tuple[int, Network]:
+    """``--net-schedule``: the network this step has (the hook is not told), before the step's clock starts; on an
+    emulated network every rank waits until the launcher has changed every link (the wait, outside the clock, goes
+    to ``waits``)."""
+    sched, net = cfg.net_schedule, cfg.net
+    if sched is None or sched.change_at(step) == change:
+        return change, step_net
+    change = sched.change_at(step)
+    if net.kind == "emulated":
+        waits.append({"step": step, "wait_s": wait_for_change(run_dir, rank, sched, net, change, step)})
+    return change, sched.network_at(net, step)
+
+
+def _stop_here(cfg: RunConfig, rank: int, step: int, clock: float, history: list[dict[str, Any]]) -> bool:
+    """After an evaluation: whether every rank stops now (rank 0 decides, one broadcast). Past the time budget; or at
+    the step budget, unless ``extend_to_target`` continues while the target is not reached (rank 0 evaluated)."""
+    over_time = bool(cfg.time_budget_s and clock > cfg.time_budget_s)
+    done = step >= cfg.steps and (cfg.extend_to_target is None or (
+        rank == 0 and reached(history, cfg.extend_to_target, cfg.target_metric)))
+    flag = torch.tensor([1.0 if over_time or done else 0.0])
+    dist.broadcast(flag, 0)
+    return bool(flag[0] > 0)
+
+
+def _result_head(cfg: RunConfig, wl: Workload, n_params: int, waits: list[dict[str, Any]],
+                 history: list[dict[str, Any]], steps_log: list[dict[str, Any]], step: int, stop: bool,
+                 resumed_from: Any, kernel_warmup_s: float) -> dict[str, Any]:
+    """The fields every run's result starts with (DDP, FSDP2 and DiLoCo runs alike)."""
+    sched, net = cfg.net_schedule, cfg.net
+    return {
+        "config": cfg.to_dict(),
+        "name": cfg.name,
+        "network": {**net.summary(), **({} if sched is None else sched.summary(net)),
+                    **({"schedule_waits": waits} if waits else {})},  # rank 0's, outside the clock
+        "workload_note": wl.note,
+        "parameters": n_params,
+        "history": history,
+        "steps": steps_log,
+        "steps_done": step,
+        "stopped_early": stop and step < cfg.steps,
+        "extended": step > cfg.steps,
+        "resumed_from": resumed_from,
+        "kernel_warmup_s": kernel_warmup_s,
+    }
 
 
 def _unsharded(wl: Workload, full: dict[str, torch.Tensor]) -> torch.nn.Module:
