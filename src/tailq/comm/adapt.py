@@ -192,10 +192,17 @@ class ClosedLoop:
 
     def decide(self, comm: Comm, tag: Tag, step: int) -> None:
         """Agree every bucket's measured costs (MAX over ranks) and apply the rule to each bucket."""
+        vecs = self.agreement()
+        for vec in vecs:
+            comm.all_reduce(vec, tag, "plan", op="max")
+        self.apply(vecs, step)
+
+    def agreement(self) -> list[torch.Tensor]:
+        """This rank's side of a decision: one vector per CHUNK buckets (one in all but the largest models) — a
+        header every rank must match (how many buckets it tracks, its first bucket's index), then two medians per
+        bucket. All-reduce each with MAX, then :meth:`apply` them."""
         order = sorted(self.buckets)
-        # one all-reduce per CHUNK buckets (one in all but the largest models): a header every rank must match
-        # (how many buckets it tracks, its first bucket's index), then two medians per bucket
-        agreed = torch.empty(0, dtype=torch.float64)
+        vecs = []
         for c in range(0, max(1, len(order)), CHUNK):
             part = order[c : c + CHUNK]
             vec = torch.full((4 + 2 * CHUNK,), NOT_RUN, dtype=torch.float64)
@@ -203,7 +210,15 @@ class ClosedLoop:
             for j, i in enumerate(part):
                 vec[4 + 2 * j] = _median(self.buckets[i].samples[0])
                 vec[5 + 2 * j] = _median(self.buckets[i].samples[1])
-            comm.all_reduce(vec, tag, "plan", op="max")
+            vecs.append(vec)
+        return vecs
+
+    def apply(self, vecs: list[torch.Tensor], step: int) -> None:
+        """The rule, applied to the agreed vectors of :meth:`agreement` at the end of ``step``."""
+        order = sorted(self.buckets)
+        agreed = torch.empty(0, dtype=torch.float64)
+        for c, vec in zip(range(0, max(1, len(order)), CHUNK), vecs, strict=True):
+            part = order[c : c + CHUNK]
             if int(vec[0]) != -int(vec[1]) or int(vec[2]) != -int(vec[3]):
                 raise RuntimeError(f"route=auto: the ranks track different buckets ({int(-vec[1])} to {int(vec[0])}; "
                                    f"this rank {len(order)}): their DDP bucket layouts differ")

@@ -187,6 +187,7 @@ class TailqState:
         self._direct_done = 0.0  # when the last of them completed (perf_counter)
         self._direct_samples: list[tuple[int, int, float]] = []  # (bucket, the loop's arm, seconds)
         self._direct_inflight: list[torch.futures.Future[torch.Tensor]] = []
+        self._decision: tuple[list[Any], list[torch.Tensor], Tag] | None = None  # issued, not applied yet
         self.worker = OrderedWorker()
         self._handoff = Handoff()
         self._own_group: Any = None  # the process group of this state's own, from the first bucket in a backward
@@ -246,6 +247,7 @@ class TailqState:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dicts, ints, strings and tensors: loadable with ``torch.load(weights_only=True)``."""
+        self._finish_decision()
         return {"config": self.config(), "step": self.step,
                 "error_feedback": None if self.memory is None else self.memory.state_dict(),
                 "route_state": self.family.state_dict(), "plan": self._plan_state(),
@@ -310,6 +312,8 @@ class TailqState:
                 "node_rate_bps": net.node_rate_bps, "node_delay_s": net.node_delay_s}
 
     def close(self) -> None:
+        if self._decision is not None and all(w.is_completed() for w in self._decision[0]):
+            self._finish_decision()  # for its report (never waits here: a peer may be gone)
         self.worker.close()
 
     def __repr__(self) -> str:
@@ -460,7 +464,7 @@ class TailqState:
         self._shard = None
         if bucket.is_last():
             if self.loop is not None and step >= opts.warmup_steps and self.loop.due(step):
-                self.worker.submit(self._decide, Tag(step, idx, n, "plan"))  # after this all-reduce, on every rank
+                self._begin_decision(Tag(step, idx, n, "plan"))  # after this all-reduce, on every rank
             if self.loop is not None and self.loop.buckets:
                 self.metrics.plan["loop"] = self.loop.report()
             self._end_step()
@@ -472,6 +476,31 @@ class TailqState:
             return err
 
         return self._handoff(src, bucket, limit=(opts.timeout_s, timed_out))
+
+    def _begin_decision(self, tag: Tag) -> None:
+        """The closed loop's decision at the end of a step whose last bucket went from DDP's thread: its all-reduce
+        issued here, right after that bucket's (the same point of every rank's sequence as the worker's
+        :meth:`_decide`), without waiting; :meth:`_finish_decision` applies it before the next bucket. (Through the
+        worker it would hold the worker, and so the next step's first buckets, until every rank has joined.) The
+        samples of buckets still in flight go to the next decision."""
+        assert self.loop is not None
+        self._settle_direct()
+        vecs = self.loop.agreement()
+        works = [self.comm.all_reduce(v, tag, "plan", op="max", async_op=True) for v in vecs]
+        self._decision = (works, vecs, tag)
+
+    def _finish_decision(self) -> None:
+        """Apply a decision :meth:`_begin_decision` issued (before any bucket of the next step reads the loop; on
+        DDP's thread while the worker is idle, or from ``state_dict``/``close``)."""
+        if self._decision is None:
+            return
+        works, vecs, tag = self._decision
+        self._decision = None
+        for w in works:
+            self.comm.wait(w, "all_reduce(plan)")
+        assert self.loop is not None
+        self.loop.apply(vecs, tag.step)
+        self.metrics.plan["loop"] = self.loop.report()
 
     def _settle_direct(self, wait: bool = False) -> None:
         """Hand the closed loop the seconds of direct passthrough buckets that completed (``wait``: once every one in
@@ -814,6 +843,7 @@ def tailq_hook(state: TailqState, bucket: dist.GradBucket) -> torch.futures.Futu
     ``wait()`` when the hook is called outside a backward).
     """
     state._bind()
+    state._finish_decision()  # the last step's, if it was issued from DDP's thread
     if torch._C._current_graph_task_id() >= 0:  # called by DDP inside a backward
         state._use_own_group()
         direct = state._direct_passthrough(bucket)  # a settled bf16 bucket: as PyTorch's hook, no worker hop
