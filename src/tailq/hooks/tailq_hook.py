@@ -389,8 +389,9 @@ class TailqState:
         ``bf16_compress_hook`` issues it (divide, cast, asynchronous all-reduce, cast back in the completion
         callback), instead of through the ordered worker — ``None`` where it must go through the worker.
 
-        Why: the worker's hop (wake a thread, run the bucket, wake DDP's) cost 1.6 ms a step against PyTorch's hook
-        with 4 ranks on 2 cores (BENCHMARKS.md, loopback), which is the whole of a fast network's step budget.
+        Why: a fast network's step has no room for the worker's hop (wake a thread, run the bucket, wake DDP's):
+        ~3 ms a step against PyTorch's hook in one measurement with 4 ranks on 2 cores, within noise in another
+        (BENCHMARKS.md, loopback); from DDP's thread the bucket costs what PyTorch's hook costs.
 
         Safe for the collective order: only when the worker is idle — every collective submitted before was issued
         and completed, and nothing else submits meanwhile — so this rank issues the same sequence as with the
