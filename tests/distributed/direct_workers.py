@@ -47,6 +47,7 @@ def w_mixed(rank: int, world: int, opts: dict[str, Any], direct: bool, steps: in
         state._direct_passthrough = lambda bucket: None
     _train_steps(rank, world, ddp, opt, 0, steps)
     sizes = {i: v["route"] for i, v in state.metrics.last.items()}
+    assert state.metrics.direct == calls[0], (state.metrics.direct, calls[0])  # what the harness reports
     out = {"params": [p.detach().clone() for p in ddp.parameters()], "direct": calls[0], "routes": sizes,
            "wire": state.metrics.wire.summary()["by_kind"], "seconds": dict(state.metrics.seconds)}
     state.close()

@@ -317,8 +317,10 @@ def test_the_harness_passes_route_auto_and_names_modules_in_the_loop_report() ->
     assert "| tnq | 0 (blocks.layers.1) | 4,096 | reduce_scatter | **passthrough** | reduce_scatter 9, passthrough 2 " \
            "(modeled) | 0 | 1 |" in lines
     assert "- tnq, module 0 (blocks.layers.1), step 2: reduce_scatter → **passthrough** (cheaper)" in lines
-    ddp = _loop_section({"tnq": {"plan": {"loop": {"0": rep}}}})  # the DDP hook's: buckets, unnamed
+    ddp = _loop_section({"tnq": {"plan": {"loop": {"0": rep}}, "direct_buckets": 1234}})  # DDP's: buckets, unnamed
     assert "- tnq, bucket 0, step 2: reduce_scatter → **passthrough** (cheaper)" in ddp
+    assert "- tnq: 1,234 bucket-steps went as bf16 straight from DDP's thread (no worker hop; rank 0)" in ddp
+    assert not any("DDP's thread" in line for line in lines)  # none counted (FSDP has no such path)
 
 
 @pytest.mark.slow

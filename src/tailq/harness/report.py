@@ -648,9 +648,12 @@ def _routes_section(runs: dict[str, dict[str, Any]]) -> list[str]:
 def _loop_section(runs: dict[str, dict[str, Any]]) -> list[str]:
     """The closed loop of route=auto per bucket: the model's plan, each arm's cost (measured on the critical path,
     max over ranks, or modeled where never run), the route at the end, probes, and every switch with its reason."""
-    rows, switches = [], []
+    rows, switches, direct = [], [], []
     for name, r in runs.items():
         loop = (r.get("plan") or {}).get("loop") or {}
+        if loop and r.get("direct_buckets"):
+            direct.append(f"- {name}: {r['direct_buckets']:,} bucket-steps went as bf16 straight from DDP's thread "
+                          f"(no worker hop; rank 0)")
         modules = (r.get("plan") or {}).get("loop_modules") or {}  # FSDP: the loop is per module, named here
         for idx, b in sorted(loop.items(), key=lambda kv: int(kv[0])):
             costs = ", ".join(f"{route} {ms:.3g}" + ("" if b["measured"].get(route) else " (modeled)")
@@ -668,7 +671,7 @@ def _loop_section(runs: dict[str, dict[str, Any]]) -> list[str]:
             "window's median), the route at the end of the run, probes of the other arm and switches "
             "(tailq.comm.adapt).", "",
             "| run | bucket | values | planned | route at the end | ms per step (last measured) | probes | switches |",
-            "|---|---:|---:|---|---|---|---:|---:|", *rows, "", *(switches or ["- no switch"])]
+            "|---|---:|---:|---|---|---|---:|---:|", *rows, "", *(switches or ["- no switch"]), *direct]
 
 
 def _tail_cells(t: dict[str, Any] | None) -> str:

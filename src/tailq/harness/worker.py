@@ -288,6 +288,7 @@ def _hook_fields(metrics: Any, final: dict[str, torch.Tensor], model: torch.nn.M
             "plan": _jsonable(getattr(metrics, "plan", {})),
             "vnmse": metrics.vnmse,
             "fallbacks": metrics.fallbacks,
+            "direct_buckets": getattr(metrics, "direct", 0),  # bf16 buckets sent from DDP's thread (no worker hop)
             "final_params_checksum": float(sum(float(final[k].double().sum()) for k, _ in model.named_parameters()))}
 
 

@@ -46,6 +46,8 @@ class HookMetrics:
         self.seconds = {"total": 0.0, "communicate": 0.0, "measure": 0.0}
         self._lap = (0.0, 0.0, 0.0, 0)
         self._lock = threading.Lock()  # the hook's worker and a collective's completion callback both add seconds
+        self.direct = 0
+        """Buckets sent as bf16 straight from DDP's thread, without the hook's worker (tailq's hook)."""
 
     def add_seconds(self, total: float, communicate: float) -> None:
         """Add to the hook's ``total`` and ``communicate`` seconds (from any thread)."""

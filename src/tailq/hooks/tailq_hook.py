@@ -458,6 +458,7 @@ class TailqState:
         work.get_future().add_done_callback(complete)
         with self._direct_lock:
             self._direct_inflight = [f for f in self._direct_inflight if not f.done()] + [src]
+        self.metrics.direct += 1
         if n >= opts.min_bucket:  # as the worker reports it: a route the plan or the loop chose
             self.metrics.last[idx] = {"route": PASSTHROUGH}
         self.metrics.wire.count_bucket(n)
